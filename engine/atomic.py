@@ -1,0 +1,49 @@
+"""Atomic file writes: write to a temp file in the same folder, fsync, then rename.
+
+A reader therefore sees either the old file or the complete new one, never a torn write,
+even if the process is killed mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Nothing half-written stays behind, whatever interrupted us.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: Path) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), mode="w")
+
+
+def save_npy(arr: np.ndarray, path: Path) -> None:
+    _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def save_bytes(data: bytes, path: Path) -> None:
+    _write_atomic(path, lambda f: f.write(data))
