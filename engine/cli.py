@@ -1,0 +1,206 @@
+"""Command line: `python -m engine COMMAND ...` (see DESIGN.md's contracts).
+
+Human text on stdout (JSON with --json), progress bars on stderr, and for every error a
+one-line reason on stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from engine import data, sde
+from engine.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _progress(total: Optional[int], desc: str, quiet: bool = False):
+    """A tqdm bar on stderr fed by the engine's callback={...} convention."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
+
+    def callback(info: dict) -> None:
+        bar.update(1)
+        if "loss" in info:
+            bar.set_postfix(loss=f"{info['loss']:.1f}")
+    return bar, callback
+
+
+def cmd_train(a) -> dict:
+    from engine import train
+    from engine.presets import get_preset
+    preset = get_preset(a.preset)
+    images, _ = data.load_train(preset.n_train, preset.source)
+    n = images.shape[0]
+    weights = None
+    if a.weights:
+        try:
+            weights = np.load(a.weights, allow_pickle=False)
+        except Exception as e:
+            raise UserError(f"{a.weights}: not a readable .npy array ({type(e).__name__})") from None
+    if a.drop:
+        weights = np.ones(n, dtype=np.float32) if weights is None else np.array(weights, dtype=np.float32)
+        weights[_read_indices(a.drop, n)] = 0.0
+    bar, cb = _progress(preset.steps, f"train {preset.name}", a.json)
+    state = train.train(preset, seed=a.seed, weights=weights, out=Path(a.out), images=images, callback=cb)
+    bar.close()
+    from engine.store import load_run
+    run = load_run(a.out)
+    losses = run.losses()
+    return {"run": str(a.out), "preset": preset.name, "seed": a.seed, "steps": state.step,
+            "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
+            "seconds": float(torch.load(Path(a.out) / "final.pt", weights_only=True)["seconds"])}
+
+
+def _read_indices(path: str, n: int) -> np.ndarray:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__})") from None
+    try:
+        idx = np.array([int(tok) for tok in text.replace(",", " ").split()], dtype=np.int64)
+    except ValueError:
+        raise UserError(f"{path}: expected whitespace-separated integer indices") from None
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise UserError(f"{path}: indices must lie in 0..{n - 1}")
+    return idx
+
+
+def load_inputs(specs: list[str]) -> torch.Tensor:
+    """Every INPUT, validated before any computation: (Q, 1, 28, 28)."""
+    return torch.stack([data.load_input(s) for s in specs])
+
+
+def compute_bpd(run, x: torch.Tensor, batch: int = 8, quiet: bool = False) -> np.ndarray:
+    """Exact BPD of (Q, 1, 28, 28) images under a run's model, batched, with a progress bar."""
+    from engine.likelihood import bits_per_dim
+    model = run.model()
+    p = run.preset
+    out = []
+    bar, cb = _progress(4 * p.bpd_steps * ((len(x) + batch - 1) // batch), "bits/dim", quiet)
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(bits_per_dim(model, x[i: i + batch], sigma=p.sigma, eps=p.t_eps, n_steps=p.bpd_steps, callback=cb))
+    bar.close()
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def cmd_bpd(a):
+    from engine.store import load_run
+    run = load_run(a.run)
+    x = load_inputs(a.inputs)
+    bpd = compute_bpd(run, x, quiet=a.json)
+    return [{"input": s, "bpd": float(b)} for s, b in zip(a.inputs, bpd)]
+
+
+def cmd_sample(a) -> dict:
+    from engine import atomic
+    from engine.sampling import sample
+    from engine.store import load_run
+    run = load_run(a.run)
+    if not 1 <= a.n <= 1024:
+        raise UserError("--n must be between 1 and 1024")
+    model = run.model()
+    steps = a.steps or (500 if a.method == "sde" else 32)
+    bar, cb = _progress(steps * (4 if a.method == "ode" else 1), "sample", a.json)
+    x = sample(model, (a.n, 1, 28, 28), method=a.method, n_steps=steps, seed=a.seed,
+               sigma=run.preset.sigma, eps=run.preset.t_eps, callback=cb)
+    bar.close()
+    x = data.quantize(x.clamp(0, 1))
+    out = Path(a.out)
+    if out.suffix.lower() == ".npy":
+        atomic.save_npy(x.squeeze(1).numpy(), out)
+    else:
+        atomic.save_bytes(_grid_png(x), out)
+    return {"out": str(out), "n": a.n, "method": a.method, "seed": a.seed}
+
+
+def _grid_png(x: torch.Tensor) -> bytes:
+    import io
+    from PIL import Image
+    from torchvision.utils import make_grid
+    g = make_grid(x, nrow=int(np.ceil(np.sqrt(len(x)))), padding=2, pad_value=0.5)
+    buf = io.BytesIO()
+    Image.fromarray((g[0].numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cmd_figure2(a) -> dict:
+    from engine import figure2
+    from engine.store import load_run
+    run = load_run(a.run)
+    bar, cb = _progress(None, "figure2", a.json)
+    report = figure2.run_figure2(run, Path(a.out), n=a.n, angle=a.angle, k_avg=a.k_avg, seed=a.seed, callback=cb)
+    bar.close()
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m engine", description="Exact-likelihood data attribution for a VE-SDE diffusion model on MNIST.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a preset into a run directory (resumes if interrupted)")
+    t.add_argument("--preset", required=True, help="tiny | small | cpu | gpu")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weights", help=".npy of per-example loss weights, shape (n,)")
+    t.add_argument("--drop", help="text file of training indices to drop (weight 0)")
+
+    b = sub.add_parser("bpd", help="exact bits/dim of images")
+    b.add_argument("--run", required=True)
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, .npy (28x28 in [0,1]) or test:I")
+
+    s = sub.add_parser("sample", help="generate digits")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help=".png grid or .npy array")
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--method", choices=["sde", "ode"], default="sde")
+    s.add_argument("--steps", type=int)
+
+    f = sub.add_parser("figure2", help="BPD of test digits vs rotated, averaged and noise images")
+    f.add_argument("--run", required=True)
+    f.add_argument("--out", default="results/figure2", help="folder for figure2.json/.md/.png")
+    f.add_argument("--n", type=int, default=50, help="images per group")
+    f.add_argument("--angle", type=float, default=90.0)
+    f.add_argument("--k-avg", type=int, default=4, help="digits per average")
+    f.add_argument("--seed", type=int, default=0)
+
+    for sp in (t, b, s, f):
+        sp.add_argument("--json", action="store_true", help="JSON on stdout")
+    return p
+
+
+COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "figure2": cmd_figure2}
+
+
+def _human(cmd: str, result) -> str:
+    if cmd == "bpd":
+        return "\n".join(f"{r['bpd']:8.4f} bits/dim  {r['input']}" for r in result)
+    if cmd == "figure2":
+        return result["table"]
+    return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        result = COMMANDS[a.cmd](a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2) if a.json else _human(a.cmd, result))
+    return 0

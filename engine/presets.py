@@ -1,0 +1,72 @@
+"""Named configurations: data size, network size, optimizer and likelihood grid.
+
+Sizes are calibrated to the budgets of DESIGN.md on 2 CPU cores (`tiny`: seconds, for tests;
+`small`: LDS evidence; `cpu`: the app's default) and to one GPU (`gpu`: paper scale).
+Every field enters the run's config digest, so changing any of them makes a new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    n_train: int            # training images (a fixed, nested subset: tiny within small within cpu)
+    source: str             # "offline" (bundled 5k subset) or "torchvision" (full 60k MNIST)
+    channels: tuple         # U-Net channels per level
+    embed_dim: int
+    groups: int
+    batch_size: int
+    steps: int              # Adam steps T
+    lr: float               # peak learning rate
+    warmup: float           # fraction of steps with linear warmup; then linear decay to 0
+    betas: tuple
+    eps_root: float         # Adam's eps, inside the square root
+    sigma: float = 25.0
+    t_eps: float = 1e-5
+    bpd_steps: int = 8      # RK4 steps, evenly spaced in log s(t)
+    device: str = "cpu"
+
+    @property
+    def ckpt_every(self) -> int:
+        """Optimizer states are stored every ~sqrt(T) steps for replay and resume."""
+        return max(1, math.ceil(math.sqrt(self.steps)))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", n_train=64, source="offline", channels=(8, 16), embed_dim=16, groups=4,
+                   batch_size=16, steps=24, lr=2e-3, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6, bpd_steps=4),
+    "small": Preset("small", n_train=500, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
+                    batch_size=32, steps=400, lr=2e-3, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
+    "cpu": Preset("cpu", n_train=5000, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
+                  batch_size=64, steps=2000, lr=2e-3, warmup=0.05, betas=(0.9, 0.99), eps_root=1e-6),
+    "gpu": Preset("gpu", n_train=60000, source="torchvision", channels=(32, 64, 128, 256), embed_dim=256, groups=8,
+                  batch_size=256, steps=11700, lr=1e-3, warmup=0.02, betas=(0.9, 0.999), eps_root=1e-8,
+                  bpd_steps=16, device="cuda"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_from_dict(d: dict) -> Preset:
+    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def digest(obj: dict) -> str:
+    """sha256 of the canonical JSON of `obj`: the identity of a config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

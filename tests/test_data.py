@@ -1,0 +1,145 @@
+"""Preprocessing of arbitrary images into MNIST format, and every bad input's one-line error."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import data
+from engine.errors import UserError
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo_of_digit(i: int) -> tuple[torch.Tensor, Image.Image]:
+    """Test digit i drawn large, dark on a light, off-centre canvas: how a person's upload looks."""
+    x, _ = data.load_test()
+    digit = Image.fromarray((255 - x[i, 0].numpy() * 255).astype(np.uint8)).resize((280, 280), Image.Resampling.BICUBIC)
+    canvas = Image.new("L", (500, 400), 235)
+    canvas.paste(digit, (40, 90))
+    return x[i], canvas
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pixel correlation, best over shifts of at most one pixel (centring by mass is only
+    defined to the nearest pixel, in MNIST as here)."""
+    a, b = a.reshape(28, 28).numpy(), b.reshape(28, 28).numpy()
+    return max(float(np.corrcoef(np.roll(a, (dy, dx), (0, 1)).ravel(), b.ravel())[0, 1])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 3])
+def test_an_upload_of_a_test_digit_comes_back_as_that_digit(i):
+    original, photo = _photo_of_digit(i)
+    x = data.preprocess_image(_png(photo))
+    assert x.shape == (1, 28, 28) and x.min() >= 0 and x.max() == 1
+    assert _corr(x, original) > 0.85, _corr(x, original)
+    ys, xs = np.nonzero(x[0].numpy() > 0.1)
+    assert ys.max() - ys.min() < 21 and xs.max() - xs.min() < 21  # fits the 20x20 box
+    cy, cx = np.array(np.nonzero(x[0].numpy())).mean(1)
+    mass = x[0].numpy()
+    com = np.array([(mass.sum(1) * np.arange(28)).sum(), (mass.sum(0) * np.arange(28)).sum()]) / mass.sum()
+    assert np.abs(com - 13.5).max() <= 1.0
+
+
+def test_odd_modes_read_the_same_as_grayscale():
+    _, photo = _photo_of_digit(0)
+    ref = data.preprocess_image(_png(photo))
+    a = np.asarray(photo)
+    rgba = np.zeros((*a.shape, 4), np.uint8)
+    rgba[..., 3] = 255 - a  # black ink, alpha = ink, transparent background
+    variants = {
+        "RGBA transparent": Image.fromarray(rgba, "RGBA"),
+        "palette": photo.convert("P"),
+        "16-bit": Image.fromarray(a.astype(np.uint16) * 257),
+        "RGB": photo.convert("RGB"),
+        "1-bit": photo.point(lambda v: 255 if v > 128 else 0).convert("1"),
+    }
+    for name, img in variants.items():
+        got = data.preprocess_image(_png(img), name)
+        assert _corr(got, ref) > 0.95, name
+
+
+def test_white_on_black_and_black_on_white_agree():
+    _, photo = _photo_of_digit(1)
+    inverted = Image.fromarray(255 - np.asarray(photo))
+    assert _corr(data.preprocess_image(_png(photo)), data.preprocess_image(_png(inverted))) > 0.99
+
+
+def _huge_png_header(w: int, h: int) -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a))
+    return buf.getvalue()
+
+
+BAD_IMAGES = {
+    "non-image bytes": (b"this is not an image at all", "not an image"),
+    "truncated PNG": (None, "damaged or truncated"),
+    "20000x20000 image": (_huge_png_header(20000, 20000), "too large"),
+    "all-black canvas": (_png(Image.new("L", (300, 300), 0)), "no digit"),
+    "all-white canvas": (_png(Image.new("L", (300, 300), 255)), "no digit"),
+    "transparent canvas": (_png(Image.new("RGBA", (300, 300), (0, 0, 0, 0))), "no digit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images_give_one_line_errors(case):
+    payload, msg = BAD_IMAGES[case]
+    if payload is None:
+        full = _png(_photo_of_digit(0)[1])
+        payload = full[: len(full) // 2]
+    with pytest.raises(UserError, match=msg) as e:
+        data.preprocess_image(payload, case)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arr,msg", [
+    (np.full((28, 28), np.nan), "NaN"),
+    (np.zeros((32, 32)), "shape"),
+    (np.full((28, 28), 2.0), r"\[0, 1\]"),
+    (np.array(["a"] * 784).reshape(28, 28), "numeric"),
+])
+def test_bad_arrays_give_one_line_errors(arr, msg):
+    with pytest.raises(UserError, match=msg):
+        data.load_npy(_npy(arr))
+    with pytest.raises(UserError, match="not a readable"):
+        data.load_npy(b"\x93NUMPY garbage")
+
+
+def test_inputs_by_spec(tmp_path):
+    x, _ = data.load_test()
+    assert torch.equal(data.load_input("test:7"), x[7])
+    for bad in ["test:10000", "test:x", str(tmp_path / "missing.png")]:
+        with pytest.raises(UserError):
+            data.load_input(bad)
+
+
+def test_training_subsets_are_nested_and_deterministic():
+    a, la = data.load_train(64)
+    b, lb = data.load_train(500)
+    assert torch.equal(a, b[:64]) and torch.equal(la, lb[:64])
+    assert sorted(set(lb.tolist())) == list(range(10))
+
+
+def test_comparison_transforms():
+    x, _ = data.load_test()
+    r = data.rotate(x[:2], 90)
+    assert torch.allclose(r, torch.rot90(x[:2], 1, dims=(-2, -1)), atol=1 / 255 + 1e-6)
+    assert torch.allclose(data.average(x[:4]), torch.round(x[:4].mean(0) * 255) / 255)
+    noise = data.uniform_noise(100, torch.Generator().manual_seed(0))
+    assert noise.shape == (100, 1, 28, 28) and abs(noise.mean().item() - 0.5) < 0.01

@@ -1,0 +1,114 @@
+"""The exact likelihood against closed forms, brute force and finite differences."""
+
+import math
+
+import pytest
+import torch
+
+from engine import likelihood as L
+from engine.model import build_model
+
+D = 64  # Gaussian tests run on (B, 1, 8, 8)
+
+
+def test_gaussian_loglik_matches_closed_form(gaussian):
+    x = gaussian.sample(4, torch.Generator().manual_seed(1)).reshape(4, 1, 8, 8)
+    got = L.log_likelihood(gaussian.score, x, n_steps=32)
+    want = gaussian.ode_log_likelihood(x)
+    err_bits = ((got - want) / (D * math.log(2))).abs().max().item()
+    assert err_bits < 1e-3, err_bits
+    bpd = L.bits_per_dim(gaussian.score, x, n_steps=32)
+    assert torch.allclose(bpd, -want / (D * math.log(2)) + 8, atol=1e-3)
+
+
+def test_gaussian_loglik_adaptive_reference(gaussian):
+    x = gaussian.sample(2, torch.Generator().manual_seed(2)).reshape(2, 1, 8, 8)
+    got = L.log_likelihood(gaussian.score, x, method="dopri5", rtol=1e-7, atol=1e-7)
+    assert ((got - gaussian.ode_log_likelihood(x)) / (D * math.log(2))).abs().max() < 1e-4
+
+
+def test_gradient_wrt_gaussian_parameters_matches_closed_form(gaussian):
+    mu = gaussian.mu.clone().requires_grad_(True)
+    log_s = gaussian.log_s.clone().requires_grad_(True)
+    g = type(gaussian)(mu, log_s)
+    x = gaussian.sample(3, torch.Generator().manual_seed(3)).reshape(3, 1, 8, 8)
+    got = torch.autograd.grad(L.bits_per_dim(g.score, x, n_steps=32).sum(), (mu, log_s))
+    want = torch.autograd.grad((-g.ode_log_likelihood(x) / (D * math.log(2))).sum(), (mu, log_s))
+    for a, b in zip(got, want):
+        assert (a - b).norm() / b.norm() < 2e-3, ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def net():
+    # float64 for clean finite differences; the network is fully convolutional, so these
+    # brute-force checks run on 8x8 images (D = 64): CPU convolutions in float64 are slow.
+    return build_model((8, 16), 16, 4, seed=0).double()
+
+
+def _img(b: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_exact_divergence_equals_trace_of_full_jacobian(net):
+    x = _img(3)
+    t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    _, fast = L.exact_divergence(net, x, t, chunk=24)
+    _, generic = L.exact_divergence(lambda a, b: net(a, b), x, t, chunk=10)  # torch.func.jvp path
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda z: net(z, t[i: i + 1]).reshape(-1), x[i: i + 1]).reshape(64, 64)
+        tr = torch.trace(jac)
+        assert torch.allclose(fast[i], tr, rtol=1e-10), (fast[i], tr)
+        assert torch.allclose(generic[i], tr, rtol=1e-10)
+
+
+def test_forward_with_tangents_matches_torch_func_jvp(net):
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.7], dtype=torch.float64)
+    v = torch.randn(3, 2, 1, 28, 28, dtype=torch.float64)  # full size: odd sizes (7 -> 14) matter here
+    out, jv = net.forward_with_tangents(x, t, v)
+    for j in range(3):
+        o, want = torch.func.jvp(lambda z: net(z, t), (x,), (v[j],))
+        assert torch.allclose(out, o, atol=1e-12)
+        assert torch.allclose(jv[j], want, atol=1e-10)
+
+
+def test_bpd_gradient_wrt_network_parameters_matches_finite_differences(net):
+    x = _img(2)
+    params = [p for p in net.parameters()]
+    bpd = L.bits_per_dim(net, x, n_steps=3).sum()
+    grads = torch.autograd.grad(bpd, params, allow_unused=True)
+    g = torch.Generator().manual_seed(0)
+    dirs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum((gr * d).sum() for gr, d in zip(grads, dirs) if gr is not None)
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, dirs):
+            p.add_(h * d)
+        up = L.bits_per_dim(net, x, n_steps=3).sum()
+        for p, d in zip(params, dirs):
+            p.sub_(2 * h * d)
+        down = L.bits_per_dim(net, x, n_steps=3).sum()
+        for p, d in zip(params, dirs):
+            p.add_(h * d)
+    fd = (up - down) / (2 * h)
+    assert abs(fd - analytic) / abs(fd) < 1e-5, (fd, analytic)
+
+
+def test_checkpointed_and_plain_divergence_give_identical_gradients(net):
+    x = _img(2)
+    t = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    params = list(net.parameters())[:-1]  # the output bias does not enter the divergence
+    g1 = torch.autograd.grad(L.exact_divergence(net, x, t, chunk=16, use_checkpoint=True)[1].sum(), params)
+    g2 = torch.autograd.grad(L.exact_divergence(net, x, t, chunk=16, use_checkpoint=False)[1].sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_hutchinson_is_unbiased_for_the_exact_divergence(net):
+    x = _img(1)
+    t = torch.tensor([0.3], dtype=torch.float64)
+    _, exact = L.exact_divergence(net, x, t)
+    _, est = L.hutchinson_divergence(net, x, t, n_probes=2000, generator=torch.Generator().manual_seed(0))
+    # Rademacher variance is 2 * sum_{i != j} J_ij^2; compare within 4 standard errors.
+    jac = torch.autograd.functional.jacobian(lambda z: net(z, t).reshape(-1), x).reshape(64, 64)
+    se = math.sqrt(2 * ((jac**2).sum() - (jac.diagonal() ** 2).sum()).item() / 2000)
+    assert abs(est.item() - exact.item()) < 4 * se
