@@ -81,7 +81,7 @@ def load_inputs(specs: list[str]) -> torch.Tensor:
     return torch.stack([data.load_input(s) for s in specs])
 
 
-def compute_bpd(run, x: torch.Tensor, batch: int = 8, quiet: bool = False) -> np.ndarray:
+def compute_bpd(run, x: torch.Tensor, batch: int = 1, quiet: bool = False) -> np.ndarray:
     """Exact BPD of (Q, 1, 28, 28) images under a run's model, batched, with a progress bar."""
     from engine.likelihood import bits_per_dim
     model = run.model()

@@ -38,7 +38,7 @@ def figure2_inputs(n: int, angle: float, k_avg: int, seed: int) -> dict[str, tor
 
 
 def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int = 4, seed: int = 0,
-                batch: int = 8, callback: Optional[Callable[[dict], None]] = None) -> dict:
+                batch: int = 1, callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Compute the four groups' BPDs under `run`'s model; write figure2.{json,md,png} to `out`.
 
     Returns the report dict (also the JSON file): per group mean, std, min, max, and the table.

@@ -72,7 +72,7 @@ def lr_at(step: int, preset: Preset) -> float:
     warm = max(1, round(preset.warmup * preset.steps))
     if step < warm:
         return preset.lr * (step + 1) / warm
-    return preset.lr * (preset.steps - step) / max(1, preset.steps - warm)
+    return preset.lr * (preset.steps - step) / (preset.steps - warm + 1)
 
 
 def batch_loss(model: ScoreNet, params: dict[str, torch.Tensor], x0: torch.Tensor, w: torch.Tensor,
