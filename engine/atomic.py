@@ -41,6 +41,10 @@ def save_json(obj: Any, path: Path) -> None:
     _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), mode="w")
 
 
+def save_text(text: str, path: Path) -> None:
+    _write_atomic(path, lambda f: f.write(text), mode="w")
+
+
 def save_npy(arr: np.ndarray, path: Path) -> None:
     _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
 

@@ -85,7 +85,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
     }
     report["table"] = _table(report)
     atomic.save_json(report, out / "figure2.json")
-    atomic._write_atomic(out / "figure2.md", lambda f: f.write(report["table"] + "\n"), mode="w")
+    atomic.save_text(report["table"] + "\n", out / "figure2.md")
     atomic.save_bytes(_plot(done), out / "figure2.png")
     partial_path.unlink(missing_ok=True)
     return report

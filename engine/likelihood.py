@@ -142,7 +142,7 @@ def log_likelihood(score_fn: ScoreFn, x: torch.Tensor, *, sigma: float = sde.SIG
         return -s**2 * score, -s**2 * div
 
     state0 = (x, x.new_zeros(b))
-    grid = torch.log(sde.marginal_std(sde.log_std_grid(n_steps if fixed else 1, eps, sigma))).to(device=x.device, dtype=x.dtype)
+    grid = sde.log_std_grid(n_steps if fixed else 1, eps, sigma).to(device=x.device, dtype=x.dtype)
     if fixed:
         xs, dlogp = odeint(drift, state0, grid, method=method)
     else:

@@ -30,7 +30,7 @@ def sample(score_fn: ScoreFn, shape: tuple, *, method: str = "sde", n_steps: Opt
         raise ValueError(f"method must be 'ode' or 'sde', not {method!r}")
     n_steps = n_steps or (500 if method == "sde" else 32)
     g = torch.Generator(device=device).manual_seed(seed)
-    s = sde.marginal_std(sde.log_std_grid(n_steps, eps, sigma)).flip(0).to(device=device, dtype=torch.float32)
+    s = torch.exp(sde.log_std_grid(n_steps, eps, sigma)).flip(0).to(device=device, dtype=torch.float32)
     x = torch.randn(shape, generator=g, device=device) * s[0]
     b = shape[0]
     if method == "ode":

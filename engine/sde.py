@@ -29,18 +29,15 @@ def time_of_std(s: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
 
 
 def log_std_grid(n_steps: int, eps: float = EPS, sigma: float = SIGMA, dtype=torch.float64) -> torch.Tensor:
-    """Times t_0 = eps < ... < t_n = 1 evenly spaced in log s(t), shape (n_steps + 1,).
+    """u_0 = log s(eps) < ... < u_n = log s(1), evenly spaced: shape (n_steps + 1,).
 
     The PF-ODE changes on the scale of s(t), which spans ~3.5 decades; a grid uniform in t
     wastes almost every step on the flat end (measured: 0.40 vs 9e-4 bits/dim, RK4, 20 steps).
     """
     if n_steps < 1:
         raise ValueError("n_steps must be >= 1")
-    lo = torch.log(marginal_std(torch.tensor(eps, dtype=torch.float64), sigma))
-    hi = torch.log(marginal_std(torch.tensor(1.0, dtype=torch.float64), sigma))
-    t = time_of_std(torch.exp(torch.linspace(lo.item(), hi.item(), n_steps + 1, dtype=torch.float64)), sigma)
-    t[0], t[-1] = eps, 1.0  # remove round-off at the ends
-    return t.to(dtype)
+    ends = torch.log(marginal_std(torch.tensor([eps, 1.0], dtype=torch.float64), sigma))
+    return torch.linspace(ends[0].item(), ends[1].item(), n_steps + 1, dtype=torch.float64).to(dtype)
 
 
 def prior_logp(x: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
