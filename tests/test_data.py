@@ -143,3 +143,15 @@ def test_comparison_transforms():
     assert torch.allclose(data.average(x[:4]), torch.round(x[:4].mean(0) * 255) / 255)
     noise = data.uniform_noise(100, torch.Generator().manual_seed(0))
     assert noise.shape == (100, 1, 28, 28) and abs(noise.mean().item() - 0.5) < 0.01
+
+
+def test_full_mnist_offline_is_a_clear_error(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    class NoNetwork:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", NoNetwork)
+    with pytest.raises(UserError, match="could not be downloaded.*needs internet"):
+        data.load_train(60000, "torchvision", root=tmp_path)
