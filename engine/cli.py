@@ -135,6 +135,32 @@ def _grid_png(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def cmd_attribute(a) -> dict:
+    import io
+    from engine import atomic
+    from engine.attribution import attribute, top_k
+    from engine.store import load_run
+    run = load_run(a.run)
+    x = load_inputs(a.inputs)
+    if not a.out.endswith(".npz"):
+        raise UserError("--out must end in .npz")
+    bar, cb = _progress(None, "attribute", a.json)
+    grad_w, bpd = attribute(run, x, callback=cb)
+    bar.close()
+    buf = io.BytesIO()
+    np.savez(buf, grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
+    atomic.save_bytes(buf.getvalue(), Path(a.out))
+    result = {"out": a.out, "queries": []}
+    for i, spec in enumerate(a.inputs):
+        q = {"input": spec, "bpd": float(bpd[i])}
+        if a.top:
+            tk = top_k(grad_w[i], a.top)
+            q["proponents"] = [{"index": int(j), "grad_w": float(grad_w[i, j])} for j in tk["proponents"]]
+            q["opponents"] = [{"index": int(j), "grad_w": float(grad_w[i, j])} for j in tk["opponents"]]
+        result["queries"].append(q)
+    return result
+
+
 def cmd_figure2(a) -> dict:
     from engine import figure2
     from engine.store import load_run
@@ -168,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["sde", "ode"], default="sde")
     s.add_argument("--steps", type=int)
 
+    at = sub.add_parser("attribute", help="MAGIC scores d BPD / d w_i for every training image")
+    at.add_argument("--run", required=True)
+    at.add_argument("inputs", nargs="+", metavar="INPUT")
+    at.add_argument("--out", required=True, help="SCORES.npz with grad_w (Q, n) and bpd (Q,)")
+    at.add_argument("--top", type=int, default=0, help="also list the K strongest proponents and opponents")
+
     f = sub.add_parser("figure2", help="BPD of test digits vs rotated, averaged and noise images")
     f.add_argument("--run", required=True)
     f.add_argument("--out", default="results/figure2", help="folder for figure2.json/.md/.png")
@@ -176,12 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--k-avg", type=int, default=4, help="digits per average")
     f.add_argument("--seed", type=int, default=0)
 
-    for sp in (t, b, s, f):
+    for sp in (t, b, s, at, f):
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
     return p
 
 
-COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "figure2": cmd_figure2}
+COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "figure2": cmd_figure2}
 
 
 def _human(cmd: str, result) -> str:
@@ -189,6 +221,14 @@ def _human(cmd: str, result) -> str:
         return "\n".join(f"{r['bpd']:8.4f} bits/dim  {r['input']}" for r in result)
     if cmd == "figure2":
         return result["table"]
+    if cmd == "attribute":
+        lines = [f"wrote {result['out']}"]
+        for q in result["queries"]:
+            lines.append(f"{q['input']}: {q['bpd']:.4f} bits/dim")
+            for kind in ("proponents", "opponents"):
+                if kind in q:
+                    lines.append(f"  {kind}: " + " ".join(str(e["index"]) for e in q[kind]))
+        return "\n".join(lines)
     return "\n".join(f"{k}: {v}" for k, v in result.items())
 
 

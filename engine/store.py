@@ -113,7 +113,7 @@ class Run:
 
 
 def _cpu(state: TrainState) -> TrainState:
-    return TrainState(state.step, *({n: x.detach().cpu() for n, x in d.items()} for d in (state.params, state.m, state.v)))
+    return state.map(lambda x: x.detach().cpu())
 
 
 def open_for_training(path: Path, preset: Preset, seed: int, weights: np.ndarray, n_params: int) -> Run:

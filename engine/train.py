@@ -39,6 +39,10 @@ class TrainState:
     def to_dict(self) -> dict:
         return {"step": self.step, "params": self.params, "m": self.m, "v": self.v}
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TrainState":
+        """The same state with `fn` applied to every tensor (detach, move, ...)."""
+        return TrainState(self.step, *({n: fn(x) for n, x in d.items()} for d in (self.params, self.m, self.v)))
+
     @staticmethod
     def from_dict(d: dict) -> "TrainState":
         return TrainState(int(d["step"]), d["params"], d["m"], d["v"])
@@ -116,7 +120,7 @@ def train_step(model: ScoreNet, state: TrainState, images: torch.Tensor, weights
     new = adam_update(TrainState(k, params, state.m, state.v), dict(zip(params, grads)),
                       lr_at(k, preset), preset.betas, preset.eps_root)
     if not create_graph:
-        new = TrainState(new.step, *({n: x.detach() for n, x in d.items()} for d in (new.params, new.m, new.v)))
+        new = new.map(torch.Tensor.detach)
     return new, float(loss.detach())
 
 
@@ -187,7 +191,7 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
             state, losses = resumed
     if state is None:
         state = init_state(model)
-    state = TrainState(state.step, *({n: x.to(dev) for n, x in d.items()} for d in (state.params, state.m, state.v)))
+    state = state.map(lambda x: x.to(dev))
     images, w = images.to(dev), w.to(dev)
     t0 = time.time()
     while state.step < preset.steps:
