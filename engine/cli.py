@@ -59,7 +59,7 @@ def cmd_train(a) -> dict:
     losses = run.losses()
     return {"run": str(a.out), "preset": preset.name, "seed": a.seed, "steps": state.step,
             "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
-            "seconds": float(torch.load(Path(a.out) / "final.pt", weights_only=True)["seconds"])}
+            "seconds": run.train_seconds()}
 
 
 def _read_indices(path: str, n: int) -> np.ndarray:

@@ -90,6 +90,10 @@ class Run:
     def losses(self) -> list[float]:
         return list(self._load(self.path / "final.pt", expect_step=self.preset.steps)["losses"])
 
+    def train_seconds(self) -> float:
+        """Wall time of the training session that finished the run (after any resume)."""
+        return float(self._load(self.path / "final.pt", expect_step=self.preset.steps).get("seconds", float("nan")))
+
     def model(self, device: str = "cpu") -> torch.nn.Module:
         """The trained score network (final parameters), in eval mode."""
         m = make_model(self.preset, self.seed)
