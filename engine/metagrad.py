@@ -34,13 +34,15 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         (Q, n) metagradients.
     """
     preset, seed = run.preset, run.seed
-    w = torch.from_numpy(run.weights())
+    dtype = getattr(torch, preset.dtype)
+    images = images.to(dtype)
+    w = torch.from_numpy(run.weights()).to(dtype)
     model = make_model(preset, seed)
     names = list(query_grads[0])
     q = len(query_grads)
     # adjoints of (params, m, v) at step T: dPhi/dtheta, and nothing on the moments
     adj = [[g[n].detach().clone() for n in names] + [torch.zeros_like(g[n]) for n in names] * 2 for g in query_grads]
-    grad_w = torch.zeros(q, w.shape[0])
+    grad_w = torch.zeros(q, w.shape[0], dtype=dtype)
     starts = run.checkpoint_steps()
     ends = starts[1:] + [preset.steps]
     done = 0
@@ -65,7 +67,7 @@ def _step_vjp(model, s: TrainState, images, w, seed, preset, names, adj) -> torc
     new, _ = train_step(model, TrainState(s.step, leaves["p"], leaves["m"], leaves["v"]), images, wr, seed, preset, create_graph=True)
     outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
     inputs = [leaves[k][n] for k in ("p", "m", "v") for n in names] + [wr]
-    out = torch.zeros(len(adj), w.shape[0])
+    out = torch.zeros(len(adj), w.shape[0], dtype=w.dtype)
     for i, a in enumerate(adj):
         g = torch.autograd.grad(outs, inputs, grad_outputs=a, retain_graph=i < len(adj) - 1, allow_unused=True)
         adj[i] = [gi.detach() if gi is not None else torch.zeros_like(x) for gi, x in zip(g[:-1], inputs[:-1])]

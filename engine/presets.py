@@ -34,6 +34,7 @@ class Preset:
     t_eps: float = 1e-5
     bpd_steps: int = 8      # RK4 steps, evenly spaced in log s(t)
     device: str = "cpu"
+    dtype: str = "float32"  # float64 only for precision checks (finite differences in tests)
 
     @property
     def ckpt_every(self) -> int:

@@ -113,9 +113,8 @@ def train_step(model: ScoreNet, state: TrainState, images: torch.Tensor, weights
     k = state.step
     idx = batch_indices(k, seed, images.shape[0], preset.batch_size)
     t, z, u = step_noise(k, seed, preset.batch_size, preset.t_eps)
-    dev = images.device
     params = state.params if create_graph else {n: p.detach().requires_grad_(True) for n, p in state.params.items()}
-    loss = batch_loss(model, params, images[idx], weights[idx], t.to(dev), z.to(dev), u.to(dev))
+    loss = batch_loss(model, params, images[idx], weights[idx], t.to(images), z.to(images), u.to(images))
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
     new = adam_update(TrainState(k, params, state.m, state.v), dict(zip(params, grads)),
                       lr_at(k, preset), preset.betas, preset.eps_root)
@@ -132,7 +131,8 @@ def init_state(model: ScoreNet) -> TrainState:
 
 def make_model(preset: Preset, seed: int) -> ScoreNet:
     """The preset's network with initial parameters fixed by `seed`."""
-    return build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma)
+    model = build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma)
+    return model.to(getattr(torch, preset.dtype))
 
 
 def check_weights(weights: Optional[np.ndarray], n: int) -> torch.Tensor:
@@ -192,7 +192,8 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
     if state is None:
         state = init_state(model)
     state = state.map(lambda x: x.to(dev))
-    images, w = images.to(dev), w.to(dev)
+    dtype = getattr(torch, preset.dtype)
+    images, w = images.to(dev, dtype), w.to(dev, dtype)
     t0 = time.time()
     while state.step < preset.steps:
         if run is not None and state.step % preset.ckpt_every == 0:
