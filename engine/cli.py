@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from engine import data, sde
+from engine import data
 from engine.errors import UserError
 
 

@@ -8,7 +8,6 @@ an interrupted report resumes where it stopped.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
