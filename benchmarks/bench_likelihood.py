@@ -67,7 +67,7 @@ def main() -> None:
     x1 = x[:1].to(dev)
     t1 = torch.tensor([0.3], device=dev)
     evals = 4 * preset.bpd_steps
-    kw = dict(sigma=preset.sigma, eps=preset.t_eps, n_steps=preset.bpd_steps)
+    kw = preset.likelihood_kwargs
     rows = {}
     with torch.no_grad():
         rows["exact, batched (B=%d)" % a.batch] = timed(lambda: L.bits_per_dim(model, xb, **kw)) / a.batch

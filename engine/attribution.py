@@ -26,7 +26,7 @@ def bpd_and_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[
     names = [n for n, _ in model.named_parameters()]
     bpds, grads = [], []
     for i in range(len(x)):
-        b = bits_per_dim(model, x[i: i + 1].to(getattr(torch, p.dtype)), sigma=p.sigma, eps=p.t_eps, n_steps=p.bpd_steps, callback=callback)
+        b = bits_per_dim(model, x[i: i + 1].to(p.torch_dtype), **p.likelihood_kwargs, callback=callback)
         g = torch.autograd.grad(b.sum(), list(model.parameters()), allow_unused=True)
         bpds.append(float(b.detach()))
         grads.append({n: (gi if gi is not None else torch.zeros_like(pi)).detach()

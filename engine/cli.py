@@ -90,7 +90,7 @@ def compute_bpd(run, x: torch.Tensor, batch: int = 1, quiet: bool = False) -> np
     bar, cb = _progress(4 * p.bpd_steps * ((len(x) + batch - 1) // batch), "bits/dim", quiet)
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(bits_per_dim(model, x[i: i + batch], sigma=p.sigma, eps=p.t_eps, n_steps=p.bpd_steps, callback=cb))
+            out.append(bits_per_dim(model, x[i: i + batch], **p.likelihood_kwargs, callback=cb))
     bar.close()
     return torch.cat(out).numpy().astype(np.float64)
 

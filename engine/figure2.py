@@ -67,7 +67,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
             if i < len(vals):
                 continue
             with torch.no_grad():
-                b = bits_per_dim(model, inputs[g][i: i + batch], sigma=p.sigma, eps=p.t_eps, n_steps=p.bpd_steps)
+                b = bits_per_dim(model, inputs[g][i: i + batch], **p.likelihood_kwargs)
             vals.extend(b.double().tolist())
             done[g] = np.array(vals)
             _save_partial(partial_path, key, done)

@@ -34,7 +34,7 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         (Q, n) metagradients.
     """
     preset, seed = run.preset, run.seed
-    dtype = getattr(torch, preset.dtype)
+    dtype = preset.torch_dtype
     images = images.to(dtype)
     w = torch.from_numpy(run.weights()).to(dtype)
     model = make_model(preset, seed)

@@ -13,6 +13,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import torch
+
 from engine.errors import UserError
 
 
@@ -40,6 +42,15 @@ class Preset:
     def ckpt_every(self) -> int:
         """Optimizer states are stored every ~sqrt(T) steps for replay and resume."""
         return max(1, math.ceil(math.sqrt(self.steps)))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def likelihood_kwargs(self) -> dict:
+        """The keyword arguments of engine.likelihood that this preset fixes."""
+        return {"sigma": self.sigma, "eps": self.t_eps, "n_steps": self.bpd_steps}
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -132,7 +132,7 @@ def init_state(model: ScoreNet) -> TrainState:
 def make_model(preset: Preset, seed: int) -> ScoreNet:
     """The preset's network with initial parameters fixed by `seed`."""
     model = build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma)
-    return model.to(getattr(torch, preset.dtype))
+    return model.to(preset.torch_dtype)
 
 
 def check_weights(weights: Optional[np.ndarray], n: int) -> torch.Tensor:
@@ -192,8 +192,7 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
     if state is None:
         state = init_state(model)
     state = state.map(lambda x: x.to(dev))
-    dtype = getattr(torch, preset.dtype)
-    images, w = images.to(dev, dtype), w.to(dev, dtype)
+    images, w = images.to(dev, preset.torch_dtype), w.to(dev, preset.torch_dtype)
     t0 = time.time()
     while state.step < preset.steps:
         if run is not None and state.step % preset.ckpt_every == 0:
