@@ -34,11 +34,16 @@ def bpd_and_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[
     return np.array(bpds), grads
 
 
-def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """grad_w (Q, n) and BPD (Q,) for queries x (Q, 1, 28, 28). callback gets {"stage", "i", "n"}."""
+def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
+              scheme: str = "sqrt", k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """grad_w (Q, n) and BPD (Q,) for queries x (Q, 1, 28, 28); all Q share one backward sweep.
+
+    callback gets {"stage": "bpd"|"training", "i", "n"}; scheme and k go to engine.metagrad.
+    """
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
     bpd, qgrads = bpd_and_param_grads(run, x, callback=lambda i: callback and callback({"stage": "bpd", **i}))
-    gw = metagradient(run, images, qgrads, callback=lambda i: callback and callback({"stage": "training", **i}))
+    gw = metagradient(run, images, qgrads, scheme=scheme, k=k,
+                      callback=lambda i: callback and callback({"stage": "training", **i}))
     return gw.numpy().astype(np.float64), bpd
 
 

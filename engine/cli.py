@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -145,7 +146,7 @@ def cmd_attribute(a) -> dict:
     if not a.out.endswith(".npz"):
         raise UserError("--out must end in .npz")
     bar, cb = _progress(None, "attribute", a.json)
-    grad_w, bpd = attribute(run, x, callback=cb)
+    grad_w, bpd = attribute(run, x, callback=cb, scheme=a.scheme, k=a.k)
     bar.close()
     buf = io.BytesIO()
     np.savez(buf, grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
@@ -159,6 +160,65 @@ def cmd_attribute(a) -> dict:
             q["opponents"] = [{"index": int(j), "grad_w": float(grad_w[i, j])} for j in tk["opponents"]]
         result["queries"].append(q)
     return result
+
+
+def cmd_lds(a) -> dict:
+    from engine.lds import run_lds
+    from engine.store import load_run
+    run = load_run(a.run)
+    if a.query_index:
+        try:
+            queries = [int(v) for v in a.query_index.split(",")]
+        except ValueError:
+            raise UserError(f"--query-index must be comma-separated integers, got {a.query_index!r}") from None
+    else:
+        if a.queries < 1:
+            raise UserError("--queries must be at least 1")
+        queries = data.query_indices(a.queries, a.seed)
+    if a.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    bars: dict = {}
+
+    def cb(info: dict) -> None:
+        stage = info.get("stage", "")
+        if stage not in bars:
+            for b in bars.values():
+                b[0].close()
+            total = a.drop_sets if stage == "retrain" else None
+            bars[stage] = _progress(total, {"retrain": "retrains", "training": "metagradient"}.get(stage, "bits/dim"), a.json)
+        bar = bars[stage][0]
+        if stage == "retrain":
+            bar.n = info["i"]
+            bar.refresh()
+        else:
+            bar.update(1)
+    report = run_lds(run, Path(a.out), queries, k=a.drop_sets, frac=a.frac, seed=a.seed, jobs=a.jobs, callback=cb)
+    for b in bars.values():
+        b[0].close()
+    return {k: v for k, v in report.items() if k != "queries"} | {
+        "out": a.out, "per_query": [{k: r[k] for k in ("query", "label", "bpd", "spearman", "pearson")} for r in report["queries"]]}
+
+
+def cmd_figure4(a) -> dict:
+    from engine import figure4
+    from engine.store import load_run
+    run = load_run(a.run)
+    try:
+        with np.load(a.scores, allow_pickle=False) as f:
+            grad_w = f["grad_w"]
+            if "queries" in f:
+                queries = [int(q) for q in f["queries"]]
+            else:
+                specs = [str(s) for s in f["inputs"]]
+                if not all(s.startswith("test:") for s in specs):
+                    raise UserError(f"{a.scores}: figure4 needs test-set queries (inputs written as test:I)")
+                queries = [int(s[5:]) for s in specs]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{a.scores}: not a scores file of `attribute` or `lds` ({type(e).__name__})") from None
+    if grad_w.shape != (len(queries), run.preset.n_train):
+        raise UserError(f"{a.scores}: grad_w has shape {grad_w.shape}, expected ({len(queries)}, {run.preset.n_train}) for this run")
+    rep = figure4.run_figure4(run, grad_w, queries, Path(a.out), k=a.k)
+    return {"out": a.out, "findings": rep["findings"]}
 
 
 def cmd_figure2(a) -> dict:
@@ -199,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("inputs", nargs="+", metavar="INPUT")
     at.add_argument("--out", required=True, help="SCORES.npz with grad_w (Q, n) and bpd (Q,)")
     at.add_argument("--top", type=int, default=0, help="also list the K strongest proponents and opponents")
+    at.add_argument("--scheme", choices=["sqrt", "kary"], default="sqrt",
+                    help="how training states are recomputed: stored sqrt(T) checkpoints, or k-ary recursion from step 0")
+    at.add_argument("--k", type=int, default=4, help="parts per level of the k-ary scheme")
+
+    ld = sub.add_parser("lds", help="protocol A: MAGIC's predicted BPD changes against actual retraining")
+    ld.add_argument("--run", required=True)
+    ld.add_argument("--out", required=True, help="folder for lds.json, lds.png, scatter/ and the resumable retrains")
+    ld.add_argument("--queries", type=int, default=8, help="number of test queries (a fixed random sample)")
+    ld.add_argument("--query-index", help="comma-separated test indices instead of --queries")
+    ld.add_argument("--drop-sets", type=int, default=50)
+    ld.add_argument("--frac", type=float, default=0.01, help="fraction of the training set in each drop-set")
+    ld.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
+    ld.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                    help="parallel retraining processes (they share the cores)")
 
     f = sub.add_parser("figure2", help="BPD of test digits vs rotated, averaged and noise images")
     f.add_argument("--run", required=True)
@@ -208,12 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--k-avg", type=int, default=4, help="digits per average")
     f.add_argument("--seed", type=int, default=0)
 
-    for sp in (t, b, s, at, f):
+    f4 = sub.add_parser("figure4", help="top proponents and opponents of test queries: galleries, classes, recurrence")
+    f4.add_argument("--run", required=True)
+    f4.add_argument("--scores", required=True, help="attribution .npz of `attribute` (test:I inputs) or of `lds`")
+    f4.add_argument("--out", default="results/figure4")
+    f4.add_argument("--k", type=int, default=16)
+
+    for sp in (t, b, s, at, ld, f, f4):
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
     return p
 
 
-COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "figure2": cmd_figure2}
+COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "lds": cmd_lds, "figure2": cmd_figure2,
+            "figure4": cmd_figure4}
 
 
 def _human(cmd: str, result) -> str:
@@ -221,6 +302,14 @@ def _human(cmd: str, result) -> str:
         return "\n".join(f"{r['bpd']:8.4f} bits/dim  {r['input']}" for r in result)
     if cmd == "figure2":
         return result["table"]
+    if cmd == "figure4":
+        return (Path(result["out"]) / "figure4.md").read_text()
+    if cmd == "lds":
+        lines = [f"LDS protocol A on {result['preset']}: {result['drop_sets']} drop-sets of {result['drop_size']} images "
+                 f"(wrote {result['out']}/lds.json)"]
+        lines += [f"  test {r['query']:5d} (digit {r['label']}): Spearman {r['spearman']:.3f}" for r in result["per_query"]]
+        lines.append(f"mean Spearman {result['spearman_mean']:.3f}, min {result['spearman_min']:.3f}")
+        return "\n".join(lines)
     if cmd == "attribute":
         lines = [f"wrote {result['out']}"]
         for q in result["queries"]:

@@ -1,14 +1,23 @@
 """The metagradient: d Phi(theta_T(w)) / d w through every Adam step of a stored run (REPLAY).
 
-The run stores Adam's state every ~sqrt(T) steps. Going backwards segment by segment, we
-replay the segment forward from its stored state (keeping its <= sqrt(T) states in memory),
-then for each step k, last to first, build that one step with create_graph=True and take a
-single vector-Jacobian product (a double backward, since the step contains a gradient) of
-the adjoint of s_{k+1} = (theta, m, v). It yields both the adjoint of s_k and the step's
-contribution to d Phi / d w (non-zero only on the step's batch). Per-example gradients of the
-whole training set are never formed. Q queries share each replay and each step's graph.
+Going backwards through training, each step k is rebuilt from its state s_k with
+create_graph=True and a single vector-Jacobian product (a double backward, since the step
+contains a gradient) pulls the adjoint of s_{k+1} = (theta, m, v) back to s_k. The same
+product yields the step's contribution to d Phi / d w (non-zero only on the step's batch), so
+per-example gradients of the whole training set are never formed. Q queries share every
+replay and every step's graph, and their adjoints go through one batched backward call
+(`is_grads_batched`, a vmap over the adjoints).
 
-Memory: O(stored checkpoints + one segment of states + one step's double-backward graph).
+States are needed in reverse order; two schemes recompute them:
+- "sqrt" (default): the run stores s_k every ~sqrt(T) steps; each stored segment is replayed
+  once, keeping its <= sqrt(T) states in memory. Cost: one extra pass of training.
+- "kary": needs only s_0. The range is cut into k parts, replayed keeping the k part starts,
+  and each part is reversed recursively. Memory O(k log_k T) states, cost about
+  log_k T extra passes of training: for long runs whose stored states would not fit.
+Replay is bit-exact (training is deterministic given the state), so both schemes give the
+same numbers.
+
+Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints).
 """
 
 from __future__ import annotations
@@ -18,10 +27,13 @@ from typing import Callable, Optional
 import torch
 
 from engine.store import Run
-from engine.train import TrainState, make_model, train_step
+from engine.train import TrainState, make_model, resolve_device, train_step
+
+SCHEMES = ("sqrt", "kary")
 
 
 def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, torch.Tensor]], *,
+                 scheme: str = "sqrt", k: int = 4,
                  callback: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
     """d Phi_q / d w for every query q and training example.
 
@@ -29,48 +41,82 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         run: a finished run (its checkpoints, weights, seed and preset define the training).
         images: (n, 1, 28, 28) the run's training images.
         query_grads: Q dicts {parameter name: d Phi_q / d theta_T}, e.g. the BPD gradient.
-        callback: gets {"i", "n"} after every backward step.
+        scheme: "sqrt" (stored checkpoints) or "kary" (recursive from s_0, k parts per level).
+        callback: gets {"i", "n"} after every backward step (n = T).
     Returns:
         (Q, n) metagradients.
     """
-    preset, seed = run.preset, run.seed
-    dtype = preset.torch_dtype
-    images = images.to(dtype)
-    w = torch.from_numpy(run.weights()).to(dtype)
-    model = make_model(preset, seed)
-    names = list(query_grads[0])
-    q = len(query_grads)
-    # adjoints of (params, m, v) at step T: dPhi/dtheta, and nothing on the moments
-    adj = [[g[n].detach().clone() for n in names] + [torch.zeros_like(g[n]) for n in names] * 2 for g in query_grads]
-    grad_w = torch.zeros(q, w.shape[0], dtype=dtype)
-    starts = run.checkpoint_steps()
-    ends = starts[1:] + [preset.steps]
-    done = 0
-    for start, end in zip(reversed(starts), reversed(ends)):
-        state, _ = run.load_checkpoint(start)
-        states = [state]
-        for _ in range(start, end - 1):
-            state, _ = train_step(model, state, images, w, seed, preset)
-            states.append(state)
-        for s in reversed(states):
-            grad_w += _step_vjp(model, s, images, w, seed, preset, names, adj)
-            done += 1
-            if callback is not None:
-                callback({"i": done, "n": preset.steps})
-    return grad_w
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown checkpoint scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "kary" and k < 2:
+        raise ValueError("the k-ary scheme needs k >= 2")
+    sweep = _Sweep(run, images, query_grads, callback)
+    steps = run.preset.steps
+    if scheme == "sqrt":
+        starts = run.checkpoint_steps()
+        for start, end in zip(reversed(starts), reversed(starts[1:] + [steps])):
+            sweep.reverse(sweep.load(start), end, k=None)
+    else:
+        sweep.reverse(sweep.load(0), steps, k=k)
+    return sweep.grad_w.cpu()
 
 
-def _step_vjp(model, s: TrainState, images, w, seed, preset, names, adj) -> torch.Tensor:
-    """Pull every adjoint of s_{k+1} back through step k, in place; return (Q, n) dPhi/dw terms."""
-    leaves = {key: {n: d[n].detach().requires_grad_(True) for n in names} for key, d in (("p", s.params), ("m", s.m), ("v", s.v))}
-    wr = w.detach().requires_grad_(True)
-    new, _ = train_step(model, TrainState(s.step, leaves["p"], leaves["m"], leaves["v"]), images, wr, seed, preset, create_graph=True)
-    outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
-    inputs = [leaves[k][n] for k in ("p", "m", "v") for n in names] + [wr]
-    out = torch.zeros(len(adj), w.shape[0], dtype=w.dtype)
-    for i, a in enumerate(adj):
-        g = torch.autograd.grad(outs, inputs, grad_outputs=a, retain_graph=i < len(adj) - 1, allow_unused=True)
-        adj[i] = [gi.detach() if gi is not None else torch.zeros_like(x) for gi, x in zip(g[:-1], inputs[:-1])]
+class _Sweep:
+    """The backward sweep's running state: Q adjoints of (params, m, v) and the (Q, n) result."""
+
+    def __init__(self, run, images, query_grads, callback):
+        p = run.preset
+        self.run, self.preset, self.seed, self.callback = run, p, run.seed, callback
+        self.dev = resolve_device(p)
+        self.images = images.to(self.dev, p.torch_dtype)
+        self.w = torch.from_numpy(run.weights()).to(self.dev, p.torch_dtype)
+        self.model = make_model(p, run.seed).to(self.dev)
+        self.names = list(query_grads[0])
+        # adjoint of s_T: dPhi/dtheta on the parameters, nothing on the moments; (Q, ...) each
+        g = [torch.stack([q[n].detach().to(self.dev, p.torch_dtype) for q in query_grads]) for n in self.names]
+        self.adj = g + [torch.zeros_like(x) for x in g] * 2
+        self.grad_w = torch.zeros(len(query_grads), self.w.shape[0], dtype=p.torch_dtype)
+        self.done = 0
+
+    def load(self, step: int) -> TrainState:
+        return self.run.load_checkpoint(step)[0].map(lambda x: x.to(self.dev))
+
+    def step(self, s: TrainState) -> TrainState:
+        return train_step(self.model, s, self.images, self.w, self.seed, self.preset)[0]
+
+    def reverse(self, s: TrainState, end: int, k: Optional[int]) -> None:
+        """Pull the adjoints back from s_end to s_start (s = s_start). k=None: keep every state."""
+        start = s.step
+        if k is None or end - start <= k:
+            states = [s]
+            for _ in range(start, end - 1):
+                states.append(self.step(states[-1]))
+            for st in reversed(states):
+                self.pullback(st)
+            return
+        bounds = [start + (end - start) * i // k for i in range(k + 1)]
+        marks = [s]
+        for i in range(1, k):
+            while s.step < bounds[i]:
+                s = self.step(s)
+            marks.append(s)
+        for i in reversed(range(k)):
+            self.reverse(marks[i], bounds[i + 1], k)
+
+    def pullback(self, s: TrainState) -> None:
+        """Adjoint of s_{k+1} -> adjoint of s_k, and step k's d Phi / d w terms, for all Q at once."""
+        names = self.names
+        leaves = {key: {n: d[n].detach().requires_grad_(True) for n in names}
+                  for key, d in (("p", s.params), ("m", s.m), ("v", s.v))}
+        wr = self.w.detach().requires_grad_(True)
+        new, _ = train_step(self.model, TrainState(s.step, leaves["p"], leaves["m"], leaves["v"]),
+                            self.images, wr, self.seed, self.preset, create_graph=True)
+        outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
+        inputs = [leaves[key][n] for key in ("p", "m", "v") for n in names] + [wr]
+        g = torch.autograd.grad(outs, inputs, grad_outputs=self.adj, is_grads_batched=True, allow_unused=True)
+        self.adj = [gi.detach() if gi is not None else torch.zeros_like(a) for gi, a in zip(g[:-1], self.adj)]
         if g[-1] is not None:
-            out[i] = g[-1].detach()
-    return out
+            self.grad_w += g[-1].detach()
+        self.done += 1
+        if self.callback is not None:
+            self.callback({"i": self.done, "n": self.preset.steps})

@@ -129,6 +129,11 @@ def init_state(model: ScoreNet) -> TrainState:
     return TrainState(0, params, zeros(), zeros())
 
 
+def resolve_device(preset: Preset) -> torch.device:
+    """The preset's device; a CUDA preset falls back to the CPU where there is no GPU."""
+    return torch.device(preset.device if preset.device != "cuda" or torch.cuda.is_available() else "cpu")
+
+
 def make_model(preset: Preset, seed: int) -> ScoreNet:
     """The preset's network with initial parameters fixed by `seed`."""
     model = build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma)
@@ -177,7 +182,7 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
     if images is None:
         images, _ = data.load_train(preset.n_train, preset.source)
     w = check_weights(weights, images.shape[0])
-    dev = torch.device(preset.device if preset.device != "cuda" or torch.cuda.is_available() else "cpu")
+    dev = resolve_device(preset)
     set_deterministic(dev.type)
     model = make_model(preset, seed).to(dev)
     state, losses = None, []

@@ -2,39 +2,51 @@
 
 import numpy as np
 import pytest
-import torch
-from scipy.stats import spearmanr
-
-from engine import attribution as A, data, train
-from engine.likelihood import bits_per_dim
+from engine import attribution as A, data, lds, train
+from engine.errors import UserError
 from engine.presets import PRESETS
 from engine.store import load_run
 
 TINY = PRESETS["tiny"]
 
 
-def test_predicted_bpd_changes_track_actual_retraining(tmp_path):
+def test_lds_predictions_track_actual_retraining_and_resume(tmp_path):
     train.train(TINY, seed=0, out=tmp_path / "run")
     run = load_run(tmp_path / "run")
-    x, _ = data.load_test()
-    q = x[data.query_indices(1)]
-    grad_w, bpd = A.attribute(run, q)
-    assert grad_w.shape == (1, TINY.n_train) and bpd.shape == (1,)
-    images, _ = data.load_train(TINY.n_train)
-    rng = np.random.default_rng(0)
-    predicted, actual = [], []
-    for _ in range(10):
-        drop = rng.choice(TINY.n_train, 6, replace=False)
-        w = np.ones(TINY.n_train, np.float32)
-        w[drop] = 0
-        s = train.train(TINY, seed=0, weights=w, images=images)
-        model = train.make_model(TINY, 0)
-        model.load_state_dict(s.params)
-        with torch.no_grad():
-            actual.append(bits_per_dim(model, q, n_steps=TINY.bpd_steps).item())
-        predicted.append(A.predict_removal(bpd[0], grad_w[0], drop))
-    rho = spearmanr(predicted, actual)[0]
-    assert rho > 0.8, rho  # measured 0.97 on this setup; a wrong sign gives about -1
+    q = data.query_indices(1)
+    out = tmp_path / "lds"
+    rep = lds.run_lds(run, out, q, k=10, frac=0.1, jobs=2)
+    r = rep["queries"][0]
+    assert rep["drop_size"] == 6 and len(r["actual_change"]) == 10
+    assert r["spearman"] > 0.8, r["spearman"]  # measured 0.96; a wrong sign gives about -1
+
+    # the retrain's BPD is the same function the attribution differentiates: an empty drop
+    # reproduces the run's BPD exactly (training is deterministic)
+    x = data.load_test()[0][q]
+    assert lds.retrain_bpd(TINY, 0, np.array([], np.int64), x)[0] == pytest.approx(r["bpd"], abs=1e-6)
+
+    # predicted change follows the sign convention: BPD(1) - sum grad_w over the set
+    with np.load(out / "attribution.npz") as f:
+        gw, bpd = f["grad_w"], f["bpd"]
+    s0 = lds.drop_sets(TINY.n_train, 10, 0.1, 0)[0]
+    assert r["predicted_change"][0] == pytest.approx(A.predict_removal(bpd[0], gw[0], s0) - bpd[0], rel=1e-6)
+
+    # resume: only the missing retrain is redone, the attribution is reused
+    (out / "retrains" / "set_003.json").unlink()
+    stages = []
+    rep2 = lds.run_lds(run, out, q, k=10, frac=0.1, jobs=1, callback=lambda i: stages.append((i["stage"], i.get("i"))))
+    assert stages == [("retrain", 9), ("retrain", 10)]
+    assert rep2["queries"][0]["actual_change"] == pytest.approx(r["actual_change"], abs=1e-6)
+    assert (out / "lds.png").is_file() and (out / "scatter" / f"test_{q[0]:05d}.png").is_file()
+
+
+def test_drop_sets_are_reproducible_and_refuse_bad_sizes():
+    a = lds.drop_sets(500, 50, 0.01, 0)
+    assert a.shape == (50, 5) and (a == lds.drop_sets(500, 50, 0.01, 0)).all()
+    assert all(len(set(row)) == 5 for row in a)
+    for k, frac in ((50, 0.0), (50, 1.0), (2, 0.01)):
+        with pytest.raises(UserError):
+            lds.drop_sets(500, k, frac, 0)
 
 
 def test_top_k_follows_the_sign_convention():

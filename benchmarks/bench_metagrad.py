@@ -1,0 +1,123 @@
+"""Cost of MAGIC against training the same preset, as ratios measured in one process.
+
+    python benchmarks/bench_metagrad.py [--preset small] [--queries 8] [--out results/bench_metagrad.txt]
+
+Times, in this order and in this process: training the preset into a run folder (the
+baseline, checkpoint writes included); the metagradient through that run for 1 query and for
+Q batched queries with the default stored-checkpoint scheme; the k-ary scheme (k=4) for 1
+query; and the exact-BPD parameter gradient of one query (the other half of attributing a new
+image). The query functionals are random directions in parameter space: the sweep's cost does
+not depend on them.
+
+Memory: the peak resident set (CPU) or peak allocated GPU memory of each stage above what the
+process held when the stage began, sampled every 2 ms from /proc/self/statm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import atomic, data, train  # noqa: E402
+from engine.attribution import bpd_and_param_grads  # noqa: E402
+from engine.metagrad import metagradient  # noqa: E402
+from engine.presets import get_preset  # noqa: E402
+from engine.store import load_run  # noqa: E402
+
+
+class Peak:
+    """Peak extra memory (MB) of a `with` block: RSS sampled on CPU, the allocator's peak on CUDA."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self.rss()
+            self.stop = False
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.stop = True
+            self.thread.join()
+        self.seconds = time.perf_counter() - self.t0
+        self.mb = (self.peak - self.base) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    ap.add_argument("--out", help="also write the table here")
+    a = ap.parse_args()
+    preset = get_preset(a.preset)
+    if a.device:
+        preset = dataclasses.replace(preset, device=a.device)
+    cuda = train.resolve_device(preset).type == "cuda"
+    images, _ = data.load_train(preset.n_train, preset.source)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with Peak(cuda) as m:
+            train.train(preset, seed=0, out=Path(tmp) / "run", images=images)
+        rows.append(("training (baseline)", m))
+        run = load_run(Path(tmp) / "run")
+        g = torch.Generator().manual_seed(0)
+        final = run.load_final().params
+        qs = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in final.items()} for _ in range(a.queries)]
+        for label, kw, q in (("metagradient, 1 query", {}, qs[:1]),
+                             (f"metagradient, {a.queries} batched queries", {}, qs),
+                             ("metagradient, 1 query, k-ary (k=4)", {"scheme": "kary", "k": 4}, qs[:1])):
+            with Peak(cuda) as m:
+                metagradient(run, images, q, **kw)
+            rows.append((label, m))
+        x = data.load_test()[0][:1]
+        with Peak(cuda) as m:
+            bpd_and_param_grads(run, x)
+        rows.append(("exact BPD + its parameter gradient, 1 query", m))
+    dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    base = rows[0][1].seconds
+    one = rows[1][1].seconds
+    lines = [f"# bench_metagrad: preset {preset.name} (n={preset.n_train}, T={preset.steps}, "
+             f"B={preset.batch_size}), {dev}, torch {torch.__version__}",
+             f"{'stage':48s} {'seconds':>9s} {'/ train':>8s} {'/ 1 query':>9s} {'peak MB':>8s}"]
+    for label, m in rows:
+        lines.append(f"{label:48s} {m.seconds:9.2f} {m.seconds / base:8.2f} {m.seconds / one:9.2f} {m.mb:8.1f}")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        atomic.save_text(text + "\n", Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
