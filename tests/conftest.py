@@ -43,3 +43,28 @@ def gaussian():
 
 
 BITS = 1 / (64 * math.log(2))
+
+
+@pytest.fixture(scope="session")
+def app_run(tmp_path_factory):
+    """A finished `tiny` run and an empty memo for the app; the app's environment points at them."""
+    import os
+    from engine import train
+    from engine.presets import PRESETS
+    from engine.store import load_run
+    from webapp import service
+    root = tmp_path_factory.mktemp("app")
+    train.train(PRESETS["tiny"], seed=0, out=root / "run")
+    env = {"APP_RUN": str(root / "run"), "APP_CACHE": str(root / "cache"), "APP_PRESET": "tiny",
+           "APP_GALLERY_QUERIES": "2"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    service.jobs.cache_clear()
+    yield load_run(root / "run")
+    service.jobs().wait_all(900)  # no torch work may outlive the session
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    service.jobs.cache_clear()

@@ -1,0 +1,54 @@
+"""Galleries: precomputed attributions of a curated set of test digits, and what they share."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from engine import figure4
+from engine.attribution import top_k
+from webapp import service, widgets as W
+
+st.title("Galleries")
+run = W.require_run()
+train_x, train_y = service.train_set(run.preset.n_train, run.preset.source)
+test_x, test_y = service.test_set()
+st.caption(f"MAGIC attributions of {service.N_GALLERY} test digits on the `{run.preset.name}` model, computed once "
+           "in the background and kept.")
+res = W.wait_for(service.galleries_job(run))
+if not res:
+    st.stop()
+gw, bpd, queries = np.asarray(res["grad_w"]), np.asarray(res["bpd"]), [int(q) for q in res["queries"]]
+k = st.slider("Top k", 4, 32, 16, key="gal_k")
+rep = figure4.analyse(gw, queries, train_x.reshape(len(train_x), -1), train_y,
+                      test_x.reshape(len(test_x), -1), test_y, k=k)
+
+pick = st.selectbox("Query", range(len(queries)), key="gal_query",
+                    format_func=lambda j: f"test {queries[j]} (a {test_y[queries[j]]}): {bpd[j]:.3f} bits/dim")
+c1, c2 = st.columns([1, 3])
+c1.image(W.big(test_x[queries[pick]]), caption=f"test {queries[pick]}", width=168)
+tk = top_k(gw[pick], k)
+with c2:
+    st.altair_chart(W.class_histogram(tk, train_y), width="stretch")
+st.markdown("**Proponents** (make it more likely)")
+W.gallery(tk["proponents"], gw[pick], train_x, train_y)
+st.markdown("**Opponents** (make it less likely)")
+W.gallery(tk["opponents"], gw[pick], train_x, train_y)
+
+st.subheader("Training images that recur across queries")
+f = rep["findings"]
+for kind in ("proponents", "opponents"):
+    r = f["recurrence"][kind]
+    st.markdown(f"{kind.capitalize()}: {r['distinct']} distinct images fill {r['slots']} slots "
+                f"(random draws would give about {r['expected_distinct_if_random']:.0f}).")
+    rec = r["most_recurrent"]
+    if rec:
+        cols = st.columns(min(8, len(rec)))
+        for col, e in zip(cols, rec):
+            col.image(W.big(train_x[e["index"]], 84), caption=f"#{e['index']} · digit {e['label']} · in {e['queries']} queries",
+                      width=84)
+
+st.subheader("Per class")
+st.caption("Mean MAGIC score of each class's training images, per query (positive: the class opposes the query).")
+table = pd.DataFrame([r["class_mean_score"] for r in rep["queries"]], columns=[f"digit {d}" for d in range(10)],
+                     index=[f"test {q} (a {test_y[q]})" for q in queries])
+st.dataframe(table.style.format("{:+.2e}").background_gradient(cmap="RdYlGn_r", axis=1), width="stretch")

@@ -1,0 +1,64 @@
+"""Verify: remove training images, retrain, and compare the actual change with MAGIC's prediction."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from engine.attribution import predict_removal, top_k
+from webapp import service, widgets as W
+
+st.title("Verify by retraining")
+run = W.require_run()
+test_x, test_y = service.test_set()
+
+choices = {}
+if "query" in st.session_state:
+    choices["the image from Draw & attribute"] = st.session_state["query"]
+for q in service.gallery_queries():
+    choices[f"test {q} (a {test_y[q]})"] = test_x[q]
+name = st.selectbox("Query", list(choices), key="ver_query")
+x = torch.from_numpy(np.asarray(choices[name], dtype=np.float32))
+st.image(W.big(x, 112), width=112)
+
+job = service.jobs().peek(service.attribution_key(run, x))
+if job is None:
+    st.info("This image has no attribution yet.")
+    if st.button("Compute its attribution", key="ver_attr"):
+        job = service.attribution_job(run, x)
+res = W.wait_for(job) if job is not None else None
+if not res:
+    st.stop()
+gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
+c = st.columns(2)
+what = c[0].radio("Remove", ["top-k proponents", "top-k opponents", "k random images"], key="ver_what")
+k = int(c[1].slider("k", 1, 50, 10, key="ver_k"))
+if what == "k random images":
+    drop = np.random.default_rng(int(st.number_input("random seed", 0, 10**6, 0, key="ver_seed"))).choice(len(gw), k, replace=False)
+else:
+    drop = top_k(gw, k)["proponents" if "proponents" in what else "opponents"]
+predicted = predict_removal(bpd, gw, drop)
+st.markdown(f"Now **{bpd:.4f}** bits/dim; MAGIC predicts **{predicted:.4f}** after removing these {k} "
+            f"(change {predicted - bpd:+.4f}).")
+if st.button("Retrain without them (same seed, in the background)", key="ver_go"):
+    job = service.retrain_job(run, x, drop, label=f"retraining without {k} images")
+else:
+    job = service.jobs().peek(service.retrain_key(run, x, drop))
+if job is not None:
+    out = W.wait_for(job)
+    if out:
+        st.success(f"Actual after retraining: **{out['bpd']:.4f}** bits/dim (change {out['bpd'] - bpd:+.4f}; "
+                   f"predicted {predicted - bpd:+.4f}).")
+
+st.subheader("Linear datamodeling score (protocol A)")
+results = Path(__file__).resolve().parent.parent / "results"
+for f in sorted(results.glob("lds_*/lds.json")):
+    r = json.loads(f.read_text())
+    st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
+                f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
+                f"(lowest {r['spearman_min']:.3f}).")
+    png = f.parent / "lds.png"
+    if png.is_file():
+        st.image(str(png))

@@ -1,0 +1,150 @@
+"""Every page of the app through Streamlit's AppTest, on a `tiny` model.
+
+The canvas is a custom component that AppTest cannot draw on: the page reads
+st.session_state["test_canvas"] instead (see webapp.widgets.canvas). Numbers the pages show
+are checked against the engine called directly.
+"""
+
+import io
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import data
+from engine.likelihood import bits_per_dim
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+
+def _new():
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+
+
+def _until(at, cond, timeout=300.0):
+    """Rerun the script (the pages poll background jobs) until cond(at) holds."""
+    end = time.time() + timeout
+    while True:
+        at.run()
+        assert not at.exception, at.exception
+        if cond(at):
+            return at
+        if time.time() > end:
+            raise AssertionError(f"timed out; markdown: {[m.value for m in at.markdown]}; errors: {[e.value for e in at.error]}")
+        time.sleep(0.5)
+
+
+def _bpd_shown(at):
+    for m in at.markdown:
+        hit = re.match(r"\*\*([0-9.]+) bits/dim\*\*", m.value)
+        if hit:
+            return float(hit.group(1))
+    return None
+
+
+def _engine_bpd(run, x):
+    with torch.no_grad():
+        return float(bits_per_dim(run.model(), x[None], **run.preset.likelihood_kwargs)[0])
+
+
+def _stroke_canvas():
+    """A 280x280 RGBA canvas like the component returns: black background, a white '7'."""
+    img = Image.new("RGBA", (280, 280), (0, 0, 0, 255))
+    from PIL import ImageDraw
+    d = ImageDraw.Draw(img)
+    d.line([(70, 60), (210, 60), (120, 230)], fill=(255, 255, 255, 255), width=20)
+    return np.asarray(img).copy()
+
+
+def test_draw_page_bpd_and_attribution_of_a_drawing(app_run):
+    at = _new()
+    at.run()
+    assert not at.exception
+    at.session_state["test_canvas"] = _stroke_canvas()
+    at = _until(at, lambda a: _bpd_shown(a) is not None)
+    from webapp import service
+    x = service.from_canvas(_stroke_canvas())
+    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, x), abs=1e-3)
+    at.button(key="attribute").click()
+    at = _until(at, lambda a: any(m.value.startswith("**Top 16 proponents**") for m in a.markdown))
+    text = " ".join(m.value for m in at.markdown)
+    raise_by = float(re.search(r"raise the bits/dim by (-?[0-9.]+)", text).group(1))
+    lower_by = float(re.search(r"lower the bits/dim by (-?[0-9.]+)", text).group(1))
+    assert raise_by > 0 and lower_by > 0  # the sign convention: proponents negative, opponents positive
+    assert len(at.get("vega_lite_chart")) == 1  # the class histogram
+
+
+def test_upload_a_png_then_garbage(app_run):
+    at = _new()
+    at.run()
+    at.radio(key="source").set_value("Upload").run()
+    x = data.load_test()[0][3]
+    buf = io.BytesIO()
+    Image.fromarray((x[0].numpy() * 255).astype(np.uint8)).save(buf, format="PNG")
+    at.file_uploader(key="upload").upload("three.png", buf.getvalue(), "image/png")
+    at = _until(at, lambda a: _bpd_shown(a) is not None)
+    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, data.preprocess_image(buf.getvalue())), abs=1e-3)
+    at.file_uploader(key="upload").upload("garbage.png", b"\x00not an image at all", "image/png")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "\n" not in at.error[0].value and "garbage.png" in at.error[0].value
+    at.radio(key="source").set_value("MNIST test image").run()  # still usable
+    at.number_input(key="test_index").set_value(7)
+    at = _until(at, lambda a: _bpd_shown(a) is not None)
+    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, data.load_test()[0][7]), abs=1e-3)
+    assert not at.error
+
+
+def test_generate_a_sample(app_run):
+    at = _new()
+    at.run()
+    at.radio(key="source").set_value("Generate a sample").run()
+    at.button(key="generate").click()
+    at = _until(at, lambda a: _bpd_shown(a) is not None)
+    x = torch.from_numpy(at.session_state["sample"])
+    assert x.shape == (1, 28, 28) and float(x.min()) >= 0 and float(x.max()) <= 1
+    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, x), abs=1e-3)
+
+
+def test_compare_page_four_variants(app_run):
+    at = _new()
+    at.run()
+    at.switch_page("pages/compare.py")
+    at = _until(at, lambda a: len(a.metric) == 4)
+    from webapp import service
+    x = torch.from_numpy(service.test_set()[0][0])
+    shown = [float(m.value) for m in at.metric]
+    want = [_engine_bpd(app_run, v) for v in service.variants(x, 90.0, 4, seed=0).values()]
+    assert shown == pytest.approx(want, abs=1e-3)
+    assert len(at.get("vega_lite_chart")) == 1  # the Figure 2 distributions
+
+
+def test_galleries_page(app_run):
+    at = _new()
+    at.run()
+    at.switch_page("pages/galleries.py")
+    at = _until(at, lambda a: len(a.selectbox) == 1, timeout=900)
+    text = " ".join(m.value for m in at.markdown)
+    assert "distinct images fill" in text
+    assert len(at.dataframe) == 1
+
+
+def test_verify_page_retrains_and_the_sign_holds(app_run):
+    at = _new()
+    at.run()
+    at.switch_page("pages/verify.py")
+    at = _until(at, lambda a: len(a.radio) == 1, timeout=900)  # the gallery query's attribution is ready
+    at.slider(key="ver_k").set_value(8)
+    at.run()
+    at.button(key="ver_go").click()
+    at = _until(at, lambda a: len(a.success) == 1)
+    s = at.success[0].value
+    actual = float(re.search(r"change ([+-][0-9.]+);", s).group(1))
+    predicted = float(re.search(r"predicted ([+-][0-9.]+)\)", s).group(1))
+    assert predicted > 0 and actual > 0  # removing the top proponents raises the bits/dim

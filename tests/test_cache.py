@@ -1,0 +1,117 @@
+"""The app's memo: keys, corruption, one computation per key across threads and processes."""
+
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cache import Jobs, Memo, make_key
+from cache import memo as memo_mod
+from engine.errors import UserError
+
+
+def test_key_changes_with_every_ingredient(monkeypatch):
+    x = np.zeros((1, 28, 28), np.float32)
+    k = make_key("bpd", "run-a", x, {"n_steps": 8})
+    y = x.copy()
+    y[0, 3, 4] = 1 / 255
+    others = [make_key("bpd", "run-b", x, {"n_steps": 8}), make_key("bpd", "run-a", y, {"n_steps": 8}),
+              make_key("bpd", "run-a", x, {"n_steps": 16}), make_key("attribution", "run-a", x, {"n_steps": 8}),
+              make_key("bpd", "run-a", x.astype(np.float64), {"n_steps": 8})]
+    monkeypatch.setattr(memo_mod, "ENGINE_VERSION", "9.9.9")
+    others.append(make_key("bpd", "run-a", x, {"n_steps": 8}))
+    assert len({k, *others}) == len(others) + 1
+    monkeypatch.undo()
+    assert make_key("bpd", "run-a", x.copy(), {"n_steps": 8}) == k
+
+
+def test_round_trip_and_corrupt_entries_are_recomputed(tmp_path):
+    m = Memo(tmp_path)
+    v = {"grad_w": np.arange(5.0), "bpd": 4.5, "note": "x"}
+    m.set("k", v)
+    got = m.get("k")
+    assert got["bpd"] == 4.5 and got["note"] == "x" and (got["grad_w"] == v["grad_w"]).all()
+    blob = m.cache.get("k")
+    m.cache.set("k", blob[:-7] + b"garbage")  # a torn or tampered entry
+    assert m.get("k") is None and "k" not in m.cache
+    m.cache.set("k", b"not even a header")
+    calls = []
+    out = m.get_or_compute("k", lambda: calls.append(1) or {"bpd": 1.25})
+    assert out["bpd"] == 1.25 and calls == [1] and m.get("k")["bpd"] == 1.25
+
+
+def test_one_computation_per_key_across_threads(tmp_path):
+    m = Memo(tmp_path)
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"v": np.ones(3)}
+    outs = []
+    ts = [threading.Thread(target=lambda: outs.append(m.get_or_compute("k", slow))) for _ in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(calls) == 1 and len(outs) == 6 and all((o["v"] == 1).all() for o in outs)
+
+
+def _compute_in_process(directory, log):
+    m = Memo(directory)
+
+    def fn():
+        with open(log, "a") as f:
+            f.write("x")
+        time.sleep(0.5)
+        return {"v": 1.0}
+    m.get_or_compute("shared", fn)
+
+
+def test_one_computation_per_key_across_processes(tmp_path):
+    log = tmp_path / "log.txt"
+    ctx = mp.get_context("spawn")
+    ps = [ctx.Process(target=_compute_in_process, args=(tmp_path / "memo", log)) for _ in range(3)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+    assert [p.exitcode for p in ps] == [0, 0, 0]
+    assert log.read_text() == "x"
+
+
+def test_size_limit_evicts_least_recently_used(tmp_path):
+    m = Memo(tmp_path, size_limit=2_000_000)
+    for i in range(40):
+        m.set(f"k{i}", {"a": np.random.default_rng(i).random(25_000)})  # ~200 kB each
+    assert m.cache.volume() < 3_000_000
+    assert m.get("k39") is not None and m.get("k0") is None
+
+
+def test_jobs_share_one_run_report_progress_and_errors(tmp_path):
+    jobs = Jobs(Memo(tmp_path))
+    started = []
+
+    def fn(cb):
+        started.append(1)
+        for i in range(3):
+            cb({"stage": "work", "i": i + 1, "n": 3})
+            time.sleep(0.05)
+        return {"v": 2.0}
+    a = jobs.submit("k", fn, "job")
+    b = jobs.submit("k", fn, "job")
+    assert a is b
+    assert jobs.wait_all(10)
+    assert started == [1] and a.result["v"] == 2.0 and a.fraction == 1.0
+    # a finished key comes back from the memo in a new process's job table, without running
+    again = Jobs(Memo(tmp_path)).submit("k", fn, "job")
+    assert again.done and again.result["v"] == 2.0 and started == [1]
+
+    def bad(cb):
+        raise UserError("no digit found")
+    j = jobs.submit("bad", bad, "bpd")
+    assert jobs.wait_all(10) and j.error == "no digit found" and j.result is None
+    with pytest.raises(AssertionError):
+        assert jobs.memo.get("bad") is not None  # failures are not memoized

@@ -1,0 +1,2 @@
+"""The Streamlit app's logic: computations as memoized background jobs (service.py) and
+the widgets the pages share (widgets.py). Pages live in ../pages, the router in ../app.py."""

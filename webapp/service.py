@@ -1,0 +1,178 @@
+"""What the app computes, as memoized background jobs; plain Python, no streamlit.
+
+Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET (preset to
+train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
+APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
+attributions are precomputed, default 8).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from cache import Jobs, Memo, make_key
+from engine import data
+from engine.errors import UserError
+from engine.presets import digest
+from engine.store import Run
+
+Callback = Callable[[dict], None]
+N_GALLERY = int(os.environ.get("APP_GALLERY_QUERIES", "8"))  # curated test queries, precomputed
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("APP_RUN", "runs/cpu"))
+
+
+def preset_name() -> str:
+    return os.environ.get("APP_PRESET", "cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def jobs() -> Jobs:
+    """One memo and job table per server process (shared by every browser session)."""
+    size = int(float(os.environ.get("APP_CACHE_GB", "2")) * 2**30)
+    return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size))
+
+
+def load_run() -> Optional[Run]:
+    """The app's run if it is finished, else None (training is then a job: `train_job`)."""
+    from engine.store import load_run as _load
+    try:
+        return _load(run_dir())
+    except UserError:
+        return None
+
+
+def train_job():
+    """Train the app's preset into run_dir() (resumes an interrupted run)."""
+    from engine import train
+    from engine.presets import get_preset
+    preset = get_preset(preset_name())
+
+    def fn(cb: Callback) -> dict:
+        state = train.train(preset, seed=0, out=run_dir(),
+                            callback=lambda i: cb({"stage": "training", "i": i["step"], "n": i["total"]}))
+        return {"steps": int(state.step)}
+    return jobs().submit(make_key("train", digest(preset.to_dict()), None, {"out": str(run_dir().resolve())}), fn,
+                         label=f"training the {preset.name} model")
+
+
+# ---------------------------------------------------------------- images
+
+@functools.lru_cache(maxsize=1)
+def test_set() -> tuple[np.ndarray, np.ndarray]:
+    x, y = data.load_test()
+    return x.numpy(), y.numpy()
+
+
+@functools.lru_cache(maxsize=2)
+def train_set(n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = data.load_train(n, source)
+    return x.numpy(), y.numpy()
+
+
+def from_canvas(rgba: np.ndarray) -> Optional[torch.Tensor]:
+    """A drawing canvas's (H, W, 4) uint8 RGBA -> (1, 28, 28), or None if nothing is drawn yet."""
+    from PIL import Image
+    a = np.asarray(rgba)
+    if a.ndim != 3 or a.shape[2] != 4:
+        raise UserError(f"canvas: expected an RGBA image, got shape {a.shape}")
+    if a[..., 3].max() == 0 or a[..., :3].max() == 0:  # untouched: transparent, or the black background
+        return None
+    return data.preprocess_array(data.to_gray(Image.fromarray(a.astype(np.uint8), "RGBA")), "drawing")
+
+
+def from_upload(name: str, blob: bytes) -> torch.Tensor:
+    if name.lower().endswith(".npy"):
+        return data.load_npy(blob, name)
+    return data.preprocess_image(blob, name)
+
+
+def sample_digit(run: Run, seed: int) -> torch.Tensor:
+    """One generated digit (1, 28, 28) from the run's model, fixed by `seed` (probability-flow ODE)."""
+    from engine.sampling import sample
+    key = make_key("sample", run.digest, None, {"seed": seed})
+    out = jobs().memo.get_or_compute(key, lambda: {"x": sample(run.model(), (1, 1, 28, 28), method="ode", seed=seed)[0].numpy()})
+    return data.quantize(torch.from_numpy(out["x"]).clamp(0, 1))
+
+
+# ---------------------------------------------------------------- computations
+
+def bpd_job(run: Run, x: torch.Tensor):
+    """Exact BPD of one image (1, 28, 28) under the run's model."""
+    from engine.likelihood import bits_per_dim
+    p = run.preset
+
+    def fn(cb: Callback) -> dict:
+        with torch.no_grad():
+            b = bits_per_dim(run.model(), x[None].to(p.torch_dtype), **p.likelihood_kwargs,
+                             callback=lambda i: cb({"stage": "likelihood", "i": i["i"], "n": i["n"]}))
+        return {"bpd": float(b[0])}
+    return jobs().submit(make_key("bpd", run.digest, x.numpy(), p.likelihood_kwargs), fn, label="bits/dim")
+
+
+def attribution_key(run: Run, x: torch.Tensor) -> str:
+    return make_key("attribution", run.digest, x.numpy(), run.preset.likelihood_kwargs)
+
+
+def attribution_job(run: Run, x: torch.Tensor):
+    """MAGIC scores grad_w (n,) and the BPD of one image (1, 28, 28)."""
+    from engine.attribution import attribute
+
+    def fn(cb: Callback) -> dict:
+        gw, bpd = attribute(run, x[None], callback=cb)
+        return {"grad_w": gw[0], "bpd": float(bpd[0])}
+    return jobs().submit(attribution_key(run, x), fn, label="attribution")
+
+
+def gallery_queries() -> list[int]:
+    return data.query_indices(N_GALLERY, seed=0)
+
+
+def galleries_job(run: Run):
+    """grad_w (Q, n) and BPD (Q,) of the curated test queries, in one batched sweep."""
+    from engine.attribution import attribute
+    q = gallery_queries()
+
+    def fn(cb: Callback) -> dict:
+        x = torch.from_numpy(test_set()[0][q])
+        gw, bpd = attribute(run, x, callback=cb)
+        for i in range(len(q)):  # each query's attribution is then ready on every page
+            jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i])})
+        return {"grad_w": gw, "bpd": bpd, "queries": q}
+    return jobs().submit(make_key("galleries", run.digest, np.array(q), run.preset.likelihood_kwargs), fn,
+                         label="precomputing the galleries")
+
+
+def variants(x: torch.Tensor, angle: float, k_avg: int, seed: int) -> dict[str, torch.Tensor]:
+    """A test digit (1, 28, 28) rotated by `angle`, averaged with k_avg - 1 other test digits, and noise."""
+    tx = torch.from_numpy(test_set()[0])
+    others = tx[data.query_indices(k_avg + 1, seed=seed + 1000)]
+    others = torch.cat([x[None], others[: k_avg - 1]]) if k_avg > 1 else x[None]
+    return {"original": x, "rotated": data.rotate(x, angle), "averaged": data.average(others),
+            "noise": data.uniform_noise(1, torch.Generator().manual_seed(seed))[0]}
+
+
+def retrain_key(run: Run, x: torch.Tensor, drop: np.ndarray) -> str:
+    drop = np.unique(np.asarray(drop, np.int64))
+    return make_key("retrain", run.digest, np.concatenate([drop.astype(np.float32), x.numpy().ravel()]),
+                    run.preset.likelihood_kwargs)
+
+
+def retrain_job(run: Run, x: torch.Tensor, drop: np.ndarray, label: str):
+    """Retrain the run without `drop` (same seed) and measure the BPD of x (1, 28, 28)."""
+    from engine.lds import retrain_bpd
+    drop = np.unique(np.asarray(drop, np.int64))
+
+    def fn(cb: Callback) -> dict:
+        cb({"stage": "retraining", "i": 0, "n": 1})
+        b = retrain_bpd(run.preset, run.seed, drop, x[None])
+        return {"bpd": float(b[0]), "drop": drop}
+    return jobs().submit(retrain_key(run, x, drop), fn, label=label)
