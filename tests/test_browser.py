@@ -1,0 +1,127 @@
+"""End to end in real headless Chromium: the app served by `streamlit run`, driven by Playwright.
+
+Draws a digit with mouse moves on the canvas and waits for its bits/dim and galleries, uploads
+a PNG, uploads garbage (a clear error, the app still alive), and visits every page. Screenshots
+go to artifacts/browser/. Needs Debian's `chromium` (installed by .ci/run); skipped without it
+outside CI, failed without it in CI.
+"""
+
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import data
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "artifacts" / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("no chromium on this machine (apt-get install -y chromium)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app_run):
+    """`streamlit run app.py` on a free port, with the test run and memo of conftest.app_run."""
+    assert CHROMIUM, "chromium is missing: .ci/run installs it with apt-get install -y chromium"
+    port = _free_port()
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    log = open(ROOT / "artifacts" / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError("the app did not become healthy in 60 s; see artifacts/streamlit.log")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(120_000)
+        pg.goto(server)
+        yield pg
+        browser.close()
+
+
+BPD = re.compile(r"[0-9.]+ bits/dim: the model would need")
+
+
+def test_draw_a_digit_and_see_its_bits_per_dim_and_galleries(page):
+    page.get_by_role("heading", name="Draw & attribute").wait_for()
+    canvas = page.locator("canvas.upper-canvas").first  # fabric.js's event layer (components v2: no iframe)
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + 70, box["y"] + 60  # a '7': a bar, then the diagonal
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x0 + 7 * i, y0, steps=2)
+    for i in range(1, 26):
+        page.mouse.move(x0 + 140 - 4 * i, y0 + 7 * i, steps=2)
+    page.mouse.up()
+    page.get_by_text(BPD).wait_for(timeout=180_000)
+    page.screenshot(path=str(SHOTS / "1_drawing_bpd.png"), full_page=True)
+    page.get_by_role("button", name=re.compile("Find them")).click()
+    page.get_by_text(re.compile("Top 16 proponents")).wait_for(timeout=600_000)
+    page.get_by_text(re.compile("Top 16 opponents")).wait_for()
+    page.screenshot(path=str(SHOTS / "2_drawing_galleries.png"), full_page=True)
+
+
+def test_upload_a_png_then_garbage(page, tmp_path):
+    page.get_by_text("Upload", exact=True).click()
+    x = data.load_test()[0][3][0].numpy()
+    png = tmp_path / "three.png"
+    Image.fromarray((x * 255).astype(np.uint8)).save(png)
+    page.locator('input[type="file"]').set_input_files(str(png))
+    page.get_by_text(BPD).wait_for(timeout=180_000)
+    page.screenshot(path=str(SHOTS / "3_upload_bpd.png"), full_page=True)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x00\x01 this is not an image")
+    page.locator('input[type="file"]').set_input_files(str(garbage))
+    page.get_by_text(re.compile(r"garbage\.png: not an image")).wait_for()
+    assert page.get_by_text("Traceback").count() == 0
+    page.screenshot(path=str(SHOTS / "4_upload_garbage.png"), full_page=True)
+
+
+def test_every_page_renders(page):
+    for i, name in enumerate(["Compare likelihoods", "Galleries", "Verify", "Draw & attribute"]):
+        page.get_by_role("link", name=name).click()
+        page.get_by_role("heading", name=re.compile(name.split()[0])).first.wait_for()
+        if name == "Compare likelihoods":
+            page.get_by_text("bits/dim", exact=True).first.wait_for(timeout=180_000)  # the four metrics
+        if name == "Galleries":
+            page.get_by_text(re.compile("distinct images fill")).first.wait_for(timeout=600_000)
+        assert page.get_by_text("Traceback").count() == 0
+        page.screenshot(path=str(SHOTS / f"{5 + i}_{name.split()[0].lower()}.png"), full_page=True)
