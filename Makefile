@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/cpu
 
-.PHONY: setup report test bench clean
+.PHONY: setup app report test bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,13 @@ $(BIN)/.installed: requirements.txt
 
 setup: $(BIN)/.installed
 
-# Main job: train the `cpu` preset once (resumes if interrupted), then the Figure 2 report.
+# Main job: train the `cpu` preset once (resumes if interrupted), then serve the app on it.
+# The app precomputes its galleries in the background and keeps every result in runs/cache.
+app: setup
+	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	APP_RUN=$(RUN) $(BIN)/python -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
+
+# The Figure 2 report on the `cpu` preset (about 40 min on 2 cores; resumable).
 report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
@@ -24,6 +30,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_likelihood.py
+	$(BIN)/python benchmarks/bench_metagrad.py --preset small --out results/bench_metagrad.txt
 
 clean:
 	rm -rf $(VENV) runs
