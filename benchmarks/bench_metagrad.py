@@ -79,11 +79,15 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    ap.add_argument("--steps", type=int, help="train for fewer steps than the preset: every cost here is per "
+                    "step, so the ratios hold (checkpoints every ~sqrt(steps))")
     ap.add_argument("--out", help="also write the table here")
     a = ap.parse_args()
     preset = get_preset(a.preset)
     if a.device:
         preset = dataclasses.replace(preset, device=a.device)
+    if a.steps:
+        preset = dataclasses.replace(preset, steps=a.steps)
     cuda = train.resolve_device(preset).type == "cuda"
     images, _ = data.load_train(preset.n_train, preset.source)
     rows = []

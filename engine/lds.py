@@ -13,6 +13,7 @@ plots. Retrains run in `jobs` worker processes that split the machine's cores.
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -30,12 +31,12 @@ from engine.store import Run
 
 
 def drop_sets(n: int, k: int, frac: float, seed: int) -> np.ndarray:
-    """(K, m) sorted training indices, m = max(1, round(frac * n)), no repeats within a set."""
+    """(K, m) sorted training indices, m = ceil(frac * n) (DESIGN.md), no repeats within a set."""
     if not 0 < frac < 1:
         raise UserError(f"--frac must be between 0 and 1, got {frac}")
     if k < 3:
         raise UserError(f"--drop-sets must be at least 3 for a rank correlation, got {k}")
-    m = max(1, round(frac * n))
+    m = max(1, math.ceil(frac * n - 1e-9))
     rng = np.random.default_rng([seed, n, m])
     return np.stack([np.sort(rng.choice(n, m, replace=False)) for _ in range(k)])
 

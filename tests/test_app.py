@@ -17,6 +17,7 @@ from PIL import Image
 
 from engine import data
 from engine.likelihood import bits_per_dim
+from test_data import _huge_png_header  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("streamlit")
@@ -148,3 +149,47 @@ def test_verify_page_retrains_and_the_sign_holds(app_run):
     actual = float(re.search(r"change ([+-][0-9.]+);", s).group(1))
     predicted = float(re.search(r"predicted ([+-][0-9.]+)\)", s).group(1))
     assert predicted > 0 and actual > 0  # removing the top proponents raises the bits/dim
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+BAD_UPLOADS = {
+    "truncated.png": (_png(np.full((40, 40), 200, np.uint8))[:60], "damaged or truncated"),
+    "white.png": (_png(np.full((40, 40), 255, np.uint8)), "no digit found"),
+    "huge.png": (_huge_png_header(20000, 20000), "too large"),
+    "nan.npy": (_npy(np.full((28, 28), np.nan)), "NaN"),
+    "shape.npy": (_npy(np.zeros((3, 28, 28))), "expected shape (28, 28)"),
+    "range.npy": (_npy(np.full((28, 28), 2.0)), "must lie in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_UPLOADS))
+def test_every_bad_upload_gets_one_clear_line(app_run, name):
+    blob, words = BAD_UPLOADS[name]
+    at = _new()
+    at.run()
+    at.radio(key="source").set_value("Upload").run()
+    at.file_uploader(key="upload").upload(name, blob, "application/octet-stream")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "\n" not in at.error[0].value
+    assert name in at.error[0].value and words in at.error[0].value, at.error[0].value
+    assert _bpd_shown(at) is None
+
+
+def test_an_empty_canvas_asks_for_a_drawing(app_run):
+    at = _new()
+    at.session_state["test_canvas"] = np.zeros((280, 280, 4), np.uint8)  # transparent, untouched
+    at.run()
+    assert not at.exception and not at.error
+    assert any("Draw a digit" in i.value for i in at.info)
