@@ -3,6 +3,8 @@
 The router: every page lives in pages/; what they compute lives in webapp/ and engine/.
 """
 
+import os
+
 import streamlit as st
 
 from webapp import service
@@ -15,7 +17,7 @@ page = st.navigation([
     st.Page("pages/verify.py", title="Verify"),
 ])
 run = service.load_run()
-if run is not None and not st.session_state.get("_galleries_started"):
+if run is not None and os.environ.get("APP_PRECOMPUTE", "1") != "0" and not st.session_state.get("_galleries_started"):
     service.galleries_job(run)  # precomputed in the background from the first visit on
     st.session_state["_galleries_started"] = True
 st.sidebar.caption(f"Model: `{service.run_dir()}`" + (f" ({run.preset.name}, {run.preset.n_train} training images)"
