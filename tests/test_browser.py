@@ -6,7 +6,6 @@ go to artifacts/browser/. Needs Debian's `chromium` (installed by .ci/run); skip
 outside CI, failed without it in CI.
 """
 
-import io
 import os
 import re
 import shutil
