@@ -12,6 +12,10 @@ from cache.memo import Memo
 from engine.errors import UserError
 
 
+class Cancelled(Exception):
+    """Raised inside a job's callback once the job is cancelled: the engine unwinds cleanly."""
+
+
 @dataclass
 class Job:
     key: str
@@ -23,6 +27,7 @@ class Job:
     error: Optional[str] = None
     result: Optional[dict] = None
     started: float = field(default_factory=time.time)
+    cancelled: bool = False
 
     @property
     def fraction(self) -> Optional[float]:
@@ -30,6 +35,8 @@ class Job:
 
     def update(self, info: dict) -> None:
         """The engine's callback={...} convention: {"stage"?, "i", "n"}."""
+        if self.cancelled:
+            raise Cancelled(self.key)
         self.stage = info.get("stage", self.stage)
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
 
@@ -41,6 +48,7 @@ class Jobs:
         self.memo = memo
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []  # cancelled jobs leave the table, not this list
 
     def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "") -> Job:
         with self._lock:
@@ -52,7 +60,9 @@ class Jobs:
             if hit is not None:
                 job.result, job.done, job.stage = hit, True, "done"
             else:
-                threading.Thread(target=self._run, args=(job, fn), daemon=True, name=f"job {label}").start()
+                t = threading.Thread(target=self._run, args=(job, fn), daemon=True, name=f"job {label}")
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                t.start()
             self._jobs[key] = job
             return job
 
@@ -66,12 +76,21 @@ class Jobs:
                 job = Job(key, "", stage="done", done=True, result=hit)
         return job
 
+    def cancel(self, key: str) -> None:
+        """Stop a running job at its next progress report (e.g. the BPD of a drawing that changed);
+        it leaves the table, so asking for the key again starts afresh."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and not job.done:
+                job.cancelled = True
+                del self._jobs[key]
+
     def wait_all(self, timeout: float = 600.0) -> bool:
         """Block until every submitted job is done (for tests and clean shutdowns); True if all are."""
         end = time.time() + timeout
         while time.time() < end:
             with self._lock:
-                if all(j.done for j in self._jobs.values()):
+                if not any(t.is_alive() for t in self._threads):
                     return True
             time.sleep(0.05)
         return False
@@ -81,6 +100,8 @@ class Jobs:
             job.stage = "starting"
             job.result = self.memo.get_or_compute(job.key, lambda: fn(job.update))
             job.stage = "done"
+        except Cancelled:
+            job.error = "cancelled"
         except UserError as e:
             job.error = str(e)
         except Exception as e:  # shown as one line in the app; the trace goes to the server log

@@ -55,7 +55,12 @@ if preview is not None:
     c1.image(preview, caption="your image", width=168, clamp=True)
 c2.image(W.big(x), caption="model input (28x28, as MNIST was made)", width=168)
 with c3:
-    res = W.wait_for(service.bpd_job(run, x))
+    job = service.bpd_job(run, x)
+    old = st.session_state.get("bpd_key")
+    if source == "Draw" and old and old != job.key:
+        service.jobs().cancel(old)  # the drawing changed: its previous BPD is no longer wanted
+    st.session_state["bpd_key"] = job.key
+    res = W.wait_for(job)
     if res:
         st.markdown(W.bpd_words(res["bpd"]))
 

@@ -115,3 +115,24 @@ def test_jobs_share_one_run_report_progress_and_errors(tmp_path):
     assert jobs.wait_all(10) and j.error == "no digit found" and j.result is None
     with pytest.raises(AssertionError):
         assert jobs.memo.get("bad") is not None  # failures are not memoized
+
+
+def test_a_cancelled_job_stops_and_can_be_asked_for_again(tmp_path):
+    jobs = Jobs(Memo(tmp_path))
+    steps = []
+
+    def fn(cb):
+        for i in range(200):
+            cb({"i": i, "n": 200})
+            steps.append(i)
+            time.sleep(0.01)
+        return {"v": 1.0}
+    first = jobs.submit("k", fn)
+    time.sleep(0.1)
+    jobs.cancel("k")
+    assert jobs.wait_all(10)
+    assert first.error == "cancelled" and len(steps) < 200 and jobs.memo.get("k") is None
+    assert jobs.peek("k") is None
+    steps.clear()
+    again = jobs.submit("k", fn)
+    assert again is not first and jobs.wait_all(20) and again.result["v"] == 1.0 and len(steps) == 200

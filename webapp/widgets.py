@@ -40,9 +40,7 @@ def wait_for(job) -> Optional[dict]:
 @st.fragment(run_every=1.0)
 def _progress(key: str) -> None:
     job = service.jobs().peek(key)
-    if job is None:
-        return
-    if job.done:
+    if job is None or job.done:  # finished, or cancelled (the page then asks again)
         st.rerun()  # the whole page, now with the result
     frac = job.fraction
     text = f"{job.label}: {job.stage}" + (f" {job.i}/{job.n}" if job.n else "")
