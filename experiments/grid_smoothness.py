@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict] = {
     # run with --only when there is time: each costs ~6 min on 2 cores
     "batch 64": {"batch_size": 64},
     "lr 1e-3": {"lr": 1e-3},
+    "lr 1e-3 + eps 1e-4": {"lr": 1e-3, "eps_root": 1e-4},
     "no warmup": {"warmup": 0.0},
     "width (8, 16, 32)": {"channels": (8, 16, 32)},
 }
