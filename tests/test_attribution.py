@@ -18,7 +18,7 @@ def test_lds_predictions_track_actual_retraining_and_resume(tmp_path):
     rep = lds.run_lds(run, out, q, k=10, frac=0.1, jobs=2)
     r = rep["queries"][0]
     assert rep["drop_size"] == 7 and len(r["actual_change"]) == 10
-    assert r["spearman"] > 0.8, r["spearman"]  # measured 0.96; a wrong sign gives about -1
+    assert r["spearman"] > 0.8, r["spearman"]  # ~0.94 measured on this setup; a wrong sign gives about -1
 
     # the retrain's BPD is the same function the attribution differentiates: an empty drop
     # reproduces the run's BPD exactly (training is deterministic)
