@@ -4,7 +4,6 @@ import numpy as np
 import streamlit as st
 import torch
 
-from engine import data
 from engine.attribution import top_k
 from engine.errors import UserError
 from webapp import service, widgets as W
@@ -27,10 +26,7 @@ try:
     elif source == "Upload":
         f = st.file_uploader("An image (PNG, JPEG, ...) or a .npy array of shape (28, 28) in [0, 1]", key="upload")
         if f is not None:
-            blob = f.getvalue()
-            x = service.from_upload(f.name, blob)
-            if not f.name.lower().endswith(".npy"):
-                preview = np.clip(data.to_gray(data.open_image(blob, f.name)), 0, 1)
+            x, preview = service.from_upload(f.name, f.getvalue())
     elif source == "MNIST test image":
         i = int(st.number_input("Test image index (0-9999)", 0, 9999, 0, key="test_index"))
         x = torch.from_numpy(service.test_set()[0][i])

@@ -89,10 +89,13 @@ def from_canvas(rgba: np.ndarray) -> Optional[torch.Tensor]:
     return data.preprocess_array(data.to_gray(Image.fromarray(a.astype(np.uint8), "RGBA")), "drawing")
 
 
-def from_upload(name: str, blob: bytes) -> torch.Tensor:
+def from_upload(name: str, blob: bytes) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+    """An uploaded file -> (model input (1, 28, 28), grayscale preview (H, W) or None for .npy).
+    The image is decoded once for both."""
     if name.lower().endswith(".npy"):
-        return data.load_npy(blob, name)
-    return data.preprocess_image(blob, name)
+        return data.load_npy(blob, name), None
+    gray = data.to_gray(data.open_image(blob, name))
+    return data.preprocess_array(gray, name), np.clip(gray, 0, 1)
 
 
 def sample_digit(run: Run, seed: int) -> torch.Tensor:
@@ -169,10 +172,11 @@ def retrain_key(run: Run, x: torch.Tensor, drop: np.ndarray) -> str:
 def retrain_job(run: Run, x: torch.Tensor, drop: np.ndarray, label: str):
     """Retrain the run without `drop` (same seed) and measure the BPD of x (1, 28, 28)."""
     from engine.lds import retrain_bpd
+    key = retrain_key(run, x, drop)
     drop = np.unique(np.asarray(drop, np.int64))
 
     def fn(cb: Callback) -> dict:
         cb({"stage": "retraining", "i": 0, "n": 1})
         b = retrain_bpd(run.preset, run.seed, drop, x[None])
         return {"bpd": float(b[0]), "drop": drop}
-    return jobs().submit(retrain_key(run, x, drop), fn, label=label)
+    return jobs().submit(key, fn, label=label)
