@@ -12,6 +12,10 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
+$(BIN)/.installed-ray: $(BIN)/.installed requirements-ray.txt
+	$(BIN)/pip install -q -r requirements-ray.txt
+	touch $@
+
 setup: $(BIN)/.installed
 
 # Main job: train the `cpu` preset once (resumes if interrupted), then serve the app on it.
@@ -25,7 +29,8 @@ report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 
-test: setup
+# The tests also install the Ray extra: both executors are tested.
+test: setup $(BIN)/.installed-ray
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -7,12 +7,14 @@ opponent (removing it lowers the BPD) has grad_w[i] > 0.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from engine import data
+from engine.errors import UserError
 from engine.likelihood import bits_per_dim
 from engine.metagrad import metagradient
 from engine.store import Run
@@ -56,3 +58,60 @@ def top_k(grad_w: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """Indices of the k strongest proponents (most negative grad_w) and opponents (most positive)."""
     order = np.argsort(grad_w, kind="stable")
     return {"proponents": order[:k], "opponents": order[::-1][:k]}
+
+
+def _chunk_job(run_path: str, x: np.ndarray, path: str, scheme: str, k: int) -> str:
+    """One chunk of queries in a worker; the result file is written atomically at the end."""
+    import io
+    from engine import atomic
+    from engine.store import load_run
+    gw, bpd = attribute(load_run(run_path), torch.from_numpy(x), scheme=scheme, k=k)
+    buf = io.BytesIO()
+    np.savez(buf, grad_w=gw, bpd=bpd, x=x)
+    atomic.save_bytes(buf.getvalue(), Path(path))
+    return path
+
+
+def attribute_many(run: Run, x: torch.Tensor, parts: Path, executor, *, chunk: int = 8, scheme: str = "sqrt",
+                   k: int = 4, callback: Optional[Callable[[dict], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """grad_w (Q, n) and BPD (Q,) for many queries x (Q, 1, 28, 28), `chunk` queries per job.
+
+    Each chunk is an independent job on `executor` (engine.executor) that writes
+    parts/chunk_XXXXX.npz atomically; chunks already there (for these very images) are not
+    redone, so an interrupted batch resumes. callback gets {"stage": "chunks", "i", "n"}.
+    """
+    if chunk < 1:
+        raise UserError("--chunk must be at least 1")
+    parts = Path(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    xs = x.numpy()
+    starts = list(range(0, len(xs), chunk))
+    path = lambda j: parts / f"chunk_{j:05d}.npz"  # noqa: E731
+
+    def load(j: int):
+        try:
+            with np.load(path(j), allow_pickle=False) as f:
+                if np.array_equal(f["x"], xs[starts[j]: starts[j] + chunk]):
+                    return f["grad_w"], f["bpd"]
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
+    # the folder belongs to one run: a chunk computed under another run's digest is not reused
+    stamp = parts / "run_digest.txt"
+    if stamp.is_file() and stamp.read_text() != run.digest:
+        for f in parts.glob("chunk_*.npz"):
+            f.unlink()
+    from engine import atomic
+    atomic.save_text(run.digest, stamp)
+    todo = [j for j in range(len(starts)) if load(j) is None]
+    done = len(starts) - len(todo)
+    cb = callback or (lambda info: None)
+    cb({"stage": "chunks", "i": done, "n": len(starts)})
+    for _ in executor.run(_chunk_job, [(str(run.path), xs[starts[j]: starts[j] + chunk], str(path(j)), scheme, k)
+                                       for j in todo]):
+        done += 1
+        cb({"stage": "chunks", "i": done, "n": len(starts)})
+    res = [load(j) for j in range(len(starts))]
+    if any(r is None for r in res):
+        raise RuntimeError(f"a chunk result is missing in {parts} after every job finished")
+    return np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res])

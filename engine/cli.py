@@ -136,6 +136,13 @@ def _grid_png(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def _check_executor_args(a) -> None:
+    if a.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    if a.address and a.executor != "ray":
+        raise UserError("--address is for --executor ray")
+
+
 def cmd_attribute(a) -> dict:
     import io
     from engine import atomic
@@ -145,8 +152,20 @@ def cmd_attribute(a) -> dict:
     x = load_inputs(a.inputs)
     if not a.out.endswith(".npz"):
         raise UserError("--out must end in .npz")
-    bar, cb = _progress(None, "attribute", a.json)
-    grad_w, bpd = attribute(run, x, callback=cb, scheme=a.scheme, k=a.k)
+    _check_executor_args(a)
+    if a.executor == "local" and a.jobs == 1:
+        bar, cb = _progress(None, "attribute", a.json)
+        grad_w, bpd = attribute(run, x, callback=cb, scheme=a.scheme, k=a.k)  # one batched sweep
+    else:
+        from engine.attribution import attribute_many
+        from engine.executor import make_executor
+        bar, _ = _progress(-(-len(x) // a.chunk), "query chunks", a.json)
+
+        def cb(info: dict) -> None:
+            bar.n = info["i"]
+            bar.refresh()
+        grad_w, bpd = attribute_many(run, x, Path(a.out + ".parts"), make_executor(a.executor, jobs=a.jobs, address=a.address),
+                                     chunk=a.chunk, scheme=a.scheme, k=a.k, callback=cb)
     bar.close()
     buf = io.BytesIO()
     np.savez(buf, grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
@@ -175,8 +194,7 @@ def cmd_lds(a) -> dict:
         if a.queries < 1:
             raise UserError("--queries must be at least 1")
         queries = data.query_indices(a.queries, a.seed)
-    if a.jobs < 1:
-        raise UserError("--jobs must be at least 1")
+    _check_executor_args(a)
     bars: dict = {}
 
     def cb(info: dict) -> None:
@@ -192,7 +210,9 @@ def cmd_lds(a) -> dict:
             bar.refresh()
         else:
             bar.update(1)
-    report = run_lds(run, Path(a.out), queries, k=a.drop_sets, frac=a.frac, seed=a.seed, jobs=a.jobs, callback=cb)
+    from engine.executor import make_executor
+    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
+    report = run_lds(run, Path(a.out), queries, k=a.drop_sets, frac=a.frac, seed=a.seed, executor=executor, callback=cb)
     for b in bars.values():
         b[0].close()
     return {k: v for k, v in report.items() if k != "queries"} | {
@@ -262,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--scheme", choices=["sqrt", "kary"], default="sqrt",
                     help="how training states are recomputed: stored sqrt(T) checkpoints, or k-ary recursion from step 0")
     at.add_argument("--k", type=int, default=4, help="parts per level of the k-ary scheme")
+    at.add_argument("--jobs", type=int, default=1,
+                    help="with more than 1, queries are split in --chunk sized jobs on that many local processes")
+    at.add_argument("--chunk", type=int, default=8, help="queries per job when jobs are used (one batched sweep each)")
 
     ld = sub.add_parser("lds", help="protocol A: MAGIC's predicted BPD changes against actual retraining")
     ld.add_argument("--run", required=True)
@@ -273,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
     ld.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
                     help="parallel retraining processes (they share the cores)")
+    for sp in (at, ld):
+        sp.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where jobs run: local processes, or a Ray cluster (pip install -r requirements-ray.txt)")
+        sp.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://host:10001); default: start a local one")
 
     f = sub.add_parser("figure2", help="BPD of test digits vs rotated, averaged and noise images")
     f.add_argument("--run", required=True)

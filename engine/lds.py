@@ -15,9 +15,6 @@ from __future__ import annotations
 import io
 import math
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -58,10 +55,6 @@ def retrain_bpd(preset: Preset, seed: int, drop: np.ndarray, queries: torch.Tens
                          for q in queries])
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def _retrain_job(preset_dict: dict, seed: int, drop: np.ndarray, queries: np.ndarray, path: str) -> str:
     """One retrain in a worker process; its result file is written atomically at the end."""
     bpd = retrain_bpd(preset_from_dict(preset_dict), seed, drop, torch.from_numpy(queries))
@@ -88,8 +81,11 @@ def _attribution(run: Run, out: Path, queries: list[int], x: torch.Tensor, callb
 
 
 def run_lds(run: Run, out: Path, queries: Sequence[int], *, k: int = 50, frac: float = 0.01, seed: int = 0,
-            jobs: int = 1, callback: Optional[Callable[[dict], None]] = None) -> dict:
+            jobs: int = 1, executor=None, callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Protocol A for test-set `queries` (Q indices) on a finished run; writes `out` (see above).
+
+    Retrains run on `executor` (engine.executor; default: `jobs` local worker processes). Each
+    writes its own result file atomically, so any executor may rerun a lost one.
 
     callback gets {"stage": "bpd"|"training", ...} during attribution, then {"stage": "retrain",
     "i", "n"} as retrains finish. Returns the report written to out/lds.json.
@@ -130,16 +126,11 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, k: int = 50, frac: f
     done = k - len(todo)
     cb({"stage": "retrain", "i": done, "n": k})
     if todo:
-        jobs = max(1, min(jobs, len(todo)))
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                 initargs=(threads,)) as pool:
-            futures = [pool.submit(_retrain_job, p.to_dict(), run.seed, sets[j], x.numpy(), str(result_path(j)))
-                       for j in todo]
-            for f in as_completed(futures):
-                f.result()
-                done += 1
-                cb({"stage": "retrain", "i": done, "n": k})
+        from engine.executor import LocalExecutor
+        ex = executor or LocalExecutor(jobs)
+        for _ in ex.run(_retrain_job, [(p.to_dict(), run.seed, sets[j], x.numpy(), str(result_path(j))) for j in todo]):
+            done += 1
+            cb({"stage": "retrain", "i": done, "n": k})
     actual = np.stack([load_result(j) for j in range(k)], axis=1) - bpd[:, None]      # (Q, K)
     predicted = -np.stack([grad_w[:, s].sum(1) for s in sets], axis=1)                  # (Q, K)
     per_query = []

@@ -62,6 +62,7 @@ def app_run(tmp_path_factory):
     service.jobs.cache_clear()
     yield load_run(root / "run")
     service.jobs().wait_all(900)  # no torch work may outlive the session
+    service.jobs().shutdown()  # the worker processes
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

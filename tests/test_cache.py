@@ -136,3 +136,58 @@ def test_a_cancelled_job_stops_and_can_be_asked_for_again(tmp_path):
     steps.clear()
     again = jobs.submit("k", fn)
     assert again is not first and jobs.wait_all(20) and again.result["v"] == 1.0 and len(steps) == 200
+
+
+def _slow_in_worker(n: int, path: str, cb) -> dict:
+    """A process job: reports progress, records each step in a file, returns its own pid."""
+    import os
+    for i in range(n):
+        cb({"stage": "work", "i": i + 1, "n": n})
+        with open(path, "a") as f:
+            f.write(f"{i}\n")
+        time.sleep(0.02)
+    return {"pid": np.array(os.getpid()), "n": np.array(n)}
+
+
+def _fails_in_worker(cb) -> dict:
+    raise UserError("no digit found")
+
+
+def _dies_in_worker(cb) -> dict:
+    import os
+    os._exit(1)  # a killed or out-of-memory worker
+
+
+def test_process_jobs_run_elsewhere_report_progress_cancel_and_errors(tmp_path):
+    import functools
+    import os
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+    try:
+        log = tmp_path / "steps.txt"
+        a = jobs.submit("a", functools.partial(_slow_in_worker, 20, str(log)), "a")
+        assert jobs.wait_all(60) and a.error is None, a.error
+        assert int(a.result["pid"]) != os.getpid() and a.fraction == 1.0 and a.stage == "done"
+        assert jobs.memo.get("a")["n"] == 20
+        # cancellation crosses the process boundary: the worker stops at its next report
+        log.unlink()
+        b = jobs.submit("b", functools.partial(_slow_in_worker, 2000, str(log)), "b")
+        while not (b.i and b.i >= 3):
+            time.sleep(0.05)
+        jobs.cancel("b")
+        assert jobs.wait_all(30) and b.error == "cancelled"
+        time.sleep(0.5)  # the worker has stopped: the log no longer grows
+        n = len(log.read_text().split())
+        time.sleep(0.3)
+        assert n == len(log.read_text().split()) < 2000 and jobs.memo.get("b") is None
+        # asking again starts afresh (the old attempt's cancel flag does not stop it)
+        c = jobs.submit("b", functools.partial(_slow_in_worker, 5, str(log)), "b")
+        assert jobs.wait_all(60) and c.result is not None and int(c.result["n"]) == 5
+        d = jobs.submit("bad", _fails_in_worker, "bad")
+        assert jobs.wait_all(60) and d.error == "no digit found"
+        # a worker that dies fails its job with a line, and the next job gets a fresh pool
+        e = jobs.submit("dies", _dies_in_worker, "dies")
+        assert jobs.wait_all(60) and "died" in e.error
+        f = jobs.submit("after", functools.partial(_slow_in_worker, 2, str(log)), "after")
+        assert jobs.wait_all(60) and f.result is not None and int(f.result["n"]) == 2
+    finally:
+        jobs.shutdown()

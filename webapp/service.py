@@ -3,7 +3,12 @@
 Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET (preset to
 train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
 APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
-attributions are precomputed, default 8).
+attributions are precomputed, default 8), APP_WORKERS (worker processes for the jobs, default 2;
+0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
+the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
+
+Each job is a module-level function bound with functools.partial to picklable arguments, so
+that it can run in a worker process (see cache.jobs).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def preset_name() -> str:
 def jobs() -> Jobs:
     """One memo and job table per server process (shared by every browser session)."""
     size = int(float(os.environ.get("APP_CACHE_GB", "2")) * 2**30)
-    return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size))
+    return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size),
+                workers=int(os.environ.get("APP_WORKERS", "2")))
 
 
 def load_run() -> Optional[Run]:
@@ -50,18 +56,20 @@ def load_run() -> Optional[Run]:
         return None
 
 
-def train_job():
-    """Train the app's preset into run_dir() (resumes an interrupted run)."""
+def _train(preset_name: str, out: Path, cb: Callback) -> dict:
     from engine import train
     from engine.presets import get_preset
-    preset = get_preset(preset_name())
+    state = train.train(get_preset(preset_name), seed=0, out=out,
+                        callback=lambda i: cb({"stage": "training", "i": i["step"], "n": i["total"]}))
+    return {"steps": int(state.step)}
 
-    def fn(cb: Callback) -> dict:
-        state = train.train(preset, seed=0, out=run_dir(),
-                            callback=lambda i: cb({"stage": "training", "i": i["step"], "n": i["total"]}))
-        return {"steps": int(state.step)}
-    return jobs().submit(make_key("train", digest(preset.to_dict()), None, {"out": str(run_dir().resolve())}), fn,
-                         label=f"training the {preset.name} model")
+
+def train_job():
+    """Train the app's preset into run_dir() (resumes an interrupted run)."""
+    from engine.presets import get_preset
+    preset = get_preset(preset_name())
+    return jobs().submit(make_key("train", digest(preset.to_dict()), None, {"out": str(run_dir().resolve())}),
+                         functools.partial(_train, preset.name, run_dir()), label=f"training the {preset.name} model")
 
 
 # ---------------------------------------------------------------- images
@@ -108,50 +116,60 @@ def sample_digit(run: Run, seed: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- computations
 
-def bpd_job(run: Run, x: torch.Tensor):
-    """Exact BPD of one image (1, 28, 28) under the run's model."""
+def _bpd(run: Run, x: torch.Tensor, cb: Callback) -> dict:
     from engine.likelihood import bits_per_dim
     p = run.preset
+    with torch.no_grad():
+        b = bits_per_dim(run.model(), x[None].to(p.torch_dtype), **p.likelihood_kwargs,
+                         callback=lambda i: cb({"stage": "likelihood", "i": i["i"], "n": i["n"]}))
+    return {"bpd": float(b[0])}
 
-    def fn(cb: Callback) -> dict:
-        with torch.no_grad():
-            b = bits_per_dim(run.model(), x[None].to(p.torch_dtype), **p.likelihood_kwargs,
-                             callback=lambda i: cb({"stage": "likelihood", "i": i["i"], "n": i["n"]}))
-        return {"bpd": float(b[0])}
-    return jobs().submit(make_key("bpd", run.digest, x.numpy(), p.likelihood_kwargs), fn, label="bits/dim")
+
+def bpd_job(run: Run, x: torch.Tensor):
+    """Exact BPD of one image (1, 28, 28) under the run's model."""
+    return jobs().submit(make_key("bpd", run.digest, x.numpy(), run.preset.likelihood_kwargs),
+                         functools.partial(_bpd, run, x), label="bits/dim")
 
 
 def attribution_key(run: Run, x: torch.Tensor) -> str:
     return make_key("attribution", run.digest, x.numpy(), run.preset.likelihood_kwargs)
 
 
+def _attribution(run: Run, x: torch.Tensor, cb: Callback) -> dict:
+    from engine.attribution import attribute
+    gw, bpd = attribute(run, x[None], callback=cb)
+    return {"grad_w": gw[0], "bpd": float(bpd[0])}
+
+
 def attribution_job(run: Run, x: torch.Tensor):
     """MAGIC scores grad_w (n,) and the BPD of one image (1, 28, 28)."""
-    from engine.attribution import attribute
-
-    def fn(cb: Callback) -> dict:
-        gw, bpd = attribute(run, x[None], callback=cb)
-        return {"grad_w": gw[0], "bpd": float(bpd[0])}
-    return jobs().submit(attribution_key(run, x), fn, label="attribution")
+    return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x), label="attribution")
 
 
 def gallery_queries() -> list[int]:
     return data.query_indices(N_GALLERY, seed=0)
 
 
+def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
+    from engine.attribution import attribute, attribute_many
+    x = torch.from_numpy(test_set()[0][q])
+    if os.environ.get("APP_EXECUTOR", "local") == "local":
+        gw, bpd = attribute(run, x, callback=cb)  # one batched sweep in this worker
+    else:  # chunks of queries as jobs on a cluster; finished chunks survive a restart
+        from engine.executor import make_executor
+        ex = make_executor(os.environ["APP_EXECUTOR"], address=os.environ.get("APP_RAY_ADDRESS"))
+        parts = Path(os.environ.get("APP_CACHE", "runs/cache")) / "parts" / run.digest[:16]
+        gw, bpd = attribute_many(run, x, parts, ex, chunk=int(os.environ.get("APP_CHUNK", "2")), callback=cb)
+    for i in range(len(q)):  # each query's attribution is then ready on every page
+        jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i])})
+    return {"grad_w": gw, "bpd": bpd, "queries": q}
+
+
 def galleries_job(run: Run):
     """grad_w (Q, n) and BPD (Q,) of the curated test queries, in one batched sweep."""
-    from engine.attribution import attribute
     q = gallery_queries()
-
-    def fn(cb: Callback) -> dict:
-        x = torch.from_numpy(test_set()[0][q])
-        gw, bpd = attribute(run, x, callback=cb)
-        for i in range(len(q)):  # each query's attribution is then ready on every page
-            jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i])})
-        return {"grad_w": gw, "bpd": bpd, "queries": q}
-    return jobs().submit(make_key("galleries", run.digest, np.array(q), run.preset.likelihood_kwargs), fn,
-                         label="precomputing the galleries")
+    return jobs().submit(make_key("galleries", run.digest, np.array(q), run.preset.likelihood_kwargs),
+                         functools.partial(_galleries, run, q), label="precomputing the galleries")
 
 
 def variants(x: torch.Tensor, angle: float, k_avg: int, seed: int) -> dict[str, torch.Tensor]:
@@ -169,14 +187,15 @@ def retrain_key(run: Run, x: torch.Tensor, drop: np.ndarray) -> str:
                     run.preset.likelihood_kwargs)
 
 
+def _retrain(run: Run, x: torch.Tensor, drop: np.ndarray, cb: Callback) -> dict:
+    from engine.lds import retrain_bpd
+    cb({"stage": "retraining", "i": 0, "n": 1})
+    b = retrain_bpd(run.preset, run.seed, drop, x[None])
+    return {"bpd": float(b[0]), "drop": drop}
+
+
 def retrain_job(run: Run, x: torch.Tensor, drop: np.ndarray, label: str):
     """Retrain the run without `drop` (same seed) and measure the BPD of x (1, 28, 28)."""
-    from engine.lds import retrain_bpd
     key = retrain_key(run, x, drop)
     drop = np.unique(np.asarray(drop, np.int64))
-
-    def fn(cb: Callback) -> dict:
-        cb({"stage": "retraining", "i": 0, "n": 1})
-        b = retrain_bpd(run.preset, run.seed, drop, x[None])
-        return {"bpd": float(b[0]), "drop": drop}
-    return jobs().submit(key, fn, label=label)
+    return jobs().submit(key, functools.partial(_retrain, run, x, drop), label=label)

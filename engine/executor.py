@@ -1,0 +1,95 @@
+"""Where independent jobs run: local worker processes (default) or a Ray cluster.
+
+A job here is a module-level function called with picklable arguments that writes its own
+result atomically to a path the caller chose (a retrain's set_XXX.json, a query chunk's npz)
+and returns that path. Jobs are therefore idempotent: a job whose worker was lost is simply
+run again (Ray retries it by itself; locally the caller's resume finds the missing file), and a
+result is never half written nor counted twice.
+
+    ex = make_executor("local", jobs=2)            # or make_executor("ray", address="auto")
+    for path in ex.run(fn, [args1, args2, ...]):   # yields as jobs finish, in any order
+        ...
+
+Ray is an optional extra (requirements-ray.txt); it is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from typing import Callable, Iterator, Optional, Sequence
+
+from engine.errors import UserError
+
+EXECUTORS = ("local", "ray")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _call_with_threads(fn: Callable, threads: int, args: tuple):
+    _set_threads(threads)
+    return fn(*args)
+
+
+class LocalExecutor:
+    """`jobs` spawned worker processes that split this machine's cores between them."""
+
+    def __init__(self, jobs: int = 1):
+        self.jobs = max(1, int(jobs))
+
+    def run(self, fn: Callable, arglist: Sequence[tuple]) -> Iterator:
+        if not arglist:
+            return
+        jobs = min(self.jobs, len(arglist))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # spawn, not fork: the parent may hold torch's thread pools or a server's threads
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_set_threads,
+                                 initargs=(threads,)) as pool:
+            for f in as_completed([pool.submit(fn, *args) for args in arglist]):
+                yield f.result()
+
+
+class RayExecutor:
+    """Tasks on a Ray cluster (`address=None` starts a local one). Each task asks for
+    `cpus_per_job` CPUs and uses that many torch threads; a task whose worker dies is retried by
+    Ray (`max_retries`), which is safe because every job writes its result atomically."""
+
+    def __init__(self, address: Optional[str] = None, cpus_per_job: int = 1, max_retries: int = 3,
+                 runtime_env: Optional[dict] = None):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs Ray: pip install -r requirements-ray.txt") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = runtime_env if runtime_env is not None else {"env_vars": {"PYTHONPATH": root}}
+            try:
+                ray.init(address=address, runtime_env=env, log_to_driver=False,
+                         **({} if address else {"num_cpus": os.cpu_count() or 1}))
+            except ConnectionError as e:
+                raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
+        self.cpus_per_job = cpus_per_job
+        self.max_retries = max_retries
+
+    def run(self, fn: Callable, arglist: Sequence[tuple]) -> Iterator:
+        if not arglist:
+            return
+        remote = self.ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(_call_with_threads)
+        pending = [remote.remote(fn, self.cpus_per_job, tuple(args)) for args in arglist]
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(ready[0])
+
+
+def make_executor(kind: str = "local", *, jobs: int = 1, address: Optional[str] = None):
+    """The executor named `kind` ("local" or "ray"); a bad name is a one-line UserError."""
+    if kind == "local":
+        return LocalExecutor(jobs)
+    if kind == "ray":
+        return RayExecutor(address)
+    raise UserError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,95 @@
+"""Executors: local processes and Ray give the same results; a lost Ray worker's job is rerun once."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import atomic, data, lds, train
+from engine.errors import UserError
+from engine.executor import LocalExecutor, make_executor
+from engine.presets import PRESETS
+from engine.store import load_run
+
+TINY = PRESETS["tiny"]
+
+
+def _square_job(i: int, folder: str) -> str:
+    """Writes i*i to folder/result_i.json atomically and logs the completion."""
+    path = Path(folder) / f"result_{i}.json"
+    atomic.save_json({"i": i, "sq": i * i}, path)
+    with open(Path(folder) / "completions.log", "a") as f:
+        f.write(f"{i}\n")
+    return str(path)
+
+
+def _job_killed_once(i: int, folder: str) -> str:
+    """Job 0's first attempt announces its pid and waits to be killed; every other attempt works."""
+    folder_p = Path(folder)
+    if i == 0 and not (folder_p / "killed").exists():
+        (folder_p / "pid.tmp").write_text(str(os.getpid()))
+        os.replace(folder_p / "pid.tmp", folder_p / "pid")
+        time.sleep(120)  # the test kills this process here, mid-job
+    return _square_job(i, folder)
+
+
+def test_local_executor_runs_every_job_once(tmp_path):
+    got = sorted(LocalExecutor(2).run(_square_job, [(i, str(tmp_path)) for i in range(5)]))
+    assert got == sorted(str(tmp_path / f"result_{i}.json") for i in range(5))
+    assert sorted(int(v) for v in (tmp_path / "completions.log").read_text().split()) == list(range(5))
+    with pytest.raises(UserError, match="unknown executor"):
+        make_executor("slurm")
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    ray = pytest.importorskip("ray", reason="the Ray extra: pip install -r requirements-ray.txt")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ex = make_executor("ray")  # a local cluster with this machine's cores
+    yield ex
+    ray.shutdown()
+
+
+def test_lds_is_identical_under_local_and_ray_executors(tmp_path, ray_executor):
+    train.train(TINY, seed=0, out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    q = data.query_indices(1)
+    local = lds.run_lds(run, tmp_path / "local", q, k=4, frac=0.1, executor=LocalExecutor(2))
+    (tmp_path / "ray").mkdir()
+    shutil.copy(tmp_path / "local" / "attribution.npz", tmp_path / "ray")  # only the retrains are compared
+    remote = lds.run_lds(run, tmp_path / "ray", q, k=4, frac=0.1, executor=ray_executor)
+    # bit-identical: training is a pure function of (seed, w), whichever process runs it
+    assert remote["queries"][0]["actual_change"] == local["queries"][0]["actual_change"]
+    assert remote["spearman_mean"] == local["spearman_mean"]
+    for j in range(4):
+        a = json.loads((tmp_path / "local" / "retrains" / f"set_{j:03d}.json").read_text())
+        b = json.loads((tmp_path / "ray" / "retrains" / f"set_{j:03d}.json").read_text())
+        assert a == b
+
+
+def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, ray_executor):
+    import threading
+
+    def killer():
+        pid = tmp_path / "pid"
+        end = time.time() + 60
+        while not pid.exists() and time.time() < end:
+            time.sleep(0.05)
+        (tmp_path / "killed").write_text("1")
+        os.kill(int(pid.read_text()), signal.SIGKILL)
+    k = threading.Thread(target=killer)
+    k.start()
+    got = list(ray_executor.run(_job_killed_once, [(i, str(tmp_path)) for i in range(4)]))
+    k.join()
+    assert (tmp_path / "killed").exists()  # the kill happened mid-job
+    assert sorted(got) == sorted(str(tmp_path / f"result_{i}.json") for i in range(4))  # each result once
+    done = sorted(int(v) for v in (tmp_path / "completions.log").read_text().split())
+    assert done == [0, 1, 2, 3]  # job 0 completed exactly once, by its retry
+    assert all(json.loads((tmp_path / f"result_{i}.json").read_text())["sq"] == i * i for i in range(4))
+    assert not list(tmp_path.glob("*.tmp*"))  # nothing half written
