@@ -16,6 +16,7 @@ page = st.navigation([
     st.Page("pages/galleries.py", title="Galleries"),
     st.Page("pages/verify.py", title="Verify"),
 ])
+service.warm_workers()
 run = service.load_run()
 if run is not None and os.environ.get("APP_PRECOMPUTE", "1") != "0" and not st.session_state.get("_galleries_started"):
     service.galleries_job(run)  # precomputed in the background from the first visit on

@@ -141,6 +141,14 @@ class Jobs:
                 self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
             return self._pool
 
+    def warm(self, fn: Callable[[], None]) -> None:
+        """Start the worker processes now and run `fn` (e.g. imports) in each, so that the first
+        real job does not pay for starting Python and torch. No-op without workers."""
+        if self.workers:
+            pool = self._start_pool()
+            for _ in range(self.workers):
+                pool.submit(fn)
+
     def shutdown(self) -> None:
         """Stop the worker processes (running jobs are lost; their keys simply start again later)."""
         pool, self._pool = self._pool, None

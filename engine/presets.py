@@ -59,12 +59,16 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", n_train=64, source="offline", channels=(8, 16), embed_dim=16, groups=4,
                    batch_size=16, steps=24, lr=2e-3, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6, bpd_steps=4),
+    # lr 5e-4: the smoothness grid's winner (results/grid_small: Spearman 0.97-0.99 against
+    # retraining where lr 2e-3 gave 0.38-0.76); larger steps make training chaotic, so removing
+    # 1% of the data moves the model in ways a first-order prediction cannot follow.
     "small": Preset("small", n_train=500, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
-                    batch_size=32, steps=400, lr=2e-3, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
+                    batch_size=32, steps=400, lr=5e-4, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
     # cpu: training is kept near 45 s because attributing a new image replays it (a few times
     # its cost) and must stay within ~3 minutes on 2 cores.
+    # cpu inherits small's smoothness settings (lr 5e-4).
     "cpu": Preset("cpu", n_train=2000, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
-                  batch_size=64, steps=600, lr=2e-3, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
+                  batch_size=64, steps=600, lr=5e-4, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
     "gpu": Preset("gpu", n_train=60000, source="torchvision", channels=(32, 64, 128, 256), embed_dim=256, groups=8,
                   batch_size=256, steps=11700, lr=1e-3, warmup=0.02, betas=(0.9, 0.999), eps_root=1e-8,
                   bpd_steps=16, device="cuda"),

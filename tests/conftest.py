@@ -60,6 +60,7 @@ def app_run(tmp_path_factory):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     service.jobs.cache_clear()
+    service.warm_workers.cache_clear()
     yield load_run(root / "run")
     service.jobs().wait_all(900)  # no torch work may outlive the session
     service.jobs().shutdown()  # the worker processes
@@ -69,3 +70,4 @@ def app_run(tmp_path_factory):
         else:
             os.environ[k] = v
     service.jobs.cache_clear()
+    service.warm_workers.cache_clear()

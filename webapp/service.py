@@ -47,6 +47,16 @@ def jobs() -> Jobs:
                 workers=int(os.environ.get("APP_WORKERS", "2")))
 
 
+def _import_engine() -> None:
+    import engine.attribution  # noqa: F401  (torch, the model and the likelihood code)
+
+
+@functools.lru_cache(maxsize=1)
+def warm_workers() -> None:
+    """Start the job processes when the server starts, not when the first image arrives."""
+    jobs().warm(_import_engine)
+
+
 def load_run() -> Optional[Run]:
     """The app's run if it is finished, else None (training is then a job: `train_job`)."""
     from engine.store import load_run as _load
