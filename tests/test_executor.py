@@ -93,3 +93,20 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, ray_executor
     assert done == [0, 1, 2, 3]  # job 0 completed exactly once, by its retry
     assert all(json.loads((tmp_path / f"result_{i}.json").read_text())["sq"] == i * i for i in range(4))
     assert not list(tmp_path.glob("*.tmp*"))  # nothing half written
+
+
+def test_attribute_in_chunks_equals_one_sweep_and_resumes(tmp_path):
+    from engine.attribution import attribute, attribute_many
+    train.train(TINY, seed=0, out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    x = data.load_test()[0][data.query_indices(3)]
+    gw, bpd = attribute(run, x)
+    parts = tmp_path / "parts"
+    gw2, bpd2 = attribute_many(run, x, parts, LocalExecutor(2), chunk=2)
+    np.testing.assert_allclose(gw2, gw, rtol=1e-5, atol=1e-5 * np.abs(gw).max())  # float32 sums in another order
+    np.testing.assert_allclose(bpd2, bpd, rtol=1e-6)
+    # resume: a lost chunk is the only one recomputed
+    (parts / "chunk_00001.npz").unlink()
+    seen = []
+    attribute_many(run, x, parts, LocalExecutor(1), chunk=2, callback=lambda i: seen.append(i["i"]))
+    assert seen == [1, 2] and (parts / "chunk_00001.npz").is_file()
