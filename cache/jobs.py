@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
+import os
+import sys
 import threading
 import time
 import traceback
+import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -55,6 +59,28 @@ class Job:
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
 
 
+def _set_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _neutral_main():
+    """Start processes as if from a bare interpreter. A spawned child re-imports the parent's
+    __main__; under `streamlit run` (and AppTest) that is the app script itself, which would run
+    the whole page again in every worker. A __main__ without a file or spec imports nothing."""
+    with _MAIN_LOCK:  # two threads swapping at once could leave the stand-in in place
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = saved
+
+
+_MAIN_LOCK = threading.RLock()
+
+
 def _in_worker(fn: Callable, key: str, shared) -> dict:
     """A process job: fn's progress goes to shared[key]; shared[("cancel", key)] stops it
     (key is the job's token, unique to this attempt)."""
@@ -68,22 +94,35 @@ def _in_worker(fn: Callable, key: str, shared) -> dict:
 class Jobs:
     """Starts `fn(callback) -> dict` in the background unless its key is memoized or already running.
 
+    Process jobs go to one of two lanes, each its own pool: "interactive" (short jobs a page
+    waits on, e.g. a new image's BPD; torch uses every core) and "background" (attributions,
+    retrains; half the cores). A BPD therefore never queues behind a minutes-long attribution,
+    and the two together oversubscribe the cores only mildly: several processes each spinning
+    a full set of torch threads on the same cores run many times slower.
+
     Args:
         memo: where results are kept (and found: a memoized key starts no job).
-        workers: 0 runs jobs in threads of this process; n > 0 in a pool of n spawned processes.
+        workers: 0 runs jobs in threads of this process; n > 0 in n spawned processes per lane.
     """
 
     def __init__(self, memo: Memo, workers: int = 0):
         self.memo = memo
         self.workers = workers
+        cores = os.cpu_count() or 1
+        self.lanes = {"interactive": cores, "background": max(1, cores // 2)}  # lane -> torch threads
+        self._pools: dict[str, cf.ProcessPoolExecutor] = {}
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # cancelled jobs leave the table, not this list
-        self._pool: Optional[cf.ProcessPoolExecutor] = None
         self._manager = None
         self._shared = None  # the manager's dict: progress and cancel flags between processes
 
-    def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "") -> Job:
+    def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "",
+               lane: str = "background") -> Job:
+        """Start fn(callback) -> dict for `key` unless memoized or running; `lane` picks the
+        worker pool ("interactive" for short jobs a page waits on, "background" for the rest)."""
+        if lane not in self.lanes:
+            raise ValueError(f"unknown lane {lane!r}")
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and not job.error:
@@ -93,7 +132,7 @@ class Jobs:
             if hit is not None:
                 job.result, job.done, job.stage = hit, True, "done"
             else:
-                t = threading.Thread(target=self._run, args=(job, fn), daemon=True, name=f"job {label}")
+                t = threading.Thread(target=self._run, args=(job, fn, lane), daemon=True, name=f"job {label}")
                 self._threads = [x for x in self._threads if x.is_alive()] + [t]
                 t.start()
             self._jobs[key] = job
@@ -130,29 +169,33 @@ class Jobs:
             time.sleep(0.05)
         return False
 
-    def _start_pool(self) -> cf.ProcessPoolExecutor:
+    def _start_pool(self, lane: str) -> cf.ProcessPoolExecutor:
         with self._lock:
             ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threads and torch's pools
             if self._manager is None:
-                self._manager = ctx.Manager()
+                with _neutral_main():
+                    self._manager = ctx.Manager()
                 self._shared = self._manager.dict()
                 atexit.register(self.shutdown)
-            if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
-            return self._pool
+            if lane not in self._pools:
+                self._pools[lane] = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_set_threads,
+                                                           initargs=(self.lanes[lane],))
+            return self._pools[lane]
 
     def warm(self, fn: Callable[[], None]) -> None:
-        """Start the worker processes now and run `fn` (e.g. imports) in each, so that the first
-        real job does not pay for starting Python and torch. No-op without workers."""
+        """Start every lane's worker processes now and run `fn` (e.g. imports) in each, so that the
+        first real job does not pay for starting Python and torch. No-op without workers."""
         if self.workers:
-            pool = self._start_pool()
-            for _ in range(self.workers):
-                pool.submit(fn)
+            for lane in self.lanes:
+                pool = self._start_pool(lane)
+                with _neutral_main():  # processes start on submit
+                    for _ in range(self.workers):
+                        pool.submit(fn)
 
     def shutdown(self) -> None:
         """Stop the worker processes (running jobs are lost; their keys simply start again later)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
             for p in list(getattr(pool, "_processes", {}).values()):
                 p.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -161,12 +204,13 @@ class Jobs:
             manager.shutdown()
             self._shared = None
 
-    def _compute(self, job: Job, fn) -> dict:
+    def _compute(self, job: Job, fn, lane: str) -> dict:
         if not self.workers:
             return fn(job.update)
-        pool = self._start_pool()
+        pool = self._start_pool(lane)
         shared = self._shared
-        future = pool.submit(_in_worker, fn, job.token, shared)
+        with _neutral_main():  # processes start on submit
+            future = pool.submit(_in_worker, fn, job.token, shared)
         try:
             while True:
                 try:
@@ -188,16 +232,16 @@ class Jobs:
         except cf.process.BrokenProcessPool:
             # a worker died (killed, out of memory): the next job gets a fresh pool
             with self._lock:
-                if self._pool is pool:
-                    self._pool = None
+                if self._pools.get(lane) is pool:
+                    del self._pools[lane]
             raise RuntimeError("the worker process running this job died; ask again to retry") from None
         finally:
             shared.pop(job.token, None)
 
-    def _run(self, job: Job, fn) -> None:
+    def _run(self, job: Job, fn, lane: str) -> None:
         try:
             job.stage = "starting"
-            job.result = self.memo.get_or_compute(job.key, lambda: self._compute(job, fn))
+            job.result = self.memo.get_or_compute(job.key, lambda: self._compute(job, fn, lane))
             job.stage = "done"
         except Cancelled:
             job.error = "cancelled"

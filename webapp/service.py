@@ -3,8 +3,8 @@
 Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET (preset to
 train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
 APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
-attributions are precomputed, default 8), APP_WORKERS (worker processes for the jobs, default 2;
-0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
+attributions are precomputed, default 8), APP_WORKERS (worker processes per lane of jobs, default 1:
+one for a page's short jobs, one for long ones, see cache.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
 the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
 
 Each job is a module-level function bound with functools.partial to picklable arguments, so
@@ -44,7 +44,7 @@ def jobs() -> Jobs:
     """One memo and job table per server process (shared by every browser session)."""
     size = int(float(os.environ.get("APP_CACHE_GB", "2")) * 2**30)
     return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size),
-                workers=int(os.environ.get("APP_WORKERS", "2")))
+                workers=int(os.environ.get("APP_WORKERS", "1")))
 
 
 def _import_engine() -> None:
@@ -138,7 +138,7 @@ def _bpd(run: Run, x: torch.Tensor, cb: Callback) -> dict:
 def bpd_job(run: Run, x: torch.Tensor):
     """Exact BPD of one image (1, 28, 28) under the run's model."""
     return jobs().submit(make_key("bpd", run.digest, x.numpy(), run.preset.likelihood_kwargs),
-                         functools.partial(_bpd, run, x), label="bits/dim")
+                         functools.partial(_bpd, run, x), label="bits/dim", lane="interactive")
 
 
 def attribution_key(run: Run, x: torch.Tensor) -> str:
