@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
-import contextlib
 import multiprocessing
 import os
-import sys
 import threading
 import time
 import traceback
-import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cache.memo import Memo
 from engine.errors import UserError
+from engine.executor import neutral_main as _neutral_main
 
 
 class Cancelled(Exception):
@@ -64,21 +62,6 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-@contextlib.contextmanager
-def _neutral_main():
-    """Start processes as if from a bare interpreter. A spawned child re-imports the parent's
-    __main__; under `streamlit run` (and AppTest) that is the app script itself, which would run
-    the whole page again in every worker. A __main__ without a file or spec imports nothing."""
-    with _MAIN_LOCK:  # two threads swapping at once could leave the stand-in in place
-        saved = sys.modules.get("__main__")
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            yield
-        finally:
-            sys.modules["__main__"] = saved
-
-
-_MAIN_LOCK = threading.RLock()
 
 
 def _in_worker(fn: Callable, key: str, shared) -> dict:

@@ -15,7 +15,11 @@ Ray is an optional extra (requirements-ray.txt); it is imported only when asked 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
+import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Callable, Iterator, Optional, Sequence
@@ -23,6 +27,24 @@ from typing import Callable, Iterator, Optional, Sequence
 from engine.errors import UserError
 
 EXECUTORS = ("local", "ray")
+
+
+_MAIN_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def neutral_main():
+    """Start processes as if from a bare interpreter. A spawned child re-imports the parent's
+    __main__; under `streamlit run` (and AppTest, which leaves it set) that is the app script,
+    which would run the whole page again in every worker. A __main__ without a file or spec
+    makes the child import nothing: job functions are found by their own module names."""
+    with _MAIN_LOCK:  # two threads swapping at once could leave the stand-in in place
+        saved = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = saved
 
 
 def _set_threads(threads: int) -> None:
@@ -49,7 +71,9 @@ class LocalExecutor:
         # spawn, not fork: the parent may hold torch's thread pools or a server's threads
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_set_threads,
                                  initargs=(threads,)) as pool:
-            for f in as_completed([pool.submit(fn, *args) for args in arglist]):
+            with neutral_main():  # the processes start on submit
+                futures = [pool.submit(fn, *args) for args in arglist]
+            for f in as_completed(futures):
                 yield f.result()
 
 

@@ -1,4 +1,5 @@
 import math
+import sys
 import warnings
 
 import pytest
@@ -7,6 +8,16 @@ import torch
 from engine import sde
 
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+
+_MAIN = sys.modules["__main__"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_main():
+    """AppTest leaves the app script installed as __main__; a process spawned later (a test's
+    own multiprocessing) would re-import it and run the app in the child."""
+    yield
+    sys.modules["__main__"] = _MAIN
 
 
 class GaussianData:
