@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from cache.memo import Memo
 from engine.errors import UserError
 from engine.executor import neutral_main as _neutral_main
+from engine.executor import set_threads as _set_threads
 
 
 class Cancelled(Exception):
@@ -55,11 +56,6 @@ class Job:
             raise Cancelled(self.key)
         self.stage = info.get("stage", self.stage)
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
-
-
-def _set_threads(n: int) -> None:
-    import torch
-    torch.set_num_threads(n)
 
 
 

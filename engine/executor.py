@@ -47,13 +47,14 @@ def neutral_main():
             sys.modules["__main__"] = saved
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
+    """A worker's torch thread count (a pool initializer)."""
     import torch
     torch.set_num_threads(threads)
 
 
 def _call_with_threads(fn: Callable, threads: int, args: tuple):
-    _set_threads(threads)
+    set_threads(threads)
     return fn(*args)
 
 
@@ -69,7 +70,7 @@ class LocalExecutor:
         jobs = min(self.jobs, len(arglist))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         # spawn, not fork: the parent may hold torch's thread pools or a server's threads
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_set_threads,
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=set_threads,
                                  initargs=(threads,)) as pool:
             with neutral_main():  # the processes start on submit
                 futures = [pool.submit(fn, *args) for args in arglist]
