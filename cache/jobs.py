@@ -1,9 +1,10 @@
 """Background jobs with progress, one per key, shared by every session of the server process.
 
 A job runs either in a thread of this process or, with `workers > 0`, in a pool of spawned
-worker processes. The app uses processes: a job is pure computation in torch, and in a thread
-it competes for the GIL with the server's script reruns (measured: a new image's BPD took
-26.9 s in a thread against 10-12 s alone). A thread in this process still owns each job (it
+worker processes. The app uses processes, so that torch work is isolated from the server and
+runs in lanes with their own thread counts (moving the BPD out of the server's threads did not
+make it faster: 38.1 s against 26.9 s, see the README's app latency). A thread in this process
+still owns each job (it
 polls the worker's progress, passes cancellation, and stores the result in the memo), so the
 job table and its semantics are the same in both modes. A process job's function must be
 picklable: a module-level function, or a functools.partial of one with picklable arguments.
@@ -56,8 +57,6 @@ class Job:
             raise Cancelled(self.key)
         self.stage = info.get("stage", self.stage)
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
-
-
 
 
 def _in_worker(fn: Callable, key: str, shared) -> dict:

@@ -49,5 +49,10 @@ def save_npy(arr: np.ndarray, path: Path) -> None:
     _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """An uncompressed .npz of `arrays`, written atomically (np.savez into the temp file)."""
+    _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
 def save_bytes(data: bytes, path: Path) -> None:
     _write_atomic(path, lambda f: f.write(data))

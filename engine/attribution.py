@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from engine import data
+from engine import atomic, data
 from engine.errors import UserError
 from engine.likelihood import bits_per_dim
 from engine.metagrad import metagradient
@@ -62,13 +62,9 @@ def top_k(grad_w: np.ndarray, k: int) -> dict[str, np.ndarray]:
 
 def _chunk_job(run_path: str, x: np.ndarray, path: str, scheme: str, k: int) -> str:
     """One chunk of queries in a worker; the result file is written atomically at the end."""
-    import io
-    from engine import atomic
     from engine.store import load_run
     gw, bpd = attribute(load_run(run_path), torch.from_numpy(x), scheme=scheme, k=k)
-    buf = io.BytesIO()
-    np.savez(buf, grad_w=gw, bpd=bpd, x=x)
-    atomic.save_bytes(buf.getvalue(), Path(path))
+    atomic.save_npz(Path(path), grad_w=gw, bpd=bpd, x=x)
     return path
 
 
@@ -101,7 +97,6 @@ def attribute_many(run: Run, x: torch.Tensor, parts: Path, executor, *, chunk: i
     if stamp.is_file() and stamp.read_text() != run.digest:
         for f in parts.glob("chunk_*.npz"):
             f.unlink()
-    from engine import atomic
     atomic.save_text(run.digest, stamp)
     todo = [j for j in range(len(starts)) if load(j) is None]
     done = len(starts) - len(todo)

@@ -144,7 +144,6 @@ def _check_executor_args(a) -> None:
 
 
 def cmd_attribute(a) -> dict:
-    import io
     from engine import atomic
     from engine.attribution import attribute, top_k
     from engine.store import load_run
@@ -167,9 +166,7 @@ def cmd_attribute(a) -> dict:
         grad_w, bpd = attribute_many(run, x, Path(a.out + ".parts"), make_executor(a.executor, jobs=a.jobs, address=a.address),
                                      chunk=a.chunk, scheme=a.scheme, k=a.k, callback=cb)
     bar.close()
-    buf = io.BytesIO()
-    np.savez(buf, grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
-    atomic.save_bytes(buf.getvalue(), Path(a.out))
+    atomic.save_npz(Path(a.out), grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
     result = {"out": a.out, "queries": []}
     for i, spec in enumerate(a.inputs):
         q = {"input": spec, "bpd": float(bpd[i])}

@@ -91,9 +91,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
 
 
 def _save_partial(path: Path, key: str, done: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, key=np.array(key), **done)
-    atomic.save_bytes(buf.getvalue(), path)
+    atomic.save_npz(path, key=np.array(key), **done)
 
 
 def _table(r: dict) -> str:

@@ -74,9 +74,7 @@ def _attribution(run: Run, out: Path, queries: list[int], x: torch.Tensor, callb
         except Exception:
             pass  # unreadable or from another run: recompute
     grad_w, bpd = attribute(run, x, callback=callback)
-    buf = io.BytesIO()
-    np.savez(buf, grad_w=grad_w, bpd=bpd, queries=np.array(queries), run_digest=np.array(run.digest))
-    atomic.save_bytes(buf.getvalue(), path)
+    atomic.save_npz(path, grad_w=grad_w, bpd=bpd, queries=np.array(queries), run_digest=np.array(run.digest))
     return grad_w, bpd
 
 
