@@ -178,20 +178,28 @@ def cmd_attribute(a) -> dict:
     return result
 
 
-def cmd_lds(a) -> dict:
-    from engine.lds import run_lds
-    from engine.store import load_run
-    run = load_run(a.run)
+def _lds_queries(a) -> list[int]:
     if a.query_index:
         try:
-            queries = [int(v) for v in a.query_index.split(",")]
+            return [int(v) for v in a.query_index.split(",")]
         except ValueError:
             raise UserError(f"--query-index must be comma-separated integers, got {a.query_index!r}") from None
-    else:
-        if a.queries < 1:
-            raise UserError("--queries must be at least 1")
-        queries = data.query_indices(a.queries, a.seed)
-    _check_executor_args(a)
+    if a.queries < 1:
+        raise UserError("--queries must be at least 1")
+    return data.query_indices(a.queries, a.seed)
+
+
+def _methods(spec: str) -> list[str]:
+    from engine.baselines import METHODS
+    names = ["magic", *METHODS] if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m != "magic" and m not in METHODS]
+    if bad or not names:
+        raise UserError(f"--method: unknown {', '.join(bad) or 'empty list'}; choose from magic, {', '.join(METHODS)} or all")
+    return names
+
+
+def _lds_callback(a):
+    """Progress bars for run_lds's stages; returns (callback, close)."""
     bars: dict = {}
 
     def cb(info: dict) -> None:
@@ -199,21 +207,59 @@ def cmd_lds(a) -> dict:
         if stage not in bars:
             for b in bars.values():
                 b[0].close()
-            total = a.drop_sets if stage == "retrain" else None
-            bars[stage] = _progress(total, {"retrain": "retrains", "training": "metagradient"}.get(stage, "bits/dim"), a.json)
+            total = info.get("n") if stage in ("retrain", "features") else None
+            bars[stage] = _progress(total, {"retrain": "retrains", "training": "metagradient",
+                                            "features": "TRAK features"}.get(stage, "bits/dim"), a.json)
         bar = bars[stage][0]
-        if stage == "retrain":
+        if stage in ("retrain", "features"):
             bar.n = info["i"]
             bar.refresh()
         else:
             bar.update(1)
+
+    def close() -> None:
+        for b in bars.values():
+            b[0].close()
+        bars.clear()
+    return cb, close
+
+
+def cmd_lds(a) -> dict:
     from engine.executor import make_executor
+    from engine.lds import run_lds
+    from engine.store import load_run
+    run = load_run(a.run)
+    queries = _lds_queries(a)
+    methods = _methods(a.method)
+    _check_executor_args(a)
+    k = a.drop_sets or (50 if a.protocol == "A" else 16)
     executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
-    report = run_lds(run, Path(a.out), queries, k=a.drop_sets, frac=a.frac, seed=a.seed, executor=executor, callback=cb)
-    for b in bars.values():
-        b[0].close()
-    return {k: v for k, v in report.items() if k != "queries"} | {
-        "out": a.out, "per_query": [{k: r[k] for k in ("query", "label", "bpd", "spearman", "pearson")} for r in report["queries"]]}
+    cb, close = _lds_callback(a)
+    reports = []
+    for m in methods:
+        reports.append(run_lds(run, Path(a.out), queries, method=m, protocol=a.protocol, k=k, frac=a.frac,
+                               alpha=a.alpha, seeds=a.seeds, seed=a.seed, executor=executor, callback=cb))
+        close()
+    return {"out": a.out, "reports": [{k: v for k, v in r.items() if k != "queries"} | {
+        "per_query": [{k: q[k] for k in ("query", "label", "bpd", "spearman", "pearson")} for q in r["queries"]]}
+        for r in reports]}
+
+
+def cmd_compare(a) -> dict:
+    from engine import compare
+    from engine.executor import make_executor
+    from engine.store import load_run
+    run = load_run(a.run)
+    queries = _lds_queries(a)
+    methods = _methods(a.method)
+    _check_executor_args(a)
+    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
+    cb, close = _lds_callback(a)
+    table = compare.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods,
+                                   k_a=a.drop_sets, k_b=a.subsets, seeds=a.seeds, seed=a.seed,
+                                   executor=executor, callback=cb)
+    close()
+    return {"report": a.report, "table": table}
 
 
 def cmd_figure4(a) -> dict:
@@ -283,17 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with more than 1, queries are split in --chunk sized jobs on that many local processes")
     at.add_argument("--chunk", type=int, default=8, help="queries per job when jobs are used (one batched sweep each)")
 
-    ld = sub.add_parser("lds", help="protocol A: MAGIC's predicted BPD changes against actual retraining")
-    ld.add_argument("--run", required=True)
-    ld.add_argument("--out", required=True, help="folder for lds.json, lds.png, scatter/ and the resumable retrains")
-    ld.add_argument("--queries", type=int, default=8, help="number of test queries (a fixed random sample)")
-    ld.add_argument("--query-index", help="comma-separated test indices instead of --queries")
-    ld.add_argument("--drop-sets", type=int, default=50)
-    ld.add_argument("--frac", type=float, default=0.01, help="fraction of the training set in each drop-set")
-    ld.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
-    ld.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
-                    help="parallel retraining processes (they share the cores)")
-    for sp in (at, ld):
+    ld = sub.add_parser("lds", help="predicted BPD changes of an attribution method against actual retraining")
+    ld.add_argument("--method", default="magic",
+                    help="magic (default), trak, dtrak, ltrak, pixel, feature, a comma-separated list, or all")
+    ld.add_argument("--protocol", choices=["A", "B"], default="A",
+                    help="A: drop-sets of --frac, one seed; B: subsets keeping --alpha, --seeds seeds averaged")
+    ld.add_argument("--drop-sets", type=int, default=None, help="number of drop-sets (protocol B: subsets); default 50 (B: 16)")
+    ld.add_argument("--frac", type=float, default=0.01, help="protocol A: fraction of the training set in each drop-set")
+    ld.add_argument("--alpha", type=float, default=0.5, help="protocol B: fraction of the training set each subset keeps")
+    ld.add_argument("--seeds", type=int, default=2, help="protocol B: training seeds averaged per subset")
+    cp = sub.add_parser("compare", help="LDS of MAGIC and every baseline on protocols A and B: results/comparison.md/json/png")
+    cp.add_argument("--method", default="all", help="methods to compare (default all)")
+    cp.add_argument("--drop-sets", type=int, default=50, help="protocol A drop-sets")
+    cp.add_argument("--subsets", type=int, default=16, help="protocol B subsets")
+    cp.add_argument("--seeds", type=int, default=2, help="protocol B seeds per subset")
+    cp.add_argument("--report", default="results/comparison", help="path stem of the .md, .json and .png written")
+    for sp in (ld, cp):
+        sp.add_argument("--run", required=True)
+        sp.add_argument("--out", required=True, help="folder for the scores, the resumable retrains and the reports")
+        sp.add_argument("--queries", type=int, default=8, help="number of test queries (a fixed random sample)")
+        sp.add_argument("--query-index", help="comma-separated test indices instead of --queries")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
+        sp.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                        help="parallel retraining processes (they share the cores)")
+    for sp in (at, ld, cp):
         sp.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="where jobs run: local processes, or a Ray cluster (pip install -r requirements-ray.txt)")
         sp.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://host:10001); default: start a local one")
@@ -312,12 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     f4.add_argument("--out", default="results/figure4")
     f4.add_argument("--k", type=int, default=16)
 
-    for sp in (t, b, s, at, ld, f, f4):
+    for sp in (t, b, s, at, ld, cp, f, f4):
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
     return p
 
 
-COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "lds": cmd_lds, "figure2": cmd_figure2,
+COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "lds": cmd_lds, "compare": cmd_compare, "figure2": cmd_figure2,
             "figure4": cmd_figure4}
 
 
@@ -329,11 +388,17 @@ def _human(cmd: str, result) -> str:
     if cmd == "figure4":
         return (Path(result["out"]) / "figure4.md").read_text()
     if cmd == "lds":
-        lines = [f"LDS protocol A on {result['preset']}: {result['drop_sets']} drop-sets of {result['drop_size']} images "
-                 f"(wrote {result['out']}/lds.json)"]
-        lines += [f"  test {r['query']:5d} (digit {r['label']}): Spearman {r['spearman']:.3f}" for r in result["per_query"]]
-        lines.append(f"mean Spearman {result['spearman_mean']:.3f}, min {result['spearman_min']:.3f}")
+        lines = []
+        for r in result["reports"]:
+            what = (f"{r['drop_sets']} drop-sets of {r['drop_size']} images" if r["protocol"] == "A" else
+                    f"{r['drop_sets']} subsets of {r['n_train'] - r['drop_size']} images x {r['seeds']} seeds")
+            lines.append(f"{r['method']}: LDS protocol {r['protocol']} on {r['preset']}, {what}")
+            lines += [f"  test {q['query']:5d} (digit {q['label']}): Spearman {q['spearman']:.3f}" for q in r["per_query"]]
+            lines.append(f"  mean Spearman {r['spearman_mean']:.3f}, min {r['spearman_min']:.3f}")
+        lines.append(f"(wrote {result['out']})")
         return "\n".join(lines)
+    if cmd == "compare":
+        return result["table"] + f"\n(wrote {result['report']}.md, .json, .png)"
     if cmd == "attribute":
         lines = [f"wrote {result['out']}"]
         for q in result["queries"]:

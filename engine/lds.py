@@ -1,20 +1,28 @@
-"""Linear datamodeling score, protocol A: do MAGIC's predictions rank actual retrainings?
+"""Linear datamodeling score: do an attribution method's predictions rank actual retrainings?
 
-K random drop-sets, each a fraction `frac` of the training set, are removed in turn and the
-model retrained with the run's seed (same batches, same noise: only the dropped examples'
-weights change). For every query the actual change BPD_S - BPD is compared with the predicted
-change -sum_{i in S} grad_w[i] by Spearman's rank correlation.
+Protocol A (the seed's): K random drop-sets, each a fraction `frac` of the training set, are
+removed in turn and the model retrained with the run's seed (same batches, same noise: only the
+dropped examples' weights change). Protocol B (the diffusion-attribution literature's): K random
+subsets keeping a fraction alpha, each retrained with several seeds and the BPDs averaged. For
+every query the actual change BPD_S - BPD is compared with the predicted change
+-sum_{i dropped} score[i] by Spearman's rank correlation.
 
-The folder `out` makes the protocol resumable: attribution.npz (grad_w, bpd, queries),
-retrains/set_XXX.json (one per finished retrain, never redone), then lds.json and the scatter
-plots. Retrains run in `jobs` worker processes that split the machine's cores.
+The folder `out` makes it resumable and shares everything between methods:
+  attribution.npz            MAGIC's grad_w, bpd, queries, seconds
+  scores/<method>.npz        each baseline's scores (engine.baselines), seconds
+  bpd.json                   the full model's BPD of the queries when MAGIC has not run
+  retrains/, retrains_b/     one JSON per finished retrain (protocol A, B), never redone
+  lds.json, lds.png, scatter/   MAGIC on protocol A
+  reports/<method>_<A|B>.json/.png   every other (method, protocol)
+Retrains run in `jobs` worker processes that split the machine's cores.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import json
+import math
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -62,75 +70,179 @@ def _retrain_job(preset_dict: dict, seed: int, drop: np.ndarray, queries: np.nda
     return path
 
 
-def _attribution(run: Run, out: Path, queries: list[int], x: torch.Tensor, callback) -> tuple[np.ndarray, np.ndarray]:
-    """grad_w (Q, n) and BPD (Q,) from out/attribution.npz if it matches this run and these queries."""
+def keep_sets(n: int, k: int, alpha: float, seed: int) -> np.ndarray:
+    """(K, m) sorted indices each protocol-B subset keeps, m = round(alpha * n)."""
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha must be between 0 and 1, got {alpha}")
+    if k < 3:
+        raise UserError(f"--subsets must be at least 3 for a rank correlation, got {k}")
+    m = max(1, round(alpha * n))
+    rng = np.random.default_rng([seed, n, m, 1])
+    return np.stack([np.sort(rng.choice(n, m, replace=False)) for _ in range(k)])
+
+
+def _attribution(run: Run, out: Path, queries: list[int], x: torch.Tensor, callback) -> tuple[np.ndarray, np.ndarray, Optional[float]]:
+    """grad_w (Q, n), BPD (Q,) and the seconds they took, from out/attribution.npz if it matches
+    this run and these queries."""
     from engine.attribution import attribute
     path = out / "attribution.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
                 if str(f["run_digest"]) == run.digest and f["queries"].tolist() == queries:
-                    return f["grad_w"], f["bpd"]
+                    return f["grad_w"], f["bpd"], (float(f["seconds"]) if "seconds" in f else None)
         except Exception:
             pass  # unreadable or from another run: recompute
+    t0 = time.perf_counter()
     grad_w, bpd = attribute(run, x, callback=callback)
-    atomic.save_npz(path, grad_w=grad_w, bpd=bpd, queries=np.array(queries), run_digest=np.array(run.digest))
-    return grad_w, bpd
+    sec = time.perf_counter() - t0
+    atomic.save_npz(path, grad_w=grad_w, bpd=bpd, queries=np.array(queries), run_digest=np.array(run.digest),
+                    seconds=np.array(sec))
+    return grad_w, bpd, sec
 
 
-def run_lds(run: Run, out: Path, queries: Sequence[int], *, k: int = 50, frac: float = 0.01, seed: int = 0,
-            jobs: int = 1, executor=None, callback: Optional[Callable[[dict], None]] = None) -> dict:
-    """Protocol A for test-set `queries` (Q indices) on a finished run; writes `out` (see above).
-
-    Retrains run on `executor` (engine.executor; default: `jobs` local worker processes). Each
-    writes its own result file atomically, so any executor may rerun a lost one.
-
-    callback gets {"stage": "bpd"|"training", ...} during attribution, then {"stage": "retrain",
-    "i", "n"} as retrains finish. Returns the report written to out/lds.json.
-    """
-    from scipy.stats import pearsonr, spearmanr
-    p = run.preset
-    queries = [int(q) for q in queries]
-    test_x, test_y = data.load_test()
-    if any(not 0 <= q < len(test_x) for q in queries):
-        raise UserError(f"query indices must be in [0, {len(test_x)})")
-    x = test_x[queries]
-    sets = drop_sets(p.n_train, k, frac, seed)
-    out = Path(out)
-    (out / "retrains").mkdir(parents=True, exist_ok=True)
-    cb = callback or (lambda info: None)
-    grad_w, bpd = _attribution(run, out, queries, x, lambda i: cb(i))
-
-    def result_path(j: int) -> Path:
-        return out / "retrains" / f"set_{j:03d}.json"
-
-    def load_result(j: int) -> Optional[np.ndarray]:
+def _baseline_scores(run: Run, out: Path, method: str, queries: list[int], x: torch.Tensor, callback
+                     ) -> tuple[np.ndarray, float]:
+    """A baseline's scores (Q, n) and seconds, kept in out/scores/<method>.npz."""
+    from engine import baselines
+    path = out / "scores" / f"{method}.npz"
+    if path.is_file():
         try:
-            r = json.loads(result_path(j).read_text())
-            if r["drop"] == sets[j].tolist() and len(r["bpd"]) == len(queries):
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["run_digest"]) == run.digest and f["queries"].tolist() == queries:
+                    return f["scores"], float(f["seconds"])
+        except Exception:
+            pass
+    t0 = time.perf_counter()
+    s = baselines.scores(method, run, x, callback=callback)
+    sec = time.perf_counter() - t0
+    atomic.save_npz(path, scores=s, queries=np.array(queries), run_digest=np.array(run.digest), seconds=np.array(sec))
+    return s, sec
+
+
+def _reference_bpd(run: Run, out: Path, queries: list[int], x: torch.Tensor) -> np.ndarray:
+    """The full model's BPD (Q,) of the queries: MAGIC's, else out/bpd.json (computed once)."""
+    from engine.likelihood import bits_per_dim
+    for path in (out / "attribution.npz",):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["run_digest"]) == run.digest and f["queries"].tolist() == queries:
+                    return f["bpd"]
+        except Exception:
+            pass
+    path = out / "bpd.json"
+    try:
+        r = json.loads(path.read_text())
+        if r["run_digest"] == run.digest and r["queries"] == queries:
+            return np.array(r["bpd"])
+    except (OSError, ValueError, KeyError):
+        pass
+    model, p = run.model().eval(), run.preset
+    with torch.no_grad():
+        bpd = np.array([bits_per_dim(model, q[None].to(p.torch_dtype), **p.likelihood_kwargs).item() for q in x])
+    atomic.save_json({"run_digest": run.digest, "queries": queries, "bpd": bpd.tolist()}, path)
+    return bpd
+
+
+def report_path(out: Path, method: str, protocol: str) -> Path:
+    """Where run_lds writes a report: out/lds.json for MAGIC on protocol A (with lds.png and
+    scatter/), out/reports/<method>_<protocol>.json (and .png) otherwise."""
+    if method == "magic" and protocol == "A":
+        return Path(out) / "lds.json"
+    return Path(out) / "reports" / f"{method}_{protocol}.json"
+
+
+def _retrain_bank(run: Run, out: Path, queries: list[int], x: torch.Tensor, protocol: str, drops: np.ndarray,
+                  seeds: int, stamp: dict, executor, jobs: int, cb) -> np.ndarray:
+    """Retrained BPD (Q, K) of every drop (K, m), averaged over `seeds` seeds (run.seed + s);
+    one file per (drop, seed), never redone while the stamp holds."""
+    folder = out / ("retrains" if protocol == "A" else "retrains_b")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def result_path(j: int, s: int) -> Path:
+        # protocol A keeps its original names (one seed): existing banks stay valid
+        return folder / (f"set_{j:03d}.json" if protocol == "A" else f"set_{j:03d}_seed_{s}.json")
+
+    def load_result(j: int, s: int) -> Optional[np.ndarray]:
+        try:
+            r = json.loads(result_path(j, s).read_text())
+            if r["drop"] == drops[j].tolist() and len(r["bpd"]) == len(queries):
                 return np.array(r["bpd"])
         except (OSError, ValueError, KeyError):
             pass
         return None
 
     # a result is tied to its drop-set and query count; the folder is tied to the run and queries
-    stamp = {"run_digest": run.digest, "queries": queries, "frac": frac, "seed": seed}
-    stamp_path = out / "retrains" / "stamp.json"
+    stamp_path = folder / "stamp.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
-        for f in (out / "retrains").glob("set_*.json"):
+        for f in folder.glob("set_*.json"):
             f.unlink()
     atomic.save_json(stamp, stamp_path)
-    todo = [j for j in range(k) if load_result(j) is None]
-    done = k - len(todo)
-    cb({"stage": "retrain", "i": done, "n": k})
+    pairs = [(j, s) for j in range(len(drops)) for s in range(seeds)]
+    todo = [(j, s) for j, s in pairs if load_result(j, s) is None]
+    done = len(pairs) - len(todo)
+    cb({"stage": "retrain", "i": done, "n": len(pairs)})
     if todo:
         from engine.executor import LocalExecutor
         ex = executor or LocalExecutor(jobs)
-        for _ in ex.run(_retrain_job, [(p.to_dict(), run.seed, sets[j], x.numpy(), str(result_path(j))) for j in todo]):
+        p = run.preset
+        for _ in ex.run(_retrain_job, [(p.to_dict(), run.seed + s, drops[j], x.numpy(), str(result_path(j, s)))
+                                       for j, s in todo]):
             done += 1
-            cb({"stage": "retrain", "i": done, "n": k})
-    actual = np.stack([load_result(j) for j in range(k)], axis=1) - bpd[:, None]      # (Q, K)
-    predicted = -np.stack([grad_w[:, s].sum(1) for s in sets], axis=1)                  # (Q, K)
+            cb({"stage": "retrain", "i": done, "n": len(pairs)})
+    return np.stack([np.mean([load_result(j, s) for s in range(seeds)], axis=0) for j in range(len(drops))], axis=1)
+
+
+def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic", protocol: str = "A",
+            k: int = 50, frac: float = 0.01, alpha: float = 0.5, seeds: int = 3, seed: int = 0,
+            jobs: int = 1, executor=None, callback: Optional[Callable[[dict], None]] = None) -> dict:
+    """LDS of `method` ("magic" or one of engine.baselines.METHODS) for test-set `queries`
+    (Q indices) on a finished run; writes `out` (see the module docstring) and returns the report.
+
+    protocol "A": K drop-sets of ceil(frac * n) images, each retrained once with the run's seed.
+    protocol "B": K subsets keeping round(alpha * n) images, each retrained with `seeds` seeds
+    (run.seed, run.seed + 1, ...) and the BPDs averaged. Either way the prediction is
+    BPD(1) - sum over the dropped images of the scores (for B this ranks subsets exactly as the
+    literature's sum over the kept images does: the two differ by a constant per query).
+
+    Retrains run on `executor` (engine.executor; default: `jobs` local worker processes); each
+    writes its own result file atomically, so any executor may rerun a lost one, and every method
+    shares them. callback gets {"stage": "bpd"|"training"|"features", ...} while scores are
+    computed, then {"stage": "retrain", "i", "n"} as retrains finish.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from engine.baselines import METHODS
+    if method != "magic" and method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose magic or one of {', '.join(METHODS)}")
+    if protocol not in ("A", "B"):
+        raise UserError(f"--protocol must be A or B, got {protocol!r}")
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    p = run.preset
+    queries = [int(q) for q in queries]
+    test_x, test_y = data.load_test()
+    if any(not 0 <= q < len(test_x) for q in queries):
+        raise UserError(f"query indices must be in [0, {len(test_x)})")
+    x = test_x[queries]
+    if protocol == "A":
+        drops = drop_sets(p.n_train, k, frac, seed)
+        stamp = {"run_digest": run.digest, "queries": queries, "frac": frac, "seed": seed}
+        seeds = 1
+    else:
+        keep = keep_sets(p.n_train, k, alpha, seed)
+        drops = np.stack([np.setdiff1d(np.arange(p.n_train), s) for s in keep])
+        stamp = {"run_digest": run.digest, "queries": queries, "protocol": "B", "alpha": alpha, "seed": seed}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cb = callback or (lambda info: None)
+    if method == "magic":
+        scores, bpd, seconds = _attribution(run, out, queries, x, cb)
+    else:
+        scores, seconds = _baseline_scores(run, out, method, queries, x, cb)
+        bpd = _reference_bpd(run, out, queries, x)
+    retrained = _retrain_bank(run, out, queries, x, protocol, drops, seeds, stamp, executor, jobs, cb)
+    actual = retrained - bpd[:, None]                                                     # (Q, K)
+    predicted = -np.stack([scores[:, s].sum(1) for s in drops], axis=1)                   # (Q, K)
     per_query = []
     for i, q in enumerate(queries):
         per_query.append({
@@ -139,14 +251,17 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, k: int = 50, frac: f
             "pearson": float(pearsonr(predicted[i], actual[i])[0]),
             "predicted_change": predicted[i].tolist(), "actual_change": actual[i].tolist()})
     rhos = np.array([r["spearman"] for r in per_query])
-    report = {"protocol": "A", "preset": p.name, "run_digest": run.digest, "n_train": p.n_train,
-              "drop_sets": k, "drop_size": int(sets.shape[1]), "frac": frac, "seed": seed,
-              "spearman_mean": float(rhos.mean()), "spearman_min": float(rhos.min()),
-              "queries": per_query}
-    atomic.save_json(report, out / "lds.json")
-    atomic.save_bytes(scatter_png(report), out / "lds.png")
-    for r in per_query:
-        atomic.save_bytes(scatter_png(report, [r]), out / "scatter" / f"test_{r['query']:05d}.png")
+    report = {"protocol": protocol, "method": method, "preset": p.name, "run_digest": run.digest, "n_train": p.n_train,
+              "drop_sets": len(drops), "drop_size": int(drops.shape[1]), "seed": seed,
+              "spearman_mean": float(rhos.mean()), "spearman_std": float(rhos.std()),
+              "spearman_min": float(rhos.min()), "score_seconds": seconds, "queries": per_query}
+    report |= {"frac": frac} if protocol == "A" else {"alpha": alpha, "seeds": seeds}
+    path = report_path(out, method, protocol)
+    atomic.save_json(report, path)
+    atomic.save_bytes(scatter_png(report), path.with_suffix(".png"))
+    if method == "magic" and protocol == "A":
+        for r in per_query:
+            atomic.save_bytes(scatter_png(report, [r]), out / "scatter" / f"test_{r['query']:05d}.png")
     return report
 
 
@@ -166,13 +281,19 @@ def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:
         a, b = np.array(r["predicted_change"]), np.array(r["actual_change"])
         ax.scatter(a, b, s=10, alpha=0.7)
         lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
-        ax.plot([lo, hi], [lo, hi], lw=0.8, color="gray", ls="--")
+        if report.get("method", "magic") == "magic":  # y = x only where the units agree
+            ax.plot([lo, hi], [lo, hi], lw=0.8, color="gray", ls="--")
         ax.set_title(f"test {r['query']} (digit {r['label']})  ρ={r['spearman']:.3f}", fontsize=9)
-        ax.set_xlabel("predicted Δ bits/dim", fontsize=8)
+        # a baseline's sums are in its own units (only their ranks are comparable)
+        ax.set_xlabel("predicted Δ bits/dim" if report.get("method", "magic") == "magic" else
+                      "predicted Δ (score units)", fontsize=8)
         ax.set_ylabel("actual Δ bits/dim", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"LDS protocol A on `{report['preset']}`: {report['drop_sets']} drop-sets of "
-                 f"{report['drop_size']} images; mean ρ = {report['spearman_mean']:.3f}", fontsize=10)
+    what = (f"{report['drop_sets']} drop-sets of {report['drop_size']} images" if report["protocol"] == "A" else
+            f"{report['drop_sets']} subsets of {report['n_train'] - report['drop_size']} images, "
+            f"{report['seeds']} seeds each")
+    fig.suptitle(f"{report.get('method', 'magic')}, LDS protocol {report['protocol']} on `{report['preset']}`: "
+                 f"{what}; mean ρ = {report['spearman_mean']:.3f}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -1,0 +1,108 @@
+"""The comparison table: LDS of MAGIC and every baseline, protocols A and B, on one run.
+
+Every (method, protocol) goes through engine.lds.run_lds on the same folder, so all methods
+share the same queries, drop-sets and retrained models (each retrain is computed once).
+Writes <stem>.json (everything), <stem>.md (the table, with the published values beside ours)
+and <stem>.png (mean Spearman per method and protocol, with each query's value as a dot).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from engine import atomic
+from engine.store import Run
+
+# Published values, for context only: other data, models and protocols than ours.
+LITERATURE = [
+    ("seed write-up (MNIST, 4 test images, 1% drop, one seed)", "MAGIC", "≈ 0.9 (Spearman, typical)"),
+    ("seed write-up (same setting)", "TRAK", "≤ 0.3 (Spearman, typical)"),
+    ("D-TRAK paper, Zheng et al. 2023 (CIFAR-2, alpha = 0.5 subsets, several seeds)", "D-TRAK", "≈ 0.34 (LDS)"),
+]
+
+
+def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, methods: Sequence[str],
+                   k_a: int = 50, k_b: int = 16, seeds: int = 2, seed: int = 0, executor=None,
+                   callback: Optional[Callable[[dict], None]] = None) -> str:
+    """Runs (or resumes) every method on both protocols and writes the comparison; returns the
+    Markdown table."""
+    from engine.lds import run_lds
+    rows = []
+    for protocol, k in (("A", k_a), ("B", k_b)):
+        for m in methods:
+            r = run_lds(run, out, queries, method=m, protocol=protocol, k=k, seeds=seeds, seed=seed,
+                        executor=executor, callback=callback)
+            rows.append({key: v for key, v in r.items() if key != "queries"} |
+                        {"per_query": [q["spearman"] for q in r["queries"]], "queries_list": [q["query"] for q in r["queries"]]})
+    report = {"preset": run.preset.name, "run_digest": run.digest, "queries": [int(q) for q in queries],
+              "rows": rows, "literature": [dict(zip(("source", "method", "value"), x)) for x in LITERATURE]}
+    md = markdown(report)
+    stem = Path(stem)
+    atomic.save_json(report, stem.with_suffix(".json"))
+    atomic.save_bytes(md.encode(), stem.with_suffix(".md"))
+    atomic.save_bytes(chart_png(report), stem.with_suffix(".png"))
+    return md
+
+
+def markdown(report: dict) -> str:
+    from engine.baselines import DESCRIPTIONS
+    rows = report["rows"]
+    by = {(r["method"], r["protocol"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    a0 = next(r for r in rows if r["protocol"] == "A")
+    b0 = next((r for r in rows if r["protocol"] == "B"), None)
+    lines = [f"# LDS comparison on `{report['preset']}` ({a0['n_train']} training images, "
+             f"{len(report['queries'])} test queries)", "",
+             f"- Protocol A: {a0['drop_sets']} random drop-sets of {a0['drop_size']} images (1%), each retrained once "
+             "with the run's seed; Spearman between predicted and actual BPD change, per query."]
+    if b0:
+        lines.append(f"- Protocol B: {b0['drop_sets']} random subsets keeping {b0['n_train'] - b0['drop_size']} images "
+                     f"(alpha = {b0['alpha']}), each retrained with {b0['seeds']} seeds and the BPDs averaged.")
+    lines += ["- Spearman per query, then mean ± standard deviation over queries (min in brackets).",
+              "- Cost: seconds to score all queries on 2 CPU cores (wall clock), retraining excluded.", "",
+              "| method | protocol A | protocol B | cost (s) | what it is |", "|---|---|---|---|---|"]
+
+    def cell(r):
+        return "–" if r is None else f"{r['spearman_mean']:.3f} ± {r['spearman_std']:.3f} ({r['spearman_min']:.3f})"
+    for m in methods:
+        a, b = by.get((m, "A")), by.get((m, "B"))
+        sec = (a or b)["score_seconds"]
+        lines.append(f"| {m} | {cell(a)} | {cell(b)} | {'not recorded' if sec is None else f'{sec:.0f}'} | "
+                     f"{DESCRIPTIONS.get(m, '')} |")
+    lines += ["", "Published values (other data, models or protocols; for orientation, not a like-for-like test):", "",
+              "| source | method | value |", "|---|---|---|"]
+    lines += [f"| {x['source']} | {x['method']} | {x['value']} |" for x in report["literature"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart_png(report: dict) -> bytes:
+    """Bars of mean Spearman per method, protocols side by side, with per-query dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = report["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 3.6))
+    for j, (protocol, color) in enumerate((("A", "#4c72b0"), ("B", "#dd8452"))):
+        for i, m in enumerate(methods):
+            r = next((r for r in rows if r["method"] == m and r["protocol"] == protocol), None)
+            if r is None:
+                continue
+            xpos = i + (j - 0.5) * 0.38
+            ax.bar(xpos, r["spearman_mean"], width=0.36, color=color, label=f"protocol {protocol}" if i == 0 else None)
+            ax.scatter(np.full(len(r["per_query"]), xpos), r["per_query"], s=8, color="black", zorder=3)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("Spearman ρ (LDS)")
+    ax.set_ylim(-1, 1)
+    ax.set_title(f"Predicted vs actual BPD change on `{report['preset']}` ({len(report['queries'])} queries)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,112 @@
+"""Baselines on `tiny`: shapes, the sign convention, TRAK through traker against the exact
+formula, and LDS of several methods (protocols A and B) sharing one retraining bank."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from engine import baselines, data, lds, train
+from engine.baselines import trak as T
+from engine.errors import UserError
+from engine.presets import PRESETS
+from engine.store import load_run
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baselines") / "run"
+    train.train(TINY, seed=0, out=out)
+    return load_run(out)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return data.load_train(TINY.n_train, TINY.source)[0]
+
+
+def _self_ranks(s: np.ndarray, idx) -> list[int]:
+    """Where each query's own training index falls when sorted from strongest proponent."""
+    return [int(np.where(np.argsort(s[i], kind="stable") == j)[0][0]) for i, j in enumerate(idx)]
+
+
+def test_each_baseline_has_grad_w_shape_and_sign(tiny_run, images):
+    # A training image as the query is its own strongest proponent (most negative score) for
+    # every method, when the query is seen exactly as it was featurized: for TRAK that is the
+    # regression identity (Phi Phi^T + lambda)^{-1} Phi Phi^T e_i ~ e_i with little damping, so
+    # a flipped sign or a transposed score matrix puts it last.
+    idx = [0, 1, 2]
+    x = images[idx]
+    for m in ("pixel", "feature"):
+        s = baselines.scores(m, tiny_run, x)
+        assert s.shape == (3, TINY.n_train) and np.isfinite(s).all()
+        assert _self_ranks(s, idx) == [0, 0, 0], m
+    for v in ("trak", "dtrak"):
+        s = T.trak_scores(tiny_run, images, x, v, proj_dim=512, target_stream=0, damping=1e-4)
+        assert s.shape == (3, TINY.n_train) and np.isfinite(s).all()
+        assert _self_ranks(s, idx) == [0, 0, 0], v
+    # likelihood-TRAK's adapter (precomputed target gradients): fed the loss gradients TRAK
+    # itself featurized, it must give TRAK's scores
+    g = T.per_example_grads(tiny_run, x, "trak", stream=0)
+    lt = T.trak_scores(tiny_run, images, x, "ltrak", proj_dim=512, target_grads=g, damping=1e-4)
+    tr = T.trak_scores(tiny_run, images, x, "trak", proj_dim=512, target_stream=0, damping=1e-4)
+    np.testing.assert_allclose(lt, tr, rtol=1e-3, atol=1e-3 * np.abs(tr).max())
+    with pytest.raises(UserError):
+        baselines.scores("nope", tiny_run, x)
+
+
+def test_trak_through_traker_matches_the_exact_formula(tiny_run, images):
+    # traker: projected (k = 4096), Phi^T Phi inverted in k dims, rescaled by a positive constant.
+    # Exact: unprojected gradients, the n x n kernel. Equal up to that constant and JL error.
+    x = data.load_test()[0][:2]
+    gt = T.per_example_grads(tiny_run, images, "trak", stream=0)
+    gq = T.per_example_grads(tiny_run, x, "trak", stream=1)
+    exact = T.exact_scores(gt, gq, damping=0.1)
+    for k, tol in ((4096, 0.1),):
+        s = T.trak_scores(tiny_run, images, x, "trak", proj_dim=k, damping=0.1)
+        for a, b in zip(s, exact):
+            c = a @ b / (b @ b)
+            assert c > 0
+            assert np.linalg.norm(a - c * b) / np.linalg.norm(a) < tol
+    # and a small projection is visibly worse: the comparison can fail
+    s16 = T.trak_scores(tiny_run, images, x, "trak", proj_dim=16, damping=0.1)
+    a, b = s16[0], exact[0]
+    assert np.linalg.norm(a - (a @ b / (b @ b)) * b) / np.linalg.norm(a) > 0.2
+
+
+def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_path):
+    out = tmp_path / "lds"
+    q = data.query_indices(1)
+    stages = []
+    rep = lds.run_lds(tiny_run, out, q, method="pixel", protocol="B", k=3, seeds=2, jobs=2,
+                      callback=lambda i: stages.append((i["stage"], i.get("i"))))
+    assert stages[0] == ("retrain", 0) and stages[-1] == ("retrain", 6)  # 3 subsets x 2 seeds
+    assert rep["drop_size"] == TINY.n_train - 32 and rep["seeds"] == 2
+    assert (out / "reports" / "pixel_B.json").is_file() and (out / "reports" / "pixel_B.png").is_file()
+    # the actual value is the mean over the seeds' retrains, and each is a real retrain with
+    # its own seed (run.seed + s)
+    keep = lds.keep_sets(TINY.n_train, 3, 0.5, 0)[1]
+    drop = np.setdiff1d(np.arange(TINY.n_train), keep)
+    per_seed = [json.loads((out / "retrains_b" / f"set_001_seed_{s}.json").read_text()) for s in (0, 1)]
+    assert all(r["drop"] == drop.tolist() for r in per_seed)
+    assert per_seed[0]["bpd"] != per_seed[1]["bpd"]
+    x = data.load_test()[0][q]
+    assert lds.retrain_bpd(TINY, 1, drop, x)[0] == pytest.approx(per_seed[1]["bpd"][0], abs=1e-6)
+    bpd0 = json.loads((out / "bpd.json").read_text())["bpd"][0]
+    mean = (per_seed[0]["bpd"][0] + per_seed[1]["bpd"][0]) / 2
+    assert rep["queries"][0]["actual_change"][1] == pytest.approx(mean - bpd0, abs=1e-9)
+    # predicted: minus the scores summed over the dropped images
+    s = np.load(out / "scores" / "pixel.npz")["scores"]
+    assert rep["queries"][0]["predicted_change"][1] == pytest.approx(-s[0, drop].sum())
+    # a second method reuses every retrain: the only progress is "all done"
+    stages.clear()
+    rep2 = lds.run_lds(tiny_run, out, q, method="feature", protocol="B", k=3, seeds=2, jobs=2,
+                       callback=lambda i: stages.append((i["stage"], i.get("i"))))
+    assert stages == [("retrain", 6)]
+    assert rep2["queries"][0]["actual_change"] == rep["queries"][0]["actual_change"]
+    with pytest.raises(UserError):
+        lds.run_lds(tiny_run, out, q, method="nope")
+    with pytest.raises(UserError):
+        lds.run_lds(tiny_run, out, q, method="pixel", protocol="B", alpha=1.5)
