@@ -3,12 +3,53 @@
 import json
 from pathlib import Path
 
+import altair as alt
 import numpy as np
+import pandas as pd
 import streamlit as st
 import torch
 
 from engine.attribution import predict_removal, top_k
 from webapp import service, widgets as W
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def evidence() -> None:
+    """The committed evidence: MAGIC's LDS scatter plots and its comparison with the baselines."""
+    st.subheader("Linear datamodeling score (protocol A)")
+    for f in sorted(RESULTS.glob("lds_*/lds.json")):
+        r = json.loads(f.read_text())
+        st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
+                    f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
+                    f"(lowest {r['spearman_min']:.3f}).")
+        png = f.parent / "lds.png"
+        if png.is_file():
+            st.image(str(png))
+    st.subheader("MAGIC against the baselines")
+    comp = RESULTS / "comparison.json"
+    if not comp.is_file():
+        st.info("No comparison yet: `python -m engine compare --run runs/small --out results/lds_small` writes it.")
+        return
+    r = json.loads(comp.read_text())
+    rows = [{"method": row["method"], "protocol": f"protocol {row['protocol']}", "query": q, "Spearman": v}
+            for row in r["rows"] for q, v in zip(row["queries_list"], row["per_query"])]
+    df = pd.DataFrame(rows)
+    order = list(dict.fromkeys(df["method"]))
+    base = alt.Chart(df).encode(x=alt.X("method:N", sort=order, title=None), xOffset="protocol:N",
+                                color=alt.Color("protocol:N", title=None))
+    bars = base.mark_bar(opacity=0.75).encode(y=alt.Y("mean(Spearman):Q", scale=alt.Scale(domain=[-1, 1]),
+                                                        title="Spearman ρ (mean over queries)"))
+    dots = base.mark_circle(size=18, color="black").encode(y="Spearman:Q", tooltip=["method", "protocol", "query", alt.Tooltip("Spearman:Q", format=".3f")])
+    st.altair_chart((bars + dots).properties(height=280), width="stretch")
+    st.caption("Bars: mean Spearman between predicted and actual BPD change over the test queries; dots: "
+               "each query. Protocol A: 1% drop-sets, one seed; protocol B: half-size subsets, seeds averaged. "
+               "All methods are scored on the same retrained models.")
+    md = RESULTS / "comparison.md"
+    if md.is_file():
+        with st.expander("The table, with costs and published values"):
+            st.markdown(md.read_text())
+
 
 st.title("Verify by retraining")
 run = W.require_run()
@@ -30,6 +71,7 @@ if job is None:
         job = service.attribution_job(run, x)
 res = W.wait_for(job) if job is not None else None
 if not res:
+    evidence()
     st.stop()
 gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
 c = st.columns(2)
@@ -52,13 +94,4 @@ if job is not None:
         st.success(f"Actual after retraining: **{out['bpd']:.4f}** bits/dim (change {out['bpd'] - bpd:+.4f}; "
                    f"predicted {predicted - bpd:+.4f}).")
 
-st.subheader("Linear datamodeling score (protocol A)")
-results = Path(__file__).resolve().parent.parent / "results"
-for f in sorted(results.glob("lds_*/lds.json")):
-    r = json.loads(f.read_text())
-    st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
-                f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
-                f"(lowest {r['spearman_min']:.3f}).")
-    png = f.parent / "lds.png"
-    if png.is_file():
-        st.image(str(png))
+evidence()

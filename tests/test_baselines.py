@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from engine import baselines, data, lds, train
+from engine import baselines, cli, data, lds, train
 from engine.baselines import trak as T
 from engine.errors import UserError
 from engine.presets import PRESETS
@@ -100,12 +100,19 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     # predicted: minus the scores summed over the dropped images
     s = np.load(out / "scores" / "pixel.npz")["scores"]
     assert rep["queries"][0]["predicted_change"][1] == pytest.approx(-s[0, drop].sum())
-    # a second method reuses every retrain: the only progress is "all done"
+    # the comparison (CLI): a second method reuses every protocol-B retrain; protocol A adds its own
     stages.clear()
-    rep2 = lds.run_lds(tiny_run, out, q, method="feature", protocol="B", k=3, seeds=2, jobs=2,
-                       callback=lambda i: stages.append((i["stage"], i.get("i"))))
-    assert stages == [("retrain", 6)]
-    assert rep2["queries"][0]["actual_change"] == rep["queries"][0]["actual_change"]
+    rc = cli.main(["compare", "--run", str(tiny_run.path), "--out", str(out), "--report", str(tmp_path / "cmp"),
+                   "--method", "pixel,feature", "--query-index", str(q[0]), "--drop-sets", "3", "--subsets", "3",
+                   "--seeds", "2", "--jobs", "2", "--json"])
+    assert rc == 0
+    comp = json.loads((tmp_path / "cmp.json").read_text())
+    assert [(r["method"], r["protocol"]) for r in comp["rows"]] == [
+        ("pixel", "A"), ("feature", "A"), ("pixel", "B"), ("feature", "B")]
+    assert comp["rows"][2]["per_query"] == [rep["queries"][0]["spearman"]]  # B for pixel: the same numbers
+    assert len(list((out / "retrains_b").glob("set_*.json"))) == 6 and len(list((out / "retrains").glob("set_*.json"))) == 3
+    md = (tmp_path / "cmp.md").read_text()
+    assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
     with pytest.raises(UserError):
         lds.run_lds(tiny_run, out, q, method="nope")
     with pytest.raises(UserError):
