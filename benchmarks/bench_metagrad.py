@@ -4,7 +4,8 @@
 
 Times, in this order and in this process: training the preset into a run folder (the
 baseline, checkpoint writes included); the metagradient through that run for 1 query and for
-Q batched queries with the default stored-checkpoint scheme; the k-ary scheme (k=4) for 1
+Q batched queries with the default stored-checkpoint scheme; the same with the "segment"
+scheme (a segment's step graphs kept: no separate replay); the k-ary scheme (k=4) for 1
 query; and the exact-BPD parameter gradient of one query (the other half of attributing a new
 image). The query functionals are random directions in parameter space: the sweep's cost does
 not depend on them.
@@ -82,7 +83,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="train for fewer steps than the preset: every cost here is per "
                     "step, so the ratios hold (checkpoints every ~sqrt(steps))")
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--stages", default="sqrt1,segment1,sqrtQ,segmentQ,kary,bpd",
+                    help="comma-separated subset of sqrt1,segment1,sqrtQ,segmentQ,kary,bpd (training always runs)")
     a = ap.parse_args()
+    stages = set(a.stages.split(","))
     preset = get_preset(a.preset)
     if a.device:
         preset = dataclasses.replace(preset, device=a.device)
@@ -99,19 +103,26 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         final = run.load_final().params
         qs = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in final.items()} for _ in range(a.queries)]
-        for label, kw, q in (("metagradient, 1 query", {}, qs[:1]),
-                             (f"metagradient, {a.queries} batched queries", {}, qs),
-                             ("metagradient, 1 query, k-ary (k=4)", {"scheme": "kary", "k": 4}, qs[:1])):
+        # segment1 first: RSS peaks miss memory the allocator kept from an earlier stage
+        for name, label, kw, q in (
+                ("segment1", "metagradient, 1 query, segment graphs kept", {"scheme": "segment"}, qs[:1]),
+                ("sqrt1", "metagradient, 1 query", {}, qs[:1]),
+                ("sqrtQ", f"metagradient, {a.queries} batched queries", {}, qs),
+                ("segmentQ", f"metagradient, {a.queries} queries, segment graphs kept", {"scheme": "segment"}, qs),
+                ("kary", "metagradient, 1 query, k-ary (k=4)", {"scheme": "kary", "k": 4}, qs[:1])):
+            if name not in stages:
+                continue
             with Peak(cuda) as m:
                 metagradient(run, images, q, **kw)
             rows.append((label, m))
-        x = data.load_test()[0][:1]
-        with Peak(cuda) as m:
-            bpd_and_param_grads(run, x)
-        rows.append(("exact BPD + its parameter gradient, 1 query", m))
+        if "bpd" in stages:
+            x = data.load_test()[0][:1]
+            with Peak(cuda) as m:
+                bpd_and_param_grads(run, x)
+            rows.append(("exact BPD + its parameter gradient, 1 query", m))
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     base = rows[0][1].seconds
-    one = rows[1][1].seconds
+    one = next((m.seconds for label, m in rows if label == "metagradient, 1 query"), rows[1][1].seconds)
     lines = [f"# bench_metagrad: preset {preset.name} (n={preset.n_train}, T={preset.steps}, "
              f"B={preset.batch_size}), {dev}, torch {torch.__version__}",
              f"{'stage':48s} {'seconds':>9s} {'/ train':>8s} {'/ 1 query':>9s} {'peak MB':>8s}"]

@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("inputs", nargs="+", metavar="INPUT")
     at.add_argument("--out", required=True, help="SCORES.npz with grad_w (Q, n) and bpd (Q,)")
     at.add_argument("--top", type=int, default=0, help="also list the K strongest proponents and opponents")
-    at.add_argument("--scheme", choices=["sqrt", "kary"], default="sqrt",
-                    help="how training states are recomputed: stored sqrt(T) checkpoints, or k-ary recursion from step 0")
+    at.add_argument("--scheme", choices=["sqrt", "segment", "kary"], default="sqrt",
+                    help="how training states are recomputed: stored sqrt(T) checkpoints (segment: also keep a segment's step graphs, one pass of training less, more memory), or k-ary recursion from step 0")
     at.add_argument("--k", type=int, default=4, help="parts per level of the k-ary scheme")
     at.add_argument("--jobs", type=int, default=1,
                     help="with more than 1, queries are split in --chunk sized jobs on that many local processes")

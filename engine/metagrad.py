@@ -11,13 +11,17 @@ replay and every step's graph, and their adjoints go through one batched backwar
 States are needed in reverse order; two schemes recompute them:
 - "sqrt" (default): the run stores s_k every ~sqrt(T) steps; each stored segment is replayed
   once, keeping its <= sqrt(T) states in memory. Cost: one extra pass of training.
+- "segment": like "sqrt", but each step of a segment is built once, with its graph, and the
+  graphs are kept until the segment is reversed. No separate replay (one pass of training less:
+  the step is rebuilt anyway), for memory of ~sqrt(T) step graphs instead of one.
 - "kary": needs only s_0. The range is cut into k parts, replayed keeping the k part starts,
   and each part is reversed recursively. Memory O(k log_k T) states, cost about
   log_k T extra passes of training: for long runs whose stored states would not fit.
 Replay is bit-exact (training is deterministic given the state), so both schemes give the
 same numbers.
 
-Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints).
+Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints);
+"segment" holds a whole segment's graphs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from engine.store import Run
 from engine.train import TrainState, make_model, resolve_device, train_step
 
-SCHEMES = ("sqrt", "kary")
+SCHEMES = ("sqrt", "segment", "kary")
 
 
 def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, torch.Tensor]], *,
@@ -41,7 +45,8 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         run: a finished run (its checkpoints, weights, seed and preset define the training).
         images: (n, 1, 28, 28) the run's training images.
         query_grads: Q dicts {parameter name: d Phi_q / d theta_T}, e.g. the BPD gradient.
-        scheme: "sqrt" (stored checkpoints) or "kary" (recursive from s_0, k parts per level).
+        scheme: "sqrt" (stored checkpoints), "segment" (stored checkpoints, a segment's graphs
+            kept: faster, more memory) or "kary" (recursive from s_0, k parts per level).
         callback: gets {"i", "n"} after every backward step (n = T).
     Returns:
         (Q, n) metagradients.
@@ -52,10 +57,13 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         raise ValueError("the k-ary scheme needs k >= 2")
     sweep = _Sweep(run, images, query_grads, callback)
     steps = run.preset.steps
-    if scheme == "sqrt":
+    if scheme in ("sqrt", "segment"):
         starts = run.checkpoint_steps()
         for start, end in zip(reversed(starts), reversed(starts[1:] + [steps])):
-            sweep.reverse(sweep.load(start), end, k=None)
+            if scheme == "sqrt":
+                sweep.reverse(sweep.load(start), end, k=None)
+            else:
+                sweep.reverse_kept(sweep.load(start), end)
     else:
         sweep.reverse(sweep.load(0), steps, k=k)
     return sweep.grad_w.cpu()
@@ -103,16 +111,34 @@ class _Sweep:
         for i in reversed(range(k)):
             self.reverse(marks[i], bounds[i + 1], k)
 
-    def pullback(self, s: TrainState) -> None:
-        """Adjoint of s_{k+1} -> adjoint of s_k, and step k's d Phi / d w terms, for all Q at once."""
+    def reverse_kept(self, s: TrainState, end: int) -> None:
+        """The "segment" scheme: build every step of [s.step, end) with its graph, then pull back."""
+        graphs = []
+        while True:
+            graphs.append(self.build(s))
+            if s.step + 1 >= end:
+                break
+            s = graphs[-1][0].map(lambda x: x.detach())
+        while graphs:
+            self.backprop(*graphs.pop())
+
+    def build(self, s: TrainState) -> tuple:
+        """Step s.step rebuilt with create_graph=True: (new state, its leaves (inputs))."""
         names = self.names
         leaves = {key: {n: d[n].detach().requires_grad_(True) for n in names}
                   for key, d in (("p", s.params), ("m", s.m), ("v", s.v))}
         wr = self.w.detach().requires_grad_(True)
         new, _ = train_step(self.model, TrainState(s.step, leaves["p"], leaves["m"], leaves["v"]),
                             self.images, wr, self.seed, self.preset, create_graph=True)
+        return new, [leaves[key][n] for key in ("p", "m", "v") for n in names] + [wr]
+
+    def pullback(self, s: TrainState) -> None:
+        """Adjoint of s_{k+1} -> adjoint of s_k, and step k's d Phi / d w terms, for all Q at once."""
+        self.backprop(*self.build(s))
+
+    def backprop(self, new: TrainState, inputs: list) -> None:
+        names = self.names
         outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
-        inputs = [leaves[key][n] for key in ("p", "m", "v") for n in names] + [wr]
         g = torch.autograd.grad(outs, inputs, grad_outputs=self.adj, is_grads_batched=True, allow_unused=True)
         self.adj = [gi.detach() if gi is not None else torch.zeros_like(a) for gi, a in zip(g[:-1], self.adj)]
         if g[-1] is not None:

@@ -52,6 +52,15 @@ def test_kary_scheme_agrees_with_stored_checkpoints(setup, k):
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
 
 
+def test_segment_scheme_agrees_with_stored_checkpoints(setup):
+    run, images, cs = setup
+    steps = []
+    got = metagradient(run, images, cs, scheme="segment", callback=lambda i: steps.append(i["i"]))
+    assert steps == list(range(1, TINY.steps + 1))
+    want = metagradient(run, images, cs)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6
+
+
 def test_batched_queries_equal_one_at_a_time(setup):
     run, images, cs = setup
     both = metagradient(run, images, cs)
