@@ -123,13 +123,12 @@ def _baseline_scores(run: Run, out: Path, method: str, queries: list[int], x: to
 def _reference_bpd(run: Run, out: Path, queries: list[int], x: torch.Tensor) -> np.ndarray:
     """The full model's BPD (Q,) of the queries: MAGIC's, else out/bpd.json (computed once)."""
     from engine.likelihood import bits_per_dim
-    for path in (out / "attribution.npz",):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["run_digest"]) == run.digest and f["queries"].tolist() == queries:
-                    return f["bpd"]
-        except Exception:
-            pass
+    try:
+        with np.load(out / "attribution.npz", allow_pickle=False) as f:
+            if str(f["run_digest"]) == run.digest and f["queries"].tolist() == queries:
+                return f["bpd"]
+    except Exception:
+        pass  # missing, unreadable or another run's
     path = out / "bpd.json"
     try:
         r = json.loads(path.read_text())

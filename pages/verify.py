@@ -1,6 +1,7 @@
 """Verify: remove training images, retrain, and compare the actual change with MAGIC's prediction."""
 
 import json
+import os
 from pathlib import Path
 
 import altair as alt
@@ -12,7 +13,8 @@ import torch
 from engine.attribution import predict_removal, top_k
 from webapp import service, widgets as W
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+# the committed evidence; APP_RESULTS points elsewhere (tests)
+RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
 def evidence() -> None:
