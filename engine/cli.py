@@ -255,7 +255,10 @@ def cmd_compare(a) -> dict:
     _check_executor_args(a)
     executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
     cb, close = _lds_callback(a)
-    table = compare.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods,
+    protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
+    if not protocols or any(p not in ("A", "B") for p in protocols):
+        raise UserError(f"--protocols must be A, B or A,B, got {a.protocols!r}")
+    table = compare.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods, protocols=protocols,
                                    k_a=a.drop_sets, k_b=a.subsets, seeds=a.seeds, seed=a.seed,
                                    executor=executor, callback=cb)
     close()
@@ -344,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--subsets", type=int, default=16, help="protocol B subsets")
     cp.add_argument("--seeds", type=int, default=2, help="protocol B seeds per subset")
     cp.add_argument("--report", default="results/comparison", help="path stem of the .md, .json and .png written")
+    cp.add_argument("--protocols", default="A,B", help="A, B or A,B (default)")
     for sp in (ld, cp):
         sp.add_argument("--run", required=True)
         sp.add_argument("--out", required=True, help="folder for the scores, the resumable retrains and the reports")

@@ -26,13 +26,15 @@ LITERATURE = [
 
 
 def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, methods: Sequence[str],
-                   k_a: int = 50, k_b: int = 16, seeds: int = 2, seed: int = 0, executor=None,
-                   callback: Optional[Callable[[dict], None]] = None) -> str:
-    """Runs (or resumes) every method on both protocols and writes the comparison; returns the
+                   protocols: Sequence[str] = ("A", "B"), k_a: int = 50, k_b: int = 16, seeds: int = 2,
+                   seed: int = 0, executor=None, callback: Optional[Callable[[dict], None]] = None) -> str:
+    """Runs (or resumes) every method on the protocols and writes the comparison; returns the
     Markdown table."""
     from engine.lds import run_lds
     rows = []
     for protocol, k in (("A", k_a), ("B", k_b)):
+        if protocol not in protocols:
+            continue
         for m in methods:
             r = run_lds(run, out, queries, method=m, protocol=protocol, k=k, seeds=seeds, seed=seed,
                         executor=executor, callback=callback)
@@ -53,12 +55,13 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     by = {(r["method"], r["protocol"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    a0 = next(r for r in rows if r["protocol"] == "A")
+    a0 = next((r for r in rows if r["protocol"] == "A"), None)
     b0 = next((r for r in rows if r["protocol"] == "B"), None)
-    lines = [f"# LDS comparison on `{report['preset']}` ({a0['n_train']} training images, "
-             f"{len(report['queries'])} test queries)", "",
-             f"- Protocol A: {a0['drop_sets']} random drop-sets of {a0['drop_size']} images (1%), each retrained once "
-             "with the run's seed; Spearman between predicted and actual BPD change, per query."]
+    lines = [f"# LDS comparison on `{report['preset']}` ({rows[0]['n_train']} training images, "
+             f"{len(report['queries'])} test queries)", ""]
+    if a0:
+        lines.append(f"- Protocol A: {a0['drop_sets']} random drop-sets of {a0['drop_size']} images (1%), each retrained "
+                     "once with the run's seed; Spearman between predicted and actual BPD change, per query.")
     if b0:
         lines.append(f"- Protocol B: {b0['drop_sets']} random subsets keeping {b0['n_train'] - b0['drop_size']} images "
                      f"(alpha = {b0['alpha']}), each retrained with {b0['seeds']} seeds and the BPDs averaged.")
@@ -67,7 +70,7 @@ def markdown(report: dict) -> str:
               "| method | protocol A | protocol B | cost (s) | what it is |", "|---|---|---|---|---|"]
 
     def cell(r):
-        return "–" if r is None else f"{r['spearman_mean']:.3f} ± {r['spearman_std']:.3f} ({r['spearman_min']:.3f})"
+        return "not run" if r is None else f"{r['spearman_mean']:.3f} ± {r['spearman_std']:.3f} ({r['spearman_min']:.3f})"
     for m in methods:
         a, b = by.get((m, "A")), by.get((m, "B"))
         sec = (a or b)["score_seconds"]
