@@ -139,7 +139,13 @@ class _Sweep:
     def backprop(self, new: TrainState, inputs: list) -> None:
         names = self.names
         outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
-        g = torch.autograd.grad(outs, inputs, grad_outputs=self.adj, is_grads_batched=True, allow_unused=True)
+        if len(self.grad_w) == 1:
+            # One query: a plain backward. is_grads_batched would vmap over a batch of one, which
+            # costs more than the product itself saves.
+            g = torch.autograd.grad(outs, inputs, grad_outputs=[a[0] for a in self.adj], allow_unused=True)
+            g = [None if gi is None else gi[None] for gi in g]
+        else:
+            g = torch.autograd.grad(outs, inputs, grad_outputs=self.adj, is_grads_batched=True, allow_unused=True)
         self.adj = [gi.detach() if gi is not None else torch.zeros_like(a) for gi, a in zip(g[:-1], self.adj)]
         if g[-1] is not None:
             self.grad_w += g[-1].detach()
