@@ -4,8 +4,7 @@ A job runs either in a thread of this process or, with `workers > 0`, in a pool 
 worker processes. The app uses processes, so that torch work is isolated from the server and
 runs in lanes with their own thread counts. (Torch on every core is only fast if the server
 itself stays idle: with Streamlit's file watchers on, a new image's BPD took 9x the engine's
-time; .streamlit/config.toml turns them off.) A thread in this process
-still owns each job (it
+time; .streamlit/config.toml turns them off.) A thread in this process still owns each job (it
 polls the worker's progress, passes cancellation, and stores the result in the memo), so the
 job table and its semantics are the same in both modes. A process job's function must be
 picklable: a module-level function, or a functools.partial of one with picklable arguments.

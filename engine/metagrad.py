@@ -140,8 +140,8 @@ class _Sweep:
         names = self.names
         outs = [new.params[n] for n in names] + [new.m[n] for n in names] + [new.v[n] for n in names]
         if len(self.grad_w) == 1:
-            # One query: a plain backward. is_grads_batched would vmap over a batch of one, which
-            # costs more than the product itself saves.
+            # One query: a plain backward; is_grads_batched's vmap over a batch of one costs ~10%
+            # more on CPU (benchmarks/bench_metagrad.py).
             g = torch.autograd.grad(outs, inputs, grad_outputs=[a[0] for a in self.adj], allow_unused=True)
             g = [None if gi is None else gi[None] for gi in g]
         else:

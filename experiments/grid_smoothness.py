@@ -57,7 +57,7 @@ VARIANTS: dict[str, dict] = {
     # the same optimizer as eps_root = 1e-6 on the per-pixel mean loss (0.6 ~ 1e-6 * 784^2).
     "lr 2e-3 + eps 0.6 (= 1e-6 on the mean loss)": {"lr": 2e-3, "eps_root": 0.6},
 }
-# The sweep around today's `small`: each knob of the issue (batch, betas, schedule, width) moved alone.
+# The sweep around today's `small`: batch, betas, schedule and width, each moved alone.
 DEFAULT = ["lr 5e-4", "lr 5e-4 + batch 64", "lr 5e-4 + betas (0.9, 0.999)", "lr 5e-4 + no warmup",
            "lr 5e-4 + width (8, 16, 32)"]
 
