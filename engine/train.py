@@ -103,6 +103,27 @@ def adam_update(state: TrainState, grads: dict[str, torch.Tensor], lr: float, be
     return TrainState(k, params, m, v)
 
 
+def step_function(model: ScoreNet, step: int, images: torch.Tensor, seed: int, preset: Preset
+                  ) -> tuple[torch.Tensor, Callable]:
+    """Step `step` as a pure function for torch.func: (batch indices (B,), f).
+
+    f(params, m, v, w_batch) -> (params', m', v') is the same update as train_step, with the
+    batch's weights w_batch (B,) = w[indices] as an argument, so that torch.func.vjp of f gives
+    the step's pullback of (params', m', v') and the batch's weight gradients.
+    """
+    from torch.func import grad
+
+    idx = batch_indices(step, seed, images.shape[0], preset.batch_size)
+    t, z, u = (x.to(images) for x in step_noise(step, seed, preset.batch_size, preset.t_eps))
+    x0, lr = images[idx], lr_at(step, preset)
+
+    def f(params, m, v, w_batch):
+        grads = grad(lambda p: batch_loss(model, p, x0, w_batch, t, z, u))(params)
+        new = adam_update(TrainState(step, params, m, v), grads, lr, preset.betas, preset.eps_root)
+        return new.params, new.m, new.v
+    return idx, f
+
+
 def train_step(model: ScoreNet, state: TrainState, images: torch.Tensor, weights: torch.Tensor,
                seed: int, preset: Preset, create_graph: bool = False) -> tuple[TrainState, float]:
     """Step `state.step` of the run: returns the next state and the batch loss.
