@@ -21,6 +21,9 @@ def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask),
+        # so results and runs stay readable by whoever could read a plainly written file.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -31,6 +34,24 @@ def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _read_umask() -> int:
+    """The process umask: from /proc on Linux; elsewhere set and restored once, at import, since
+    os.umask can only be read by setting it (not thread-safe, so never done per write)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def save_torch(obj: Any, path: Path) -> None:

@@ -18,20 +18,22 @@ from engine.errors import UserError
 from engine.likelihood import bits_per_dim
 from engine.metagrad import metagradient
 from engine.store import Run
+from engine.train import resolve_device
 
 
 def bpd_and_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None
                         ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
-    """Exact BPD of each query (Q, 1, 28, 28) and its gradient w.r.t. the final parameters."""
-    model = run.model()
+    """Exact BPD of each query (Q, 1, 28, 28) and its gradient w.r.t. the final parameters (on the CPU)."""
     p = run.preset
+    dev = resolve_device(p)  # the preset's device (a GPU where there is one), as for training
+    model = run.model(dev)
     names = [n for n, _ in model.named_parameters()]
     bpds, grads = [], []
     for i in range(len(x)):
-        b = bits_per_dim(model, x[i: i + 1].to(p.torch_dtype), **p.likelihood_kwargs, callback=callback)
+        b = bits_per_dim(model, x[i: i + 1].to(dev, p.torch_dtype), **p.likelihood_kwargs, callback=callback)
         g = torch.autograd.grad(b.sum(), list(model.parameters()), allow_unused=True)
         bpds.append(float(b.detach()))
-        grads.append({n: (gi if gi is not None else torch.zeros_like(pi)).detach()
+        grads.append({n: (gi if gi is not None else torch.zeros_like(pi)).detach().cpu()
                       for n, gi, pi in zip(names, g, model.parameters())})
     return np.array(bpds), grads
 

@@ -75,15 +75,16 @@ def _diag_chunk(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, start: int,
     d = x[0].numel()
     idx = torch.arange(start, start + c, device=x.device)
     tangent = torch.zeros(c, b, d, dtype=x.dtype, device=x.device)
-    tangent[torch.arange(c), :, idx] = 1.0
+    rows = torch.arange(c, device=x.device)
+    tangent[rows, :, idx] = 1.0
     fast = getattr(score_fn, "forward_with_tangents", None)
     if fast is not None:  # a model that propagates many tangents past one primal pass
         out, jv = fast(x, t, tangent.reshape(c, *x.shape))
-        return out, jv.reshape(c, b, d)[torch.arange(c), :, idx].sum(0)
+        return out, jv.reshape(c, b, d)[rows, :, idx].sum(0)
     x_rep = x.repeat(c, *([1] * (x.dim() - 1)))  # (c*B, *S): block j is the whole batch
     t_rep = t.repeat(c)
     out, jv = torch.func.jvp(lambda z: score_fn(z, t_rep), (x_rep,), (tangent.reshape(x_rep.shape),))
-    diag = jv.reshape(c, b, d)[torch.arange(c), :, idx]  # (c, B)
+    diag = jv.reshape(c, b, d)[rows, :, idx]  # (c, B)
     return out.reshape(c, *x.shape)[0], diag.sum(0)
 
 

@@ -155,3 +155,16 @@ def test_full_mnist_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.datasets, "MNIST", NoNetwork)
     with pytest.raises(UserError, match="could not be downloaded.*needs internet"):
         data.load_train(60000, "torchvision", root=tmp_path)
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """mkstemp's 0600 would make results unreadable to anyone else; a plain open() gives 0666 less the umask."""
+    import os
+    from engine import atomic
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    for path, save in ((tmp_path / "a.json", lambda p: atomic.save_json({"a": 1}, p)),
+                       (tmp_path / "b.txt", lambda p: atomic.save_text("b", p))):
+        save(path)
+        assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+    assert not list(tmp_path.glob(".*.tmp"))
