@@ -7,9 +7,12 @@ one-line reason on stderr with a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -414,10 +417,30 @@ def _human(cmd: str, result) -> str:
     return "\n".join(f"{k}: {v}" for k, v in result.items())
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (`kill`, a job scheduler's stop) raises KeyboardInterrupt like
+    Ctrl-C, so that worker processes are stopped and the exit is clean; the default would end
+    this process at once and leave its workers running their jobs. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         a = build_parser().parse_args(argv)
-        result = COMMANDS[a.cmd](a)
+        with sigterm_as_interrupt():
+            result = COMMANDS[a.cmd](a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,12 +70,35 @@ class LocalExecutor:
         jobs = min(self.jobs, len(arglist))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         # spawn, not fork: the parent may hold torch's thread pools or a server's threads
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=set_threads,
-                                 initargs=(threads,)) as pool:
+        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=set_threads,
+                                   initargs=(threads,))
+        futures = []
+        try:
             with neutral_main():  # the processes start on submit
                 futures = [pool.submit(fn, *args) for args in arglist]
             for f in as_completed(futures):
                 yield f.result()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM through the CLI, a failed job, the caller stopped
+            # iterating): stop the workers now rather than let them finish their jobs
+            # unobserved, which a plain `with` (shutdown(wait=True)) would wait for. A job cut
+            # short has written nothing (results are atomic), so a rerun redoes exactly it.
+            _stop(pool, futures)
+            raise
+        pool.shutdown(wait=True)
+
+
+def _stop(pool: ProcessPoolExecutor, futures: list) -> None:
+    """Cancel what has not started and terminate the workers of `pool` (running jobs included)."""
+    for f in futures:
+        f.cancel()
+    # No public API stops a running job; the pool's process table is the only handle on them.
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.join(10)
 
 
 class RayExecutor:

@@ -110,3 +110,51 @@ def test_attribute_in_chunks_equals_one_sweep_and_resumes(tmp_path):
     seen = []
     attribute_many(run, x, parts, LocalExecutor(1), chunk=2, callback=lambda i: seen.append(i["i"]))
     assert seen == [1, 2] and (parts / "chunk_00001.npz").is_file()
+
+
+def _sleeping_job(folder: str, i: int) -> str:
+    """Announces its worker's pid, then sleeps far longer than the test waits."""
+    (Path(folder) / f"pid{i}.tmp").write_text(str(os.getpid()))
+    os.replace(Path(folder) / f"pid{i}.tmp", Path(folder) / f"pid{i}")
+    time.sleep(120)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_the_parent_stops_its_running_workers(tmp_path):
+    """`kill` on a CLI process running local jobs: it exits 130 and its workers die with it
+    (by default SIGTERM ends the parent alone and the workers finish their jobs unobserved)."""
+    import subprocess
+    root, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
+    script = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(tests)!r}]\n"
+              "from engine.cli import sigterm_as_interrupt\n"
+              "from engine.executor import LocalExecutor\n"
+              "import test_executor as t\n"
+              "try:\n"
+              "    with sigterm_as_interrupt():\n"
+              f"        list(LocalExecutor(2).run(t._sleeping_job, [({str(tmp_path)!r}, 0), ({str(tmp_path)!r}, 1)]))\n"
+              "except KeyboardInterrupt:\n"
+              "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not all((tmp_path / f"pid{i}").exists() for i in range(2)):
+        assert time.time() < deadline and proc.poll() is None, "the workers never started"
+        time.sleep(0.2)
+    pids = [int((tmp_path / f"pid{i}").read_text()) for i in range(2)]
+    assert all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 130
+    deadline = time.time() + 15
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in pids if _alive(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, "workers kept running after their parent was terminated"
