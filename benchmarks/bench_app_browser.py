@@ -109,10 +109,11 @@ def main() -> None:
         proc.wait(30)
     eng = float(np.mean(eng[1:] if len(eng) > 1 else eng))  # the first call pays one-time costs
     lines = [f"# bench_app_browser: {a.run}, streamlit + headless Chromium, seconds from upload to bits/dim on the page"]
-    lines += [f"new image {i + 1} (test {j})                 {t:7.2f}" for i, (j, t) in enumerate(zip(idx, times))]
-    lines += [f"first image again (memo hit)           {times[-1]:7.2f}",
-              f"engine alone, mean per image, in-process {eng:7.2f}",
-              f"app / engine (new images, mean)         {np.mean(times[:-1]) / eng:7.2f}x"]
+    rows = [(f"new image {i + 1} (test {j})", f"{t:7.2f}") for i, (j, t) in enumerate(zip(idx, times))]
+    rows += [("first image again (memo hit)", f"{times[-1]:7.2f}"),
+             ("engine alone, mean per image, in-process", f"{eng:7.2f}"),
+             ("app / engine (new images, mean)", f"{np.mean(times[:-1]) / eng:7.2f}x")]
+    lines += [f"{label:42s}{value}" for label, value in rows]
     text = "\n".join(lines)
     print(text)
     if a.out:
