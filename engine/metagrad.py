@@ -17,11 +17,15 @@ States are needed in reverse order; two schemes recompute them:
 - "kary": needs only s_0. The range is cut into k parts, replayed keeping the k part starts,
   and each part is reversed recursively. Memory O(k log_k T) states, cost about
   log_k T extra passes of training: for long runs whose stored states would not fit.
-Replay is bit-exact (training is deterministic given the state), so both schemes give the
-same numbers.
+Replay is bit-exact (training is deterministic given the state), so the schemes linearize
+at the same states. One exception, in the last bits: "segment" with several queries takes a
+segment's states from the torch.func step, whose gradient rounds differently from training's
+(relative differences ~1e-7 in float32), so it agrees with "sqrt" to float precision, not
+bit for bit.
 
-Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints);
-"segment" holds a whole segment's graphs.
+Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints; the
+vmapped pullback holds Q copies of the step's activation-sized intermediates, 370 MB above
+the sweep for Q = 8 on `small`); "segment" holds a whole segment's graphs.
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ class _Sweep:
             cot = tuple({n: self.adj[j * nn + i] for i, n in enumerate(names)} for j in range(3))
             gp, gm, gv, gw = torch.func.vmap(vjp_fn)(cot)
             self.adj = [d[n] for d in (gp, gm, gv) for n in names]
-            self.grad_w[:, idx] += gw
+            self.grad_w.index_add_(1, idx, gw)
             self._tick()
         return TrainState(s.step + 1, p, m, v), pull
 
