@@ -76,6 +76,22 @@ def markdown(report: dict) -> str:
         sec = (a or b)["score_seconds"]
         lines.append(f"| {m} | {cell(a)} | {cell(b)} | {'not recorded' if sec is None else f'{sec:.0f}'} | "
                      f"{DESCRIPTIONS.get(m, '')} |")
+    seeded = [(m, by[(m, "B")]) for m in methods if "spearman_by_seed" in by.get((m, "B"), {})]
+    if seeded:
+        n_seeds = len(seeded[0][1]["spearman_by_seed"])
+        lines += ["", "Protocol B against each retraining seed alone (mean Spearman over queries). The first is the "
+                  "run's own seed: the same initialization, batches and noise as the model that was attributed; "
+                  "the others are different training runs.", "",
+                  "| method | " + " | ".join(f"seed {r['seed']}" + (" (the run's)" if i == 0 else "")
+                                           for i, r in enumerate(seeded[0][1]["spearman_by_seed"])) + " |",
+                  "|---|" + "---|" * n_seeds]
+        lines += [f"| {m} | " + " | ".join(f"{r['mean']:.3f}" for r in b["spearman_by_seed"]) + " |" for m, b in seeded]
+        agree = seeded[0][1].get("seed_agreement")
+        if agree is not None:
+            lines += ["", f"Agreement between seeds: the actual BPD changes of one seed against another's, Spearman "
+                      f"{agree:.3f} (mean over queries and seed pairs). Retraining with another seed moves the "
+                      "BPD by more than which half of the data was kept, so no prediction can follow another "
+                      "seed much better than this."]
     lines += ["", "Published values (other data, models or protocols; for orientation, not a like-for-like test):", "",
               "| source | method | value |", "|---|---|---|"]
     lines += [f"| {x['source']} | {x['method']} | {x['value']} |" for x in report["literature"]]

@@ -153,7 +153,7 @@ def report_path(out: Path, method: str, protocol: str) -> Path:
 
 def _retrain_bank(run: Run, out: Path, queries: list[int], x: torch.Tensor, protocol: str, drops: np.ndarray,
                   seeds: int, stamp: dict, executor, jobs: int, cb) -> np.ndarray:
-    """Retrained BPD (Q, K) of every drop (K, m), averaged over `seeds` seeds (run.seed + s);
+    """Retrained BPD (S, Q, K) of every drop (K, m) for each of `seeds` seeds (run.seed + s);
     one file per (drop, seed), never redone while the stamp holds."""
     folder = out / ("retrains" if protocol == "A" else "retrains_b")
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def _retrain_bank(run: Run, out: Path, queries: list[int], x: torch.Tensor, prot
                                        for j, s in todo]):
             done += 1
             cb({"stage": "retrain", "i": done, "n": len(pairs)})
-    return np.stack([np.mean([load_result(j, s) for s in range(seeds)], axis=0) for j in range(len(drops))], axis=1)
+    return np.stack([np.stack([load_result(j, s) for j in range(len(drops))], axis=1) for s in range(seeds)])
 
 
 def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic", protocol: str = "A",
@@ -239,8 +239,8 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic
     else:
         scores, seconds = _baseline_scores(run, out, method, queries, x, cb)
         bpd = _reference_bpd(run, out, queries, x)
-    retrained = _retrain_bank(run, out, queries, x, protocol, drops, seeds, stamp, executor, jobs, cb)
-    actual = retrained - bpd[:, None]                                                     # (Q, K)
+    by_seed = _retrain_bank(run, out, queries, x, protocol, drops, seeds, stamp, executor, jobs, cb)  # (S, Q, K)
+    actual = by_seed.mean(0) - bpd[:, None]                                               # (Q, K)
     predicted = -np.stack([scores[:, s].sum(1) for s in drops], axis=1)                   # (Q, K)
     per_query = []
     for i, q in enumerate(queries):
@@ -254,7 +254,7 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic
               "drop_sets": len(drops), "drop_size": int(drops.shape[1]), "seed": seed,
               "spearman_mean": float(rhos.mean()), "spearman_std": float(rhos.std()),
               "spearman_min": float(rhos.min()), "score_seconds": seconds, "queries": per_query}
-    report |= {"frac": frac} if protocol == "A" else {"alpha": alpha, "seeds": seeds}
+    report |= {"frac": frac} if protocol == "A" else {"alpha": alpha, "seeds": seeds, **seed_breakdown(predicted, by_seed, run.seed)}
     path = report_path(out, method, protocol)
     atomic.save_json(report, path)
     atomic.save_bytes(scatter_png(report), path.with_suffix(".png"))
@@ -262,6 +262,29 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic
         for r in per_query:
             atomic.save_bytes(scatter_png(report, [r]), out / "scatter" / f"test_{r['query']:05d}.png")
     return report
+
+
+def seed_breakdown(predicted: np.ndarray, by_seed: np.ndarray, run_seed: int) -> dict:
+    """Protocol B against each retraining seed on its own, and how well the seeds agree.
+
+    The metagradient is the derivative of one training run (the run's seed: its initialization,
+    batches and noise); a retrain with another seed is another run. So the Spearman against the
+    run's own seed and against the others say different things, and the agreement between
+    seeds (Spearman of one seed's actual changes against another's, per query) bounds how well
+    any single prediction can follow another seed.
+
+    Args: predicted (Q, K); by_seed (S, Q, K) retrained BPDs; run_seed the run's seed (= seed 0).
+    Returns: {"spearman_by_seed": [{"seed", "mean", "min"}] (S), "seed_agreement": mean over
+    queries and seed pairs, or None with one seed}.
+    """
+    from scipy.stats import spearmanr
+    rows = []
+    for s, bpd_s in enumerate(by_seed):
+        rho = np.array([spearmanr(predicted[i], bpd_s[i])[0] for i in range(len(predicted))])
+        rows.append({"seed": run_seed + s, "mean": float(rho.mean()), "min": float(rho.min())})
+    pairs = [(a, b) for a in range(len(by_seed)) for b in range(a + 1, len(by_seed))]
+    agree = [spearmanr(by_seed[a][i], by_seed[b][i])[0] for a, b in pairs for i in range(by_seed.shape[1])]
+    return {"spearman_by_seed": rows, "seed_agreement": float(np.mean(agree)) if agree else None}
 
 
 def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:

@@ -45,11 +45,12 @@ def evidence() -> None:
     dots = base.mark_circle(size=18, color="black").encode(y="Spearman:Q", tooltip=["method", "protocol", "query", alt.Tooltip("Spearman:Q", format=".3f")])
     st.altair_chart((bars + dots).properties(height=280), width="stretch")
     st.caption("Bars: mean Spearman between predicted and actual BPD change over the test queries; dots: "
-               "each query. Protocol A: 1% drop-sets, one seed; protocol B: half-size subsets, seeds averaged. "
+               "each query. Protocol A: 1% drop-sets, one seed; protocol B: half-size subsets, seeds averaged "
+               "(the table below also scores each seed alone: MAGIC predicts its own run's seed). "
                "All methods are scored on the same retrained models.")
     md = RESULTS / "comparison.md"
     if md.is_file():
-        with st.expander("The table, with costs and published values"):
+        with st.expander("The table, with each seed alone, costs and published values"):
             st.markdown(md.read_text())
 
 

@@ -100,6 +100,16 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     # predicted: minus the scores summed over the dropped images
     s = np.load(out / "scores" / "pixel.npz")["scores"]
     assert rep["queries"][0]["predicted_change"][1] == pytest.approx(-s[0, drop].sum())
+    # each seed on its own: Spearman of the predictions against that seed's retrains (from its files)
+    from scipy.stats import spearmanr
+    pred = rep["queries"][0]["predicted_change"]
+    for s_ in (0, 1):
+        own = [json.loads((out / "retrains_b" / f"set_{j:03d}_seed_{s_}.json").read_text())["bpd"][0] for j in range(3)]
+        got = rep["spearman_by_seed"][s_]
+        assert got["seed"] == s_ and got["mean"] == pytest.approx(spearmanr(pred, own)[0])
+    seeds_bpd = [[json.loads((out / "retrains_b" / f"set_{j:03d}_seed_{s_}.json").read_text())["bpd"][0]
+                  for j in range(3)] for s_ in (0, 1)]
+    assert rep["seed_agreement"] == pytest.approx(spearmanr(*seeds_bpd)[0])
     # the comparison (CLI): a second method reuses every protocol-B retrain; protocol A adds its own
     stages.clear()
     rc = cli.main(["compare", "--run", str(tiny_run.path), "--out", str(out), "--report", str(tmp_path / "cmp"),
@@ -113,6 +123,8 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert len(list((out / "retrains_b").glob("set_*.json"))) == 6 and len(list((out / "retrains").glob("set_*.json"))) == 3
     md = (tmp_path / "cmp.md").read_text()
     assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert f"| pixel | {rep['spearman_by_seed'][0]['mean']:.3f} | {rep['spearman_by_seed'][1]['mean']:.3f} |" in md
+    assert f"Spearman {rep['seed_agreement']:.3f}" in md
     with pytest.raises(UserError):
         lds.run_lds(tiny_run, out, q, method="nope")
     with pytest.raises(UserError):
