@@ -109,7 +109,8 @@ def step_function(model: ScoreNet, step: int, images: torch.Tensor, seed: int, p
 
     f(params, m, v, w_batch) -> (params', m', v') is the same update as train_step, with the
     batch's weights w_batch (B,) = w[indices] as an argument, so that torch.func.vjp of f gives
-    the step's pullback of (params', m', v') and the batch's weight gradients.
+    the step's pullback of (params', m', v') and the batch's weight gradients. Its gradient comes
+    from torch.func.grad, which may round differently from train_step's in the last bit.
     """
     from torch.func import grad
 
