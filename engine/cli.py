@@ -402,6 +402,10 @@ def _human(cmd: str, result) -> str:
             lines.append(f"{r['method']}: LDS protocol {r['protocol']} on {r['preset']}, {what}")
             lines += [f"  test {q['query']:5d} (digit {q['label']}): Spearman {q['spearman']:.3f}" for q in r["per_query"]]
             lines.append(f"  mean Spearman {r['spearman_mean']:.3f}, min {r['spearman_min']:.3f}")
+            if r.get("spearman_by_seed"):
+                lines.append("  each seed alone: " + ", ".join(f"seed {x['seed']} {x['mean']:.3f}" for x in r["spearman_by_seed"])
+                             + ("" if r.get("seed_agreement") is None else
+                                f"; seeds agree with each other at {r['seed_agreement']:.3f}"))
         lines.append(f"(wrote {result['out']})")
         return "\n".join(lines)
     if cmd == "compare":
