@@ -89,9 +89,10 @@ def markdown(report: dict) -> str:
         agree = seeded[0][1].get("seed_agreement")
         if agree is not None:
             lines += ["", f"Agreement between seeds: the actual BPD changes of one seed against another's, Spearman "
-                      f"{agree:.3f} (mean over queries and seed pairs). Retraining with another seed moves the "
-                      "BPD by more than which half of the data was kept, so no prediction can follow another "
-                      "seed much better than this."]
+                      f"{agree:.3f} (mean over queries and seed pairs). If each seed's change is an effect of the "
+                      "subset shared by all seeds plus the seed's own noise, even an exact prediction of the shared "
+                      f"effect correlates with any one seed at only about sqrt({agree:.3f}) = "
+                      f"{np.sqrt(max(agree, 0.0)):.2f}."]
     lines += ["", "Published values (other data, models or protocols; for orientation, not a like-for-like test):", "",
               "| source | method | value |", "|---|---|---|"]
     lines += [f"| {x['source']} | {x['method']} | {x['value']} |" for x in report["literature"]]

@@ -269,9 +269,10 @@ def seed_breakdown(predicted: np.ndarray, by_seed: np.ndarray, run_seed: int) ->
 
     The metagradient is the derivative of one training run (the run's seed: its initialization,
     batches and noise); a retrain with another seed is another run. So the Spearman against the
-    run's own seed and against the others say different things, and the agreement between
-    seeds (Spearman of one seed's actual changes against another's, per query) bounds how well
-    any single prediction can follow another seed.
+    run's own seed and against the others say different things. The agreement between seeds
+    (Spearman of one seed's actual changes against another's, per query) is r: if every seed's
+    change is a shared effect of the subset plus the seed's own noise, even an exact prediction
+    of the shared effect correlates with any one seed at only about sqrt(r).
 
     Args: predicted (Q, K); by_seed (S, Q, K) retrained BPDs; run_seed the run's seed (= seed 0).
     Returns: {"spearman_by_seed": [{"seed", "mean", "min"}] (S), "seed_agreement": mean over
