@@ -1,0 +1,45 @@
+"""Writes the reference outputs of `bpd`, `attribute` and `lds` on `tiny` that
+tests/test_golden.py compares today's code with (made once, with the code of commit 15121fb,
+before the attribution-method registry; rerun only to accept a deliberate change of results).
+
+    .venv/bin/python tests/golden/make_golden.py
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+COMMANDS = {
+    "bpd": ["bpd", "--run", "{run}", "test:0", "test:7", "--json"],
+    "attribute": ["attribute", "--run", "{run}", "test:0", "test:7", "--out", "{tmp}/attribute.npz", "--json"],
+    "lds": ["lds", "--run", "{run}", "--out", "{tmp}/lds", "--queries", "2", "--drop-sets", "4", "--jobs", "1", "--json"],
+}
+
+
+def run_all(tmp: Path) -> dict:
+    """Train `tiny` into tmp/run, run the three commands; {name: parsed JSON stdout}."""
+    py = sys.executable
+    subprocess.run([py, "-m", "engine", "train", "--preset", "tiny", "--out", str(tmp / "run"), "--json"],
+                   cwd=ROOT, check=True, capture_output=True)
+    out = {}
+    for name, args in COMMANDS.items():
+        args = [a.format(run=tmp / "run", tmp=tmp) for a in args]
+        r = subprocess.run([py, "-m", "engine", *args], cwd=ROOT, check=True, capture_output=True, text=True)
+        out[name] = json.loads(r.stdout)
+    return out
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        res = run_all(tmp)
+        (HERE / "tiny").mkdir(exist_ok=True)
+        shutil.copy(tmp / "attribute.npz", HERE / "tiny" / "attribute.npz")
+        shutil.copy(tmp / "lds" / "lds.json", HERE / "tiny" / "lds.json")
+        (HERE / "tiny" / "bpd.json").write_text(json.dumps(res["bpd"], indent=2) + "\n")
+    print("wrote", HERE / "tiny")
