@@ -12,7 +12,7 @@ from webapp import service
 st.set_page_config(page_title="Which training images?", page_icon="🔢", layout="wide")
 page = st.navigation([
     st.Page("pages/draw.py", title="Draw & attribute", default=True),
-    st.Page("pages/compare.py", title="Compare likelihoods"),
+    st.Page("pages/likelihoods.py", title="Compare likelihoods"),
     st.Page("pages/galleries.py", title="Galleries"),
     st.Page("pages/verify.py", title="Verify"),
 ])

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, data, train  # noqa: E402
-from engine.attribution import bpd_and_param_grads  # noqa: E402
+from engine import device as devices  # noqa: E402
+from engine.bpd import run_bpd  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
 from engine.presets import get_preset  # noqa: E402
 from engine.store import load_run  # noqa: E402
@@ -92,7 +93,7 @@ def main() -> None:
         preset = dataclasses.replace(preset, device=a.device)
     if a.steps:
         preset = dataclasses.replace(preset, steps=a.steps)
-    cuda = train.resolve_device(preset).type == "cuda"
+    cuda = devices.resolve(preset).type == "cuda"
     images, _ = data.load_train(preset.n_train, preset.source)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +119,7 @@ def main() -> None:
         if "bpd" in stages:
             x = data.load_test()[0][:1]
             with Peak(cuda) as m:
-                bpd_and_param_grads(run, x)
+                run_bpd(run, x, grad=True)
             rows.append(("exact BPD + its parameter gradient, 1 query", m))
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     base = rows[0][1].seconds

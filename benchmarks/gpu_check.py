@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, data, train  # noqa: E402
+from engine import device as devices  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.presets import PRESETS, Preset  # noqa: E402
 
@@ -49,12 +50,12 @@ def pick_preset(dry_run: bool, steps: int) -> tuple[Preset, str]:
 
 
 def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
-    from engine.attribution import bpd_and_param_grads
+    from engine.bpd import run_bpd
     from engine.likelihood import bits_per_dim
     from engine.metagrad import metagradient
     from engine.store import load_run
     p, data_line = pick_preset(dry_run, steps)
-    dev = train.resolve_device(p)
+    dev = devices.setup(p)
     rows = [("device", torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"),
             ("torch", torch.__version__ + (f", CUDA {torch.version.cuda}" if dev.type == "cuda" else "")),
             ("data", data_line),
@@ -99,7 +100,7 @@ def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
         for q in (1, queries):
             _sync(dev)
             t0 = time.perf_counter()
-            _, qgrads = bpd_and_param_grads(run, data.load_test()[0][:q])
+            _, qgrads = run_bpd(run, data.load_test()[0][:q], grad=True)
             _sync(dev)
             grad_s[q] = time.perf_counter() - t0
             t0 = time.perf_counter()

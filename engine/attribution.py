@@ -15,27 +15,9 @@ import torch
 
 from engine import atomic, data
 from engine.errors import UserError
-from engine.likelihood import bits_per_dim
+from engine.bpd import run_bpd
 from engine.metagrad import metagradient
 from engine.store import Run
-from engine.train import resolve_device
-
-
-def bpd_and_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None
-                        ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
-    """Exact BPD of each query (Q, 1, 28, 28) and its gradient w.r.t. the final parameters (on the CPU)."""
-    p = run.preset
-    dev = resolve_device(p)  # the preset's device (a GPU where there is one), as for training
-    model = run.model(dev)
-    names = [n for n, _ in model.named_parameters()]
-    bpds, grads = [], []
-    for i in range(len(x)):
-        b = bits_per_dim(model, x[i: i + 1].to(dev, p.torch_dtype), **p.likelihood_kwargs, callback=callback)
-        g = torch.autograd.grad(b.sum(), list(model.parameters()), allow_unused=True)
-        bpds.append(float(b.detach()))
-        grads.append({n: (gi if gi is not None else torch.zeros_like(pi)).detach().cpu()
-                      for n, gi, pi in zip(names, g, model.parameters())})
-    return np.array(bpds), grads
 
 
 def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
@@ -45,7 +27,7 @@ def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], Non
     callback gets {"stage": "bpd"|"training", "i", "n"}; scheme and k go to engine.metagrad.
     """
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
-    bpd, qgrads = bpd_and_param_grads(run, x, callback=lambda i: callback and callback({"stage": "bpd", **i}))
+    bpd, qgrads = run_bpd(run, x, grad=True, callback=lambda i: callback and callback({"stage": "bpd", **i}))
     gw = metagradient(run, images, qgrads, scheme=scheme, k=k,
                       callback=lambda i: callback and callback({"stage": "training", **i}))
     return gw.numpy().astype(np.float64), bpd

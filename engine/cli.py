@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
+import logging
 import signal
 import sys
 import threading
@@ -85,25 +85,14 @@ def load_inputs(specs: list[str]) -> torch.Tensor:
     return torch.stack([data.load_input(s) for s in specs])
 
 
-def compute_bpd(run, x: torch.Tensor, batch: int = 1, quiet: bool = False) -> np.ndarray:
-    """Exact BPD of (Q, 1, 28, 28) images under a run's model, batched, with a progress bar."""
-    from engine.likelihood import bits_per_dim
-    model = run.model()
-    p = run.preset
-    out = []
-    bar, cb = _progress(4 * p.bpd_steps * ((len(x) + batch - 1) // batch), "bits/dim", quiet)
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(bits_per_dim(model, x[i: i + batch], **p.likelihood_kwargs, callback=cb))
-    bar.close()
-    return torch.cat(out).numpy().astype(np.float64)
-
-
 def cmd_bpd(a):
+    from engine.bpd import run_bpd
     from engine.store import load_run
     run = load_run(a.run)
     x = load_inputs(a.inputs)
-    bpd = compute_bpd(run, x, quiet=a.json)
+    bar, cb = _progress(4 * run.preset.bpd_steps * len(x), "bits/dim", a.json)
+    bpd, _ = run_bpd(run, x, callback=cb)
+    bar.close()
     return [{"input": s, "bpd": float(b)} for s, b in zip(a.inputs, bpd)]
 
 
@@ -137,6 +126,13 @@ def _grid_png(x: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((g[0].numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _default_jobs(a, run) -> None:
+    """--jobs left out: engine.device's choice for the run's preset (cores, or GPUs)."""
+    if a.jobs is None:
+        from engine import device
+        a.jobs = device.default_jobs(run.preset)
 
 
 def _check_executor_args(a) -> None:
@@ -193,11 +189,12 @@ def _lds_queries(a) -> list[int]:
 
 
 def _methods(spec: str) -> list[str]:
-    from engine.baselines import METHODS
-    names = ["magic", *METHODS] if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m != "magic" and m not in METHODS]
+    from engine import methods
+    known = methods.names()
+    names = known if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in known]
     if bad or not names:
-        raise UserError(f"--method: unknown {', '.join(bad) or 'empty list'}; choose from magic, {', '.join(METHODS)} or all")
+        raise UserError(f"--method: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(known)} or all")
     return names
 
 
@@ -229,11 +226,12 @@ def _lds_callback(a):
 
 def cmd_lds(a) -> dict:
     from engine.executor import make_executor
-    from engine.lds import run_lds
+    from engine.experiments.lds import run_lds
     from engine.store import load_run
     run = load_run(a.run)
     queries = _lds_queries(a)
     methods = _methods(a.method)
+    _default_jobs(a, run)
     _check_executor_args(a)
     k = a.drop_sets or (50 if a.protocol == "A" else 16)
     executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
@@ -249,19 +247,20 @@ def cmd_lds(a) -> dict:
 
 
 def cmd_compare(a) -> dict:
-    from engine import compare
     from engine.executor import make_executor
+    from engine.experiments import comparison
     from engine.store import load_run
     run = load_run(a.run)
     queries = _lds_queries(a)
     methods = _methods(a.method)
+    _default_jobs(a, run)
     _check_executor_args(a)
     executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
     cb, close = _lds_callback(a)
     protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
     if not protocols or any(p not in ("A", "B") for p in protocols):
         raise UserError(f"--protocols must be A, B or A,B, got {a.protocols!r}")
-    table = compare.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods, protocols=protocols,
+    table = comparison.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods, protocols=protocols,
                                    k_a=a.drop_sets, k_b=a.subsets, seeds=a.seeds, seed=a.seed,
                                    executor=executor, callback=cb)
     close()
@@ -269,12 +268,12 @@ def cmd_compare(a) -> dict:
 
 
 def cmd_figure4(a) -> dict:
-    from engine import figure4
+    from engine.experiments import figure4
     from engine.store import load_run
     run = load_run(a.run)
     try:
         with np.load(a.scores, allow_pickle=False) as f:
-            grad_w = f["grad_w"]
+            grad_w = f["grad_w"] if "grad_w" in f.files else f["scores"]
             if "queries" in f:
                 queries = [int(q) for q in f["queries"]]
             else:
@@ -291,7 +290,7 @@ def cmd_figure4(a) -> dict:
 
 
 def cmd_figure2(a) -> dict:
-    from engine import figure2
+    from engine.experiments import figure2
     from engine.store import load_run
     run = load_run(a.run)
     bar, cb = _progress(4 * a.n, "figure2 images", a.json)
@@ -337,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ld = sub.add_parser("lds", help="predicted BPD changes of an attribution method against actual retraining")
     ld.add_argument("--method", default="magic",
-                    help="magic (default), trak, dtrak, ltrak, pixel, feature, a comma-separated list, or all")
+                    help="an attribution method (magic by default; see engine.methods), a comma-separated list, or all")
     ld.add_argument("--protocol", choices=["A", "B"], default="A",
                     help="A: drop-sets of --frac, one seed; B: subsets keeping --alpha, --seeds seeds averaged")
     ld.add_argument("--drop-sets", type=int, default=None, help="number of drop-sets (protocol B: subsets); default 50 (B: 16)")
@@ -357,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--queries", type=int, default=8, help="number of test queries (a fixed random sample)")
         sp.add_argument("--query-index", help="comma-separated test indices instead of --queries")
         sp.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
-        sp.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
-                        help="parallel retraining processes (they share the cores)")
+        sp.add_argument("--jobs", type=int, default=None,
+                        help="parallel retraining processes (default: one per core, or per GPU for a GPU preset)")
     for sp in (at, ld, cp):
         sp.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="where jobs run: local processes, or a Ray cluster (pip install -r requirements-ray.txt)")
@@ -374,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f4 = sub.add_parser("figure4", help="top proponents and opponents of test queries: galleries, classes, recurrence")
     f4.add_argument("--run", required=True)
-    f4.add_argument("--scores", required=True, help="attribution .npz of `attribute` (test:I inputs) or of `lds`")
+    f4.add_argument("--scores", required=True, help="scores .npz of `attribute` (test:I inputs) or of `lds` (OUT/scores/METHOD.npz)")
     f4.add_argument("--out", default="results/figure4")
     f4.add_argument("--k", type=int, default=16)
 
@@ -440,7 +439,18 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, saved)
 
 
+def _notes_to_stderr() -> None:
+    """The engine says why it recomputes a kept result (engine.files); show that on stderr."""
+    log = logging.getLogger("engine")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("note: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _notes_to_stderr()
     try:
         a = build_parser().parse_args(argv)
         with sigterm_as_interrupt():

@@ -34,8 +34,10 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.errors import UserError
 from engine.store import Run
-from engine.train import TrainState, make_model, resolve_device, step_function, train_step
+from engine import device as devices
+from engine.train import TrainState, make_model, step_function, train_step
 
 SCHEMES = ("sqrt", "segment", "kary")
 
@@ -59,10 +61,10 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         raise ValueError(f"unknown checkpoint scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "kary" and k < 2:
         raise ValueError("the k-ary scheme needs k >= 2")
-    sweep = _Sweep(run, images, query_grads, callback)
     steps = run.preset.steps
+    starts = check_trajectory(run)
+    sweep = _Sweep(run, images, query_grads, callback)
     if scheme in ("sqrt", "segment"):
-        starts = run.checkpoint_steps()
         for start, end in zip(reversed(starts), reversed(starts[1:] + [steps])):
             if scheme == "sqrt":
                 sweep.reverse(sweep.load(start), end, k=None)
@@ -73,13 +75,26 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
     return sweep.grad_w.cpu()
 
 
+def check_trajectory(run: Run) -> list[int]:
+    """The stored steps of the run's trajectory, after checking that none is missing: a gap
+    would silently drop those steps' contributions from every metagradient."""
+    expected = list(range(0, run.preset.steps, run.preset.ckpt_every))
+    have = run.checkpoint_steps()
+    missing = sorted(set(expected) - set(have))
+    if missing:
+        raise UserError(f"run {run.path} has an incomplete trajectory: traj/step_{missing[0]:06d}.pt"
+                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} missing; retrain it "
+                        f"(python -m engine train --preset {run.preset.name} --out NEW --seed {run.seed})")
+    return expected
+
+
 class _Sweep:
     """The backward sweep's running state: Q adjoints of (params, m, v) and the (Q, n) result."""
 
     def __init__(self, run, images, query_grads, callback):
         p = run.preset
         self.run, self.preset, self.seed, self.callback = run, p, run.seed, callback
-        self.dev = resolve_device(p)
+        self.dev = devices.setup(p)
         self.images = images.to(self.dev, p.torch_dtype)
         self.w = torch.from_numpy(run.weights()).to(self.dev, p.torch_dtype)
         self.model = make_model(p, run.seed).to(self.dev)

@@ -26,7 +26,7 @@ import torch
 from engine import atomic
 from engine.errors import UserError
 from engine.presets import Preset, digest, preset_from_dict
-from engine.train import TrainState, make_model
+from engine.train import TrainState
 
 FORMAT = 1
 
@@ -94,11 +94,12 @@ class Run:
         """Wall time of the training session that finished the run (after any resume)."""
         return float(self._load(self.path / "final.pt", expect_step=self.preset.steps).get("seconds", float("nan")))
 
-    def model(self, device: str = "cpu") -> torch.nn.Module:
-        """The trained score network (final parameters), in eval mode."""
-        m = make_model(self.preset, self.seed)
-        m.load_state_dict(self.load_final().params, strict=True)
-        return m.to(device).eval()
+    def model(self, device: Optional[str] = None) -> torch.nn.Module:
+        """The trained score network (final parameters), in eval mode, on `device` (default: the
+        preset's, with engine.device's deterministic settings)."""
+        from engine.bpd import model_for
+        m = model_for(self.preset, self.seed, self.load_final().params)
+        return m if device is None else m.to(device)
 
     def _load(self, path: Path, expect_step: int) -> dict:
         if not path.is_file():

@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call
 
 from engine import data, sde
+from engine import device as devices
 from engine.errors import UserError
 from engine.model import ScoreNet, build_model
 from engine.presets import Preset
@@ -151,11 +152,6 @@ def init_state(model: ScoreNet) -> TrainState:
     return TrainState(0, params, zeros(), zeros())
 
 
-def resolve_device(preset: Preset) -> torch.device:
-    """The preset's device; a CUDA preset falls back to the CPU where there is no GPU."""
-    return torch.device(preset.device if preset.device != "cuda" or torch.cuda.is_available() else "cpu")
-
-
 def make_model(preset: Preset, seed: int) -> ScoreNet:
     """The preset's network with initial parameters fixed by `seed`."""
     model = build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma)
@@ -176,18 +172,6 @@ def check_weights(weights: Optional[np.ndarray], n: int) -> torch.Tensor:
     return torch.from_numpy(w.astype(np.float32))
 
 
-def set_deterministic(device: str) -> None:
-    """fp32 everywhere and deterministic kernels: bit-identical reruns on one machine."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    if device.startswith("cuda"):
-        import os
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
-
-
 def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None, out: Optional[Path] = None,
           images: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> TrainState:
     """Train `preset` with per-example `weights` (n,) and return the final state.
@@ -204,8 +188,7 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
     if images is None:
         images, _ = data.load_train(preset.n_train, preset.source)
     w = check_weights(weights, images.shape[0])
-    dev = resolve_device(preset)
-    set_deterministic(dev.type)
+    dev = devices.setup(preset)
     model = make_model(preset, seed).to(dev)
     state, losses = None, []
     run = None

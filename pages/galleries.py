@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from engine import figure4
+from engine.experiments import figure4
 from engine.attribution import top_k
 from webapp import service, widgets as W
 

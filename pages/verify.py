@@ -20,12 +20,12 @@ RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.
 def evidence() -> None:
     """The committed evidence: MAGIC's LDS scatter plots and its comparison with the baselines."""
     st.subheader("Linear datamodeling score (protocol A)")
-    for f in sorted(RESULTS.glob("lds_*/lds.json")):
+    for f in sorted(RESULTS.glob("lds_*/reports/magic_A.json")):
         r = json.loads(f.read_text())
         st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
                     f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
                     f"(lowest {r['spearman_min']:.3f}).")
-        png = f.parent / "lds.png"
+        png = f.with_suffix(".png")
         if png.is_file():
             st.image(str(png))
     st.subheader("MAGIC against the baselines")

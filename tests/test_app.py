@@ -139,14 +139,14 @@ def test_galleries_page(app_run):
 
 def test_verify_page_retrains_and_the_sign_holds(app_run, tmp_path, monkeypatch):
     # a comparison report as `compare` writes it (its JSON and Markdown), for the chart
-    from engine import compare
+    from engine.experiments import comparison
     rows = [{"method": m, "protocol": p, "n_train": 64, "drop_sets": 4, "drop_size": 1, "alpha": 0.5, "seeds": 2,
              "spearman_mean": v, "spearman_std": 0.1, "spearman_min": v - 0.1, "score_seconds": 1.0,
              "per_query": [v - 0.05, v + 0.05], "queries_list": [0, 1]}
             for m, v in (("magic", 0.9), ("trak", 0.2)) for p in ("A", "B")]
     report = {"preset": "tiny", "run_digest": "x", "queries": [0, 1], "rows": rows, "literature": []}
     (tmp_path / "comparison.json").write_text(json.dumps(report))
-    (tmp_path / "comparison.md").write_text(compare.markdown(report))
+    (tmp_path / "comparison.md").write_text(comparison.markdown(report))
     monkeypatch.setenv("APP_RESULTS", str(tmp_path))
     at = _new()
     at.run()

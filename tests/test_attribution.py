@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from engine import attribution as A, data, lds, train
+from engine import attribution as A, data, train
+from engine.experiments import bank, lds, protocols
 from engine.errors import UserError
 from engine.presets import PRESETS
 from engine.store import load_run
@@ -23,30 +24,30 @@ def test_lds_predictions_track_actual_retraining_and_resume(tmp_path):
     # the retrain's BPD is the same function the attribution differentiates: an empty drop
     # reproduces the run's BPD exactly (training is deterministic)
     x = data.load_test()[0][q]
-    assert lds.retrain_bpd(TINY, 0, np.array([], np.int64), x)[0] == pytest.approx(r["bpd"], abs=1e-6)
+    assert bank.retrain_bpd(TINY, 0, np.array([], np.int64), x)[0] == pytest.approx(r["bpd"], abs=1e-6)
 
     # predicted change follows the sign convention: BPD(1) - sum grad_w over the set
-    with np.load(out / "attribution.npz") as f:
-        gw, bpd = f["grad_w"], f["bpd"]
-    s0 = lds.drop_sets(TINY.n_train, 10, 0.1, 0)[0]  # ceil(0.1 * 64) = 7 images
+    with np.load(out / "scores" / "magic.npz") as f:
+        gw, bpd = f["scores"], f["bpd"]
+    s0 = protocols.drop_sets(TINY.n_train, 10, 0.1, 0)[0]  # ceil(0.1 * 64) = 7 images
     assert r["predicted_change"][0] == pytest.approx(A.predict_removal(bpd[0], gw[0], s0) - bpd[0], rel=1e-6)
 
     # resume: only the missing retrain is redone, the attribution is reused
-    (out / "retrains" / "set_003.json").unlink()
+    (out / "bank" / f"{bank.key(run.digest, run.seed, protocols.drop_sets(TINY.n_train, 10, 0.1, 0)[3])}.json").unlink()
     stages = []
     rep2 = lds.run_lds(run, out, q, k=10, frac=0.1, jobs=1, callback=lambda i: stages.append((i["stage"], i.get("i"))))
     assert stages == [("retrain", 9), ("retrain", 10)]
     assert rep2["queries"][0]["actual_change"] == pytest.approx(r["actual_change"], abs=1e-6)
-    assert (out / "lds.png").is_file() and (out / "scatter" / f"test_{q[0]:05d}.png").is_file()
+    assert (out / "reports" / "magic_A.png").is_file()
 
 
 def test_drop_sets_are_reproducible_and_refuse_bad_sizes():
-    a = lds.drop_sets(500, 50, 0.01, 0)
-    assert a.shape == (50, 5) and (a == lds.drop_sets(500, 50, 0.01, 0)).all()
+    a = protocols.drop_sets(500, 50, 0.01, 0)
+    assert a.shape == (50, 5) and (a == protocols.drop_sets(500, 50, 0.01, 0)).all()
     assert all(len(set(row)) == 5 for row in a)
     for k, frac in ((50, 0.0), (50, 1.0), (2, 0.01)):
         with pytest.raises(UserError):
-            lds.drop_sets(500, k, frac, 0)
+            protocols.drop_sets(500, k, frac, 0)
 
 
 def test_top_k_follows_the_sign_convention():

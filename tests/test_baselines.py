@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from engine import baselines, cli, data, lds, train
+from engine import cli, data, methods, train
+from engine.experiments import bank, lds, protocols
 from engine.baselines import trak as T
 from engine.errors import UserError
 from engine.presets import PRESETS
@@ -40,7 +41,7 @@ def test_each_baseline_has_grad_w_shape_and_sign(tiny_run, images):
     idx = [0, 1, 2]
     x = images[idx]
     for m in ("pixel", "feature"):
-        s = baselines.scores(m, tiny_run, x)
+        s = methods.get(m).score(tiny_run, x).scores
         assert s.shape == (3, TINY.n_train) and np.isfinite(s).all()
         assert _self_ranks(s, idx) == [0, 0, 0], m
     for v in ("trak", "dtrak"):
@@ -54,7 +55,7 @@ def test_each_baseline_has_grad_w_shape_and_sign(tiny_run, images):
     tr = T.trak_scores(tiny_run, images, x, "trak", proj_dim=512, target_stream=0, damping=1e-4)
     np.testing.assert_allclose(lt, tr, rtol=1e-3, atol=1e-3 * np.abs(tr).max())
     with pytest.raises(UserError):
-        baselines.scores("nope", tiny_run, x)
+        methods.get("nope")
 
 
 def test_trak_through_traker_matches_the_exact_formula(tiny_run, images):
@@ -87,15 +88,20 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert (out / "reports" / "pixel_B.json").is_file() and (out / "reports" / "pixel_B.png").is_file()
     # the actual value is the mean over the seeds' retrains, and each is a real retrain with
     # its own seed (run.seed + s)
-    keep = lds.keep_sets(TINY.n_train, 3, 0.5, 0)[1]
+    keep = protocols.keep_sets(TINY.n_train, 3, 0.5, 0)[1]
     drop = np.setdiff1d(np.arange(TINY.n_train), keep)
-    per_seed = [json.loads((out / "retrains_b" / f"set_001_seed_{s}.json").read_text()) for s in (0, 1)]
-    assert all(r["drop"] == drop.tolist() for r in per_seed)
+    def bank_file(j: int, s: int) -> dict:  # the retrain of subset j with seed s, from its own file
+        keep_j = protocols.keep_sets(TINY.n_train, 3, 0.5, 0)[j]
+        d = np.setdiff1d(np.arange(TINY.n_train), keep_j)
+        return json.loads((out / "bank" / f"{bank.key(tiny_run.digest, s, d)}.json").read_text())
+
+    per_seed = [bank_file(1, s) for s in (0, 1)]
+    assert all(r["drop"] == drop.tolist() and r["seed"] == s for s, r in enumerate(per_seed))
     assert per_seed[0]["bpd"] != per_seed[1]["bpd"]
     x = data.load_test()[0][q]
-    assert lds.retrain_bpd(TINY, 1, drop, x)[0] == pytest.approx(per_seed[1]["bpd"][0], abs=1e-6)
-    bpd0 = json.loads((out / "bpd.json").read_text())["bpd"][0]
-    mean = (per_seed[0]["bpd"][0] + per_seed[1]["bpd"][0]) / 2
+    assert bank.retrain_bpd(TINY, 1, drop, x)[0] == pytest.approx(per_seed[1]["bpd"][str(q[0])], abs=1e-6)
+    bpd0 = float(np.load(out / "bpd.npz")["bpd"][0])
+    mean = (per_seed[0]["bpd"][str(q[0])] + per_seed[1]["bpd"][str(q[0])]) / 2
     assert rep["queries"][0]["actual_change"][1] == pytest.approx(mean - bpd0, abs=1e-9)
     # predicted: minus the scores summed over the dropped images
     s = np.load(out / "scores" / "pixel.npz")["scores"]
@@ -104,11 +110,10 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     from scipy.stats import spearmanr
     pred = rep["queries"][0]["predicted_change"]
     for s_ in (0, 1):
-        own = [json.loads((out / "retrains_b" / f"set_{j:03d}_seed_{s_}.json").read_text())["bpd"][0] for j in range(3)]
+        own = [bank_file(j, s_)["bpd"][str(q[0])] for j in range(3)]
         got = rep["spearman_by_seed"][s_]
         assert got["seed"] == s_ and got["mean"] == pytest.approx(spearmanr(pred, own)[0])
-    seeds_bpd = [[json.loads((out / "retrains_b" / f"set_{j:03d}_seed_{s_}.json").read_text())["bpd"][0]
-                  for j in range(3)] for s_ in (0, 1)]
+    seeds_bpd = [[bank_file(j, s_)["bpd"][str(q[0])] for j in range(3)] for s_ in (0, 1)]
     assert rep["seed_agreement"] == pytest.approx(spearmanr(*seeds_bpd)[0])
     # the comparison (CLI): a second method reuses every protocol-B retrain; protocol A adds its own
     stages.clear()
@@ -120,7 +125,7 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert [(r["method"], r["protocol"]) for r in comp["rows"]] == [
         ("pixel", "A"), ("feature", "A"), ("pixel", "B"), ("feature", "B")]
     assert comp["rows"][2]["per_query"] == [rep["queries"][0]["spearman"]]  # B for pixel: the same numbers
-    assert len(list((out / "retrains_b").glob("set_*.json"))) == 6 and len(list((out / "retrains").glob("set_*.json"))) == 3
+    assert len(list((out / "bank").glob("*.json"))) == 6 + 3  # protocol B's 3 x 2, then A's 3
     md = (tmp_path / "cmp.md").read_text()
     assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
     assert f"| pixel | {rep['spearman_by_seed'][0]['mean']:.3f} | {rep['spearman_by_seed'][1]['mean']:.3f} |" in md

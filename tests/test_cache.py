@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from cache import Jobs, Memo, make_key
+from cache import Memo, make_key
+from webapp.jobs import Jobs
 from cache import memo as memo_mod
 from engine.errors import UserError
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import atomic, data, lds, train
+from engine import atomic, data, train
+from engine.experiments import lds
 from engine.errors import UserError
 from engine.executor import LocalExecutor, make_executor
 from engine.presets import PRESETS
@@ -62,15 +63,15 @@ def test_lds_is_identical_under_local_and_ray_executors(tmp_path, ray_executor):
     q = data.query_indices(1)
     local = lds.run_lds(run, tmp_path / "local", q, k=4, frac=0.1, executor=LocalExecutor(2))
     (tmp_path / "ray").mkdir()
-    shutil.copy(tmp_path / "local" / "attribution.npz", tmp_path / "ray")  # only the retrains are compared
+    shutil.copytree(tmp_path / "local" / "scores", tmp_path / "ray" / "scores")  # only the retrains are compared
     remote = lds.run_lds(run, tmp_path / "ray", q, k=4, frac=0.1, executor=ray_executor)
     # bit-identical: training is a pure function of (seed, w), whichever process runs it
     assert remote["queries"][0]["actual_change"] == local["queries"][0]["actual_change"]
     assert remote["spearman_mean"] == local["spearman_mean"]
-    for j in range(4):
-        a = json.loads((tmp_path / "local" / "retrains" / f"set_{j:03d}.json").read_text())
-        b = json.loads((tmp_path / "ray" / "retrains" / f"set_{j:03d}.json").read_text())
-        assert a == b
+    files = sorted(p.name for p in (tmp_path / "local" / "bank").glob("*.json"))
+    assert len(files) == 4 and files == sorted(p.name for p in (tmp_path / "ray" / "bank").glob("*.json"))
+    for name in files:
+        assert json.loads((tmp_path / "local" / "bank" / name).read_text()) == json.loads((tmp_path / "ray" / "bank" / name).read_text())
 
 
 def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, ray_executor):

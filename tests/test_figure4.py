@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from engine.figure4 import analyse
+from engine.experiments.figure4 import analyse
 
 
 def _data(n=200, seed=0):

@@ -4,11 +4,11 @@ Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET
 train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
 APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
 attributions are precomputed, default 8), APP_WORKERS (worker processes per lane of jobs, default 1:
-one for a page's short jobs, one for long ones, see cache.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
+one for a page's short jobs, one for long ones, see webapp.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
 the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
 
 Each job is a module-level function bound with functools.partial to picklable arguments, so
-that it can run in a worker process (see cache.jobs).
+that it can run in a worker process (see webapp.jobs).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from cache import Jobs, Memo, make_key
+from cache import Memo, make_key
 from engine import data
 from engine.errors import UserError
 from engine.presets import digest
 from engine.store import Run
+from webapp.jobs import Jobs
 
 Callback = Callable[[dict], None]
 N_GALLERY = int(os.environ.get("APP_GALLERY_QUERIES", "8"))  # curated test queries, precomputed
@@ -127,11 +128,8 @@ def sample_digit(run: Run, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------- computations
 
 def _bpd(run: Run, x: torch.Tensor, cb: Callback) -> dict:
-    from engine.likelihood import bits_per_dim
-    p = run.preset
-    with torch.no_grad():
-        b = bits_per_dim(run.model(), x[None].to(p.torch_dtype), **p.likelihood_kwargs,
-                         callback=lambda i: cb({"stage": "likelihood", "i": i["i"], "n": i["n"]}))
+    from engine.bpd import run_bpd
+    b, _ = run_bpd(run, x[None], callback=lambda i: cb({"stage": "likelihood", "i": i["i"], "n": i["n"]}))
     return {"bpd": float(b[0])}
 
 
@@ -198,7 +196,7 @@ def retrain_key(run: Run, x: torch.Tensor, drop: np.ndarray) -> str:
 
 
 def _retrain(run: Run, x: torch.Tensor, drop: np.ndarray, cb: Callback) -> dict:
-    from engine.lds import retrain_bpd
+    from engine.experiments.bank import retrain_bpd
     cb({"stage": "retraining", "i": 0, "n": 1})
     b = retrain_bpd(run.preset, run.seed, drop, x[None])
     return {"bpd": float(b[0]), "drop": drop}

@@ -147,8 +147,8 @@ def trak_scores(run: Run, images: torch.Tensor, x: torch.Tensor, variant: str = 
 def bpd_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
     """(Q, p) gradients of each query's exact BPD w.r.t. the final parameters, flattened in
     named_parameters order (traker's order)."""
-    from engine.attribution import bpd_and_param_grads
-    _, grads = bpd_and_param_grads(run, x, callback=callback)
+    from engine.bpd import run_bpd
+    _, grads = run_bpd(run, x, grad=True, callback=callback)
     return torch.stack([torch.cat([g.reshape(-1) for g in d.values()]) for d in grads])
 
 

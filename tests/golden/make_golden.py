@@ -34,12 +34,18 @@ def run_all(tmp: Path) -> dict:
     return out
 
 
+def lds_report(tmp: Path) -> Path:
+    """MAGIC's protocol-A report: lds.json before the method registry, reports/magic_A.json since."""
+    old = tmp / "lds" / "lds.json"
+    return old if old.is_file() else tmp / "lds" / "reports" / "magic_A.json"
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         res = run_all(tmp)
         (HERE / "tiny").mkdir(exist_ok=True)
         shutil.copy(tmp / "attribute.npz", HERE / "tiny" / "attribute.npz")
-        shutil.copy(tmp / "lds" / "lds.json", HERE / "tiny" / "lds.json")
+        shutil.copy(lds_report(tmp), HERE / "tiny" / "lds.json")
         (HERE / "tiny" / "bpd.json").write_text(json.dumps(res["bpd"], indent=2) + "\n")
     print("wrote", HERE / "tiny")

@@ -1,6 +1,6 @@
 """The comparison table: LDS of MAGIC and every baseline, protocols A and B, on one run.
 
-Every (method, protocol) goes through engine.lds.run_lds on the same folder, so all methods
+Every (method, protocol) goes through engine.experiments.lds.run_lds on the same folder, so all methods
 share the same queries, drop-sets and retrained models (each retrain is computed once).
 Writes <stem>.json (everything), <stem>.md (the table, with the published values beside ours)
 and <stem>.png (mean Spearman per method and protocol, with each query's value as a dot).
@@ -8,13 +8,13 @@ and <stem>.png (mean Spearman per method and protocol, with each query's value a
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from engine import atomic
+from engine.experiments import plots
 from engine.store import Run
 
 # Published values, for context only: other data, models and protocols than ours.
@@ -30,7 +30,7 @@ def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, m
                    seed: int = 0, executor=None, callback: Optional[Callable[[dict], None]] = None) -> str:
     """Runs (or resumes) every method on the protocols and writes the comparison; returns the
     Markdown table."""
-    from engine.lds import run_lds
+    from engine.experiments.lds import run_lds
     rows = []
     for protocol, k in (("A", k_a), ("B", k_b)):
         if protocol not in protocols:
@@ -46,12 +46,13 @@ def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, m
     stem = Path(stem)
     atomic.save_json(report, stem.with_suffix(".json"))
     atomic.save_bytes(md.encode(), stem.with_suffix(".md"))
-    atomic.save_bytes(chart_png(report), stem.with_suffix(".png"))
+    atomic.save_bytes(plots.chart_png(report), stem.with_suffix(".png"))
     return md
 
 
 def markdown(report: dict) -> str:
-    from engine.baselines import DESCRIPTIONS
+    from engine import methods
+    descriptions = {m.name: m.description for m in methods.all()}
     rows = report["rows"]
     by = {(r["method"], r["protocol"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -75,7 +76,7 @@ def markdown(report: dict) -> str:
         a, b = by.get((m, "A")), by.get((m, "B"))
         sec = (a or b)["score_seconds"]
         lines.append(f"| {m} | {cell(a)} | {cell(b)} | {'not recorded' if sec is None else f'{sec:.0f}'} | "
-                     f"{DESCRIPTIONS.get(m, '')} |")
+                     f"{descriptions.get(m, '')} |")
     seeded = [(m, by[(m, "B")]) for m in methods if "spearman_by_seed" in by.get((m, "B"), {})]
     if seeded:
         n_seeds = len(seeded[0][1]["spearman_by_seed"])
@@ -97,32 +98,3 @@ def markdown(report: dict) -> str:
               "| source | method | value |", "|---|---|---|"]
     lines += [f"| {x['source']} | {x['method']} | {x['value']} |" for x in report["literature"]]
     return "\n".join(lines) + "\n"
-
-
-def chart_png(report: dict) -> bytes:
-    """Bars of mean Spearman per method, protocols side by side, with per-query dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = report["rows"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 3.6))
-    for j, (protocol, color) in enumerate((("A", "#4c72b0"), ("B", "#dd8452"))):
-        for i, m in enumerate(methods):
-            r = next((r for r in rows if r["method"] == m and r["protocol"] == protocol), None)
-            if r is None:
-                continue
-            xpos = i + (j - 0.5) * 0.38
-            ax.bar(xpos, r["spearman_mean"], width=0.36, color=color, label=f"protocol {protocol}" if i == 0 else None)
-            ax.scatter(np.full(len(r["per_query"]), xpos), r["per_query"], s=8, color="black", zorder=3)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("Spearman ρ (LDS)")
-    ax.set_ylim(-1, 1)
-    ax.set_title(f"Predicted vs actual BPD change on `{report['preset']}` ({len(report['queries'])} queries)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

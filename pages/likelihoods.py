@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from engine.figure2 import SEED_VALUES
+from engine.experiments.figure2 import WRITEUP_VALUES
 from webapp import service, widgets as W
 
 NAMES = {"original": "MNIST test digits", "rotated": "rotated", "averaged": "averages of digits", "noise": "uniform noise"}
@@ -17,22 +17,23 @@ st.title("Compare likelihoods")
 run = W.require_run()
 
 report = Path(__file__).resolve().parent.parent / "results" / "figure2" / "figure2.json"
-if report.is_file():
-    r = json.loads(report.read_text())
+r = json.loads(report.read_text()) if report.is_file() else None
+if r is not None and r.get("run_digest") == run.digest:  # a report of another model would mislead
     df = pd.DataFrame([{"group": NAMES[g], "bits/dim": v} for g in r["groups"] for v in r["bpd"][g]])
-    seed = pd.DataFrame([{"group": NAMES[g], "bits/dim": v} for g, v in SEED_VALUES.items()])
-    order = [NAMES[g] for g in SEED_VALUES]
+    writeup = pd.DataFrame([{"group": NAMES[g], "bits/dim": v} for g, v in WRITEUP_VALUES.items()])
+    order = [NAMES[g] for g in WRITEUP_VALUES]
     dots = alt.Chart(df).mark_tick(opacity=0.6, thickness=2, size=30).encode(
         x=alt.X("bits/dim:Q", scale=alt.Scale(zero=False)), y=alt.Y("group:N", sort=order, title=None),
         color=alt.Color("group:N", sort=order, legend=None), tooltip=["group", alt.Tooltip("bits/dim:Q", format=".3f")])
-    marks = alt.Chart(seed).mark_point(shape="diamond", size=140, color="black", filled=True).encode(
+    marks = alt.Chart(writeup).mark_point(shape="diamond", size=140, color="black", filled=True).encode(
         x="bits/dim:Q", y=alt.Y("group:N", sort=order), tooltip=["group", "bits/dim"])
     st.altair_chart((dots + marks).properties(height=230), width="stretch")
     st.caption(f"{r['n_per_group']} images per group on the `{r['preset']}` model (rotation {r['angle']:.0f} deg, "
                f"averages of {r['k_avg']}); black diamonds: the values the seed write-up reports. "
                "Lower bits/dim = more likely.")
 else:
-    st.info("No Figure 2 report yet: `make report` writes results/figure2/.")
+    st.info(f"No Figure 2 report for this model (`{run.preset.name}`, config {run.digest[:12]}) yet: "
+            "`make report` writes results/figure2/ for it.")
 
 st.subheader("One digit, four ways")
 c = st.columns(3)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from engine import atomic, data
-from engine.likelihood import bits_per_dim
+from engine.bpd import bpd
 from engine.presets import digest
 
-SEED_VALUES = {"original": 3.5, "rotated": 3.8, "averaged": 5.32, "noise": 9.12}
-GROUPS = list(SEED_VALUES)
+# The seed write-up's means (its Figure 2), shown beside ours.
+WRITEUP_VALUES = {"original": 3.5, "rotated": 3.8, "averaged": 5.32, "noise": 9.12}
+GROUPS = list(WRITEUP_VALUES)
 
 
 def figure2_inputs(n: int, angle: float, k_avg: int, seed: int) -> dict[str, torch.Tensor]:
@@ -37,7 +38,7 @@ def figure2_inputs(n: int, angle: float, k_avg: int, seed: int) -> dict[str, tor
 
 
 def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int = 4, seed: int = 0,
-                batch: int = 1, callback: Optional[Callable[[dict], None]] = None) -> dict:
+                callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Compute the four groups' BPDs under `run`'s model; write figure2.{json,md,png} to `out`.
 
     Returns the report dict (also the JSON file): per group mean, std, min, max, and the table.
@@ -57,27 +58,25 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
                     done = {g: z[g] for g in GROUPS if g in z}
         except (OSError, ValueError, KeyError):
             done = {}  # a damaged partial file only costs a recomputation
-    model = run.model()
-    total = sum(-(-n // batch) for _ in GROUPS)
+    params = run.load_final().params
+    total = n * len(GROUPS)
     step = 0
     for g in GROUPS:
         vals = list(done.get(g, np.zeros(0)))
-        for i in range(0, n, batch):
+        for i in range(n):
             step += 1
             if i < len(vals):
                 continue
-            with torch.no_grad():
-                b = bits_per_dim(model, inputs[g][i: i + batch], **p.likelihood_kwargs)
-            vals.extend(b.double().tolist())
+            vals.extend(bpd(p, run.seed, params, inputs[g][i: i + 1])[0].tolist())
             done[g] = np.array(vals)
             _save_partial(partial_path, key, done)
             if callback is not None:
                 callback({"i": step, "n": total, "group": g})
     stats = {g: {"mean": float(done[g].mean()), "std": float(done[g].std(ddof=1)) if n > 1 else 0.0,
-                 "min": float(done[g].min()), "max": float(done[g].max()), "seed": SEED_VALUES[g]} for g in GROUPS}
+                 "min": float(done[g].min()), "max": float(done[g].max()), "writeup": WRITEUP_VALUES[g]} for g in GROUPS}
     means = [stats[g]["mean"] for g in GROUPS]
     report = {
-        "run": str(run.path), "preset": p.name, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
+        "run": str(run.path), "run_digest": run.digest, "preset": p.name, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
         "bpd_steps": p.bpd_steps, "groups": stats, "bpd": {g: done[g].tolist() for g in GROUPS},
         "ordering_holds": bool(all(a < b for a, b in zip(means, means[1:]))),
         "noise_above_8": bool(stats["noise"]["mean"] > 8),
@@ -98,10 +97,10 @@ def _table(r: dict) -> str:
     names = {"original": "MNIST test digits", "rotated": f"rotated {r['angle']:g} deg",
              "averaged": f"average of {r['k_avg']} digits", "noise": "uniform noise"}
     lines = [f"Bits/dim on preset `{r['preset']}` ({r['n_per_group']} images per group; RK4, {r['bpd_steps']} steps in log s(t))",
-             "", "| group | mean | std | min | max | seed reports |", "|---|---|---|---|---|---|"]
+             "", "| group | mean | std | min | max | seed write-up |", "|---|---|---|---|---|---|"]
     for g in GROUPS:
         s = r["groups"][g]
-        lines.append(f"| {names[g]} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {s['seed']} |")
+        lines.append(f"| {names[g]} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {s['writeup']} |")
     lines += ["", f"ordering original < rotated < averaged < noise: {'holds' if r['ordering_holds'] else 'does NOT hold'}; "
               f"noise above 8 bits/dim: {'yes' if r['noise_above_8'] else 'no'}"]
     return "\n".join(lines)
@@ -117,7 +116,7 @@ def _plot(done: dict[str, np.ndarray]) -> bytes:
         v = done[g]
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=8, alpha=0.5)
         ax.hlines(v.mean(), i - 0.3, i + 0.3, color="k", lw=2, label="our mean" if i == 0 else None)
-        ax.scatter([i + 0.35], [SEED_VALUES[g]], marker="D", color="red", s=30, label="seed reports" if i == 0 else None)
+        ax.scatter([i + 0.35], [WRITEUP_VALUES[g]], marker="D", color="red", s=30, label="seed write-up" if i == 0 else None)
     ax.axhline(8, color="gray", ls=":", lw=1)
     ax.set_xticks(range(len(GROUPS)), ["original", "rotated", "averaged", "noise"])
     ax.set_ylabel("bits/dim (lower = more likely)")

@@ -1,0 +1,123 @@
+"""The retraining bank: the actual BPD of test queries under models retrained without a set of
+training images, kept on disk and shared by every method, protocol and later run of the LDS.
+
+A retrained model is determined by (the run's config digest, the retraining seed, the dropped
+indices), so each retrain's result lives in one file named by a digest of exactly that:
+
+    OUT/bank/<digest>.json   {"run_digest", "seed", "drop", "bpd": {test index: BPD}}
+
+Asking for queries a file lacks retrains once more and adds them to the file; nothing is ever
+deleted, whatever the queries, protocol or sets asked for next. Each retrain is an independent
+job (engine.executor) that writes its file atomically, so any executor may rerun a lost one.
+
+Banks written before this layout (OUT/retrains/set_XXX.json for protocol A and
+OUT/retrains_b/set_XXX_seed_S.json for B, each folder stamped by stamp.json) are read as well,
+where their stamp says they belong to this run, these queries and these sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine import atomic, data
+from engine.presets import Preset, preset_from_dict
+from engine.store import Run
+
+
+def retrain_bpd(preset: Preset, seed: int, drop: np.ndarray, queries: torch.Tensor,
+                images: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Exact BPD (Q,) of `queries` (Q, 1, 28, 28) under the preset retrained without `drop`."""
+    from engine import train
+    from engine.bpd import bpd
+    if images is None:
+        images, _ = data.load_train(preset.n_train, preset.source)
+    w = np.ones(images.shape[0], np.float32)
+    w[np.asarray(drop, np.int64)] = 0.0
+    state = train.train(preset, seed=seed, weights=w, images=images)
+    return bpd(preset, seed, state.params, queries)[0]
+
+
+def key(run_digest: str, seed: int, drop: np.ndarray) -> str:
+    """The file name of a retrain: a digest of what determines the retrained model."""
+    ident = json.dumps([run_digest, int(seed), np.asarray(drop, np.int64).tolist()])
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or torn by a crash of an older writer: retrained
+
+
+def _retrain_job(preset_dict: dict, run_digest: str, seed: int, drop: np.ndarray, queries: list[int], path: str) -> str:
+    """One retrain in a worker process: BPD of `queries` (test indices), merged into the file at `path`."""
+    x = data.load_test()[0][queries]
+    bpd = retrain_bpd(preset_from_dict(preset_dict), seed, drop, x)
+    old = _read(Path(path)) or {}
+    merged = {**old.get("bpd", {}), **{str(q): float(b) for q, b in zip(queries, bpd)}}
+    atomic.save_json({"run_digest": run_digest, "seed": int(seed), "drop": np.asarray(drop).tolist(), "bpd": merged},
+                     Path(path))
+    return path
+
+
+def _legacy(out: Path, run: Run, queries: list[int], protocol: str, settings: dict, j: int, s: int,
+            drop: np.ndarray) -> dict[str, float]:
+    """BPDs of a retrain from a bank of the earlier layout, if its stamp matches ({} otherwise)."""
+    if protocol == "A":
+        folder, name = out / "retrains", f"set_{j:03d}.json"
+        stamp = {"run_digest": run.digest, "queries": queries, "frac": settings["frac"], "seed": settings["seed"]}
+    else:
+        folder, name = out / "retrains_b", f"set_{j:03d}_seed_{s}.json"
+        stamp = {"run_digest": run.digest, "queries": queries, "protocol": "B", "alpha": settings["alpha"],
+                 "seed": settings["seed"]}
+    if _read(folder / "stamp.json") != stamp:
+        return {}
+    r = _read(folder / name)
+    if r is None or r.get("drop") != np.asarray(drop).tolist() or len(r.get("bpd", [])) != len(queries):
+        return {}
+    return {str(q): float(b) for q, b in zip(queries, r["bpd"])}
+
+
+def retrained(run: Run, out: Path, queries: Sequence[int], drops: np.ndarray, seeds: int, *, protocol: str,
+              settings: dict, executor, callback: Optional[Callable[[dict], None]] = None) -> np.ndarray:
+    """Retrained BPD (S, Q, K) of the queries (test indices) without each drop (K, m), for the
+    seeds run.seed + s, s < `seeds`; retrains only what no file holds yet.
+
+    callback gets {"stage": "retrain", "i", "n"} as retrains finish (first with what is done)."""
+    queries = [int(q) for q in queries]
+    folder = Path(out) / "bank"
+    cb = callback or (lambda info: None)
+    pairs = [(j, s) for j in range(len(drops)) for s in range(seeds)]
+
+    def path(j: int, s: int) -> Path:
+        return folder / f"{key(run.digest, run.seed + s, drops[j])}.json"
+
+    def known(j: int, s: int) -> dict[str, float]:
+        r = _read(path(j, s)) or {}
+        ok = r.get("drop") == drops[j].tolist() and r.get("seed") == run.seed + s and r.get("run_digest") == run.digest
+        return {**_legacy(Path(out), run, queries, protocol, settings, j, s, drops[j]), **(r.get("bpd", {}) if ok else {})}
+
+    todo = [(j, s) for j, s in pairs if any(str(q) not in known(j, s) for q in queries)]
+    done = len(pairs) - len(todo)
+    cb({"stage": "retrain", "i": done, "n": len(pairs)})
+    if todo:
+        # queries a legacy file already answers are not asked again; the rest are retrained
+        jobs = [(run.preset.to_dict(), run.digest, run.seed + s, drops[j],
+                 [q for q in queries if str(q) not in known(j, s)], str(path(j, s))) for j, s in todo]
+        legacy = {(j, s): known(j, s) for j, s in todo}
+        for _ in executor.run(_retrain_job, jobs):
+            done += 1
+            cb({"stage": "retrain", "i": done, "n": len(pairs)})
+        for (j, s), old in legacy.items():  # keep what legacy files knew beside the new values
+            if old:
+                r = _read(path(j, s))
+                atomic.save_json({**r, "bpd": {**old, **r["bpd"]}}, path(j, s))
+    values = {(j, s): known(j, s) for j, s in pairs}
+    return np.array([[[values[(j, s)][str(q)] for j in range(len(drops))] for q in queries] for s in range(seeds)])

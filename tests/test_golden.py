@@ -1,0 +1,51 @@
+"""`bpd`, `attribute` and `lds` on `tiny` give the outputs that the code before the
+attribution-method registry gave (tests/golden/, made by tests/golden/make_golden.py at
+commit 15121fb). Measured bit-identical on the machine that made them; the tolerance only
+allows for another CPU's rounding."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent / "golden"
+sys.path.insert(0, str(HERE))
+import make_golden  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("golden")
+    return tmp, make_golden.run_all(tmp)
+
+
+def test_bpd_is_unchanged(outputs):
+    _, res = outputs
+    want = json.loads((HERE / "tiny" / "bpd.json").read_text())
+    assert [r["input"] for r in res["bpd"]] == [r["input"] for r in want]
+    np.testing.assert_allclose([r["bpd"] for r in res["bpd"]], [r["bpd"] for r in want], rtol=1e-6)
+
+
+def test_attribute_is_unchanged(outputs):
+    tmp, _ = outputs
+    with np.load(HERE / "tiny" / "attribute.npz") as want, np.load(tmp / "attribute.npz") as got:
+        assert got["grad_w"].shape == want["grad_w"].shape
+        np.testing.assert_allclose(got["grad_w"], want["grad_w"], rtol=1e-5, atol=1e-9 * np.abs(want["grad_w"]).max())
+        np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-6)
+        assert got["inputs"].tolist() == want["inputs"].tolist()
+
+
+def test_lds_is_unchanged(outputs):
+    tmp, _ = outputs
+    want = json.loads((HERE / "tiny" / "lds.json").read_text())
+    got = json.loads(make_golden.lds_report(tmp).read_text())
+    for k in ("protocol", "method", "preset", "run_digest", "n_train", "drop_sets", "drop_size", "frac", "seed"):
+        assert got[k] == want[k], k
+    for g, w in zip(got["queries"], want["queries"], strict=True):
+        assert (g["query"], g["label"]) == (w["query"], w["label"])
+        for k in ("predicted_change", "actual_change"):
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-7)
+        assert g["bpd"] == pytest.approx(w["bpd"], rel=1e-6)
+        assert g["spearman"] == pytest.approx(w["spearman"], abs=1e-9)
