@@ -1,0 +1,144 @@
+"""Making a representation (engine.precompute.representation) as resumable chunks of jobs.
+
+Methods:
+- "exact": B = J^T (n, P), one forward tangent per training image (engine.precompute.tangents),
+  in chunks of `chunk` images. Any query is then exact: grad_w = J^T g. Cost: n tangents,
+  about 2 reverse replays' worth of arithmetic each on CPU.
+- "lowrank": a randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1) on J at rank K.
+  Y = J Omega for K directions Omega (K, n) in weight space (forward tangents), Q = orth(Y)
+  (P, K), then A = J^T Q (n, K) by reverse replays with the columns of Q as adjoints
+  (engine.metagrad, batched). grad_w ~ J^T Q Q^T g = A (Q^T g), so B = Q^T. Since rank(J) <= n,
+  K = n is exact. `init` picks Omega: "random" (Gaussian) or "queries": the MAGIC attributions
+  J^T g of fixed test digits (engine.methods.magic_mean), i.e. Y = J J^T G, one power
+  iteration from where query gradients live, topped up with Gaussian directions.
+
+Every chunk is a job (engine.executor: local processes or Ray) that writes its own file
+atomically, stamped with the run; a finished chunk is never redone, so Ctrl-C and reruns
+resume. Files: RUN/precomputed/<name>.parts/{fwd,rev}_XXXX.npz and basis.npz.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from engine import atomic, data
+from engine.errors import UserError
+from engine.files import why_stale
+from engine.precompute import representation as R
+from engine.store import Run, load_run
+
+METHODS = ("exact", "lowrank")
+INITS = ("random", "queries")
+
+
+def _forward_job(run_path: str, omega: np.ndarray, path: str, st: dict) -> str:
+    from engine.precompute.tangents import forward_tangents
+    run = load_run(run_path)
+    t0 = time.perf_counter()
+    y = forward_tangents(run, data.load_train(run.preset.n_train, run.preset.source)[0], torch.from_numpy(omega))
+    atomic.save_npz(Path(path), y=y.numpy(), seconds=np.array(time.perf_counter() - t0), **_arrays(st))
+    return path
+
+
+def _reverse_job(run_path: str, q: np.ndarray, path: str, st: dict) -> str:
+    from engine.metagrad import metagradient
+    from engine.precompute.tangents import flat_to_dicts
+    run = load_run(run_path)
+    t0 = time.perf_counter()
+    adj = flat_to_dicts(torch.from_numpy(q), run.load_final().params)
+    v = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], adj)
+    atomic.save_npz(Path(path), v=v.numpy(), seconds=np.array(time.perf_counter() - t0), **_arrays(st))
+    return path
+
+
+def _arrays(st: dict) -> dict:
+    return {k: np.array(v) for k, v in st.items()}
+
+
+def _directions(run: Run, method: str, rank: int, init: str, callback) -> np.ndarray:
+    """Omega (K, n): the identity for "exact"; Gaussian or query-informed for "lowrank"."""
+    n = run.preset.n_train
+    if method == "exact":
+        return np.eye(n, dtype=np.float32)
+    rng = np.random.default_rng([run.seed, rank, 7])
+    omega = rng.standard_normal((rank, n)).astype(np.float32)
+    if init == "queries":
+        from engine import methods
+        w = methods.get("magic_mean").prepare(run, callback=callback)["grad_w"]  # (D, n) attributions of digits
+        m = min(rank, len(w))
+        omega[:m] = w[:m] / np.linalg.norm(w[:m], axis=1, keepdims=True) * np.sqrt(n)
+    return omega
+
+
+def _run_chunks(executor, job, parts: Path, prefix: str, blocks: list[np.ndarray], run: Run, st: dict,
+                stage: str, cb) -> list[dict]:
+    """Run `job` on every block whose part file is missing or stale; return every part's arrays."""
+    paths = [parts / f"{prefix}_{j:04d}.npz" for j in range(len(blocks))]
+    todo = [j for j, p in enumerate(paths) if why_stale(p, {**st, "block": blocks[j].shape[0]}) is not None]
+    done = len(blocks) - len(todo)
+    cb({"stage": stage, "i": done, "n": len(blocks)})
+    for _ in executor.run(job, [(str(run.path), blocks[j], str(paths[j]), {**st, "block": blocks[j].shape[0]})
+                                for j in todo]):
+        done += 1
+        cb({"stage": stage, "i": done, "n": len(blocks)})
+    out = []
+    for p in paths:
+        with np.load(p, allow_pickle=False) as f:
+            out.append({k: f[k] for k in f.files})
+    return out
+
+
+def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str = "random", chunk: int = 8,
+               executor=None, callback: Optional[Callable[[dict], None]] = None) -> dict:
+    """Make (or finish) the run's representation; returns its info (name, rank, seconds of
+    compute summed over chunks, multiple of training time, bytes on disk).
+
+    callback gets {"stage": "forward"|"reverse", "i", "n"} in chunks."""
+    if method not in METHODS:
+        raise UserError(f"unknown precompute method {method!r}; choose one of {', '.join(METHODS)}")
+    if init not in INITS:
+        raise UserError(f"--init must be one of {', '.join(INITS)}")
+    n = run.preset.n_train
+    if method == "lowrank" and not 1 <= rank <= n:
+        raise UserError(f"--rank must be between 1 and {n} (the number of training images)")
+    if chunk < 1:
+        raise UserError("--chunk must be at least 1")
+    from engine.metagrad import check_trajectory
+    check_trajectory(run)
+    if executor is None:
+        from engine.executor import LocalExecutor
+        executor = LocalExecutor(1)
+    cb = callback or (lambda info: None)
+    name = "exact" if method == "exact" else f"lowrank{rank}"
+    parts = R.folder(run) / f"{name}.parts"
+    st = {**R.stamp(run), "method": method, "init": init if method == "lowrank" else "identity"}
+    omega = _directions(run, method, rank, init, cb)
+    blocks = [omega[i: i + chunk] for i in range(0, len(omega), chunk)]
+    fwd = _run_chunks(executor, _forward_job, parts, "fwd", blocks, run, st, "forward", cb)
+    y = np.concatenate([f["y"] for f in fwd])                                     # (K, P)
+    seconds = float(sum(f["seconds"] for f in fwd))
+    a = None
+    if method == "exact":
+        b = y
+    else:
+        basis = parts / "basis.npz"
+        if why_stale(basis, st) is not None:
+            q, _ = np.linalg.qr(y.T.astype(np.float64))                          # (P, K) orthonormal
+            atomic.save_npz(basis, q=q.astype(np.float32), **_arrays(st))
+        with np.load(basis, allow_pickle=False) as f:
+            q = f["q"]
+        qb = [q.T[i: i + chunk] for i in range(0, rank, chunk)]
+        rev = _run_chunks(executor, _reverse_job, parts, "rev", qb, run, st, "reverse", cb)
+        a = np.concatenate([r["v"] for r in rev]).T                                # (n, K)
+        b = q.T
+        seconds += float(sum(r["seconds"] for r in rev))
+    train_s = run.train_seconds()
+    info = {"rank": int(b.shape[0]), "init": st["init"], "seconds": seconds, "chunks": len(blocks),
+            "train_seconds": train_s, "times_training": seconds / train_s if train_s == train_s and train_s > 0 else None}
+    path = R.save(run, name, method, b, a, {k: v for k, v in info.items() if v is not None})
+    return {"name": name, "method": method, **info, "bytes": path.stat().st_size, "path": str(path)}
