@@ -177,6 +177,25 @@ def cmd_attribute(a) -> dict:
     return result
 
 
+def cmd_precompute(a) -> dict:
+    from engine.executor import make_executor
+    from engine.precompute.build import precompute
+    from engine.store import load_run
+    run = load_run(a.run)
+    _default_jobs(a, run)
+    _check_executor_args(a)
+    bar, _ = _progress(None, "precompute chunks", a.json)
+
+    def cb(info: dict) -> None:
+        bar.set_description(f"precompute: {info['stage']} chunks")
+        bar.total, bar.n = info["n"], info["i"]
+        bar.refresh()
+    info = precompute(run, method=a.method, rank=a.rank, init=a.init, chunk=a.chunk,
+                      executor=make_executor(a.executor, jobs=a.jobs, address=a.address), callback=cb)
+    bar.close()
+    return info
+
+
 def _lds_queries(a) -> list[int]:
     if a.query_index:
         try:
@@ -334,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with more than 1, queries are split in --chunk sized jobs on that many local processes")
     at.add_argument("--chunk", type=int, default=8, help="queries per job when jobs are used (one batched sweep each)")
 
+    pc = sub.add_parser("precompute", help="precompute the run's metagradient replay once for every later query")
+    pc.add_argument("--run", required=True)
+    pc.add_argument("--method", choices=["exact", "lowrank"], default="lowrank",
+                    help="exact: J itself, one forward tangent per training image; lowrank: a rank-K range finder")
+    pc.add_argument("--rank", type=int, default=32, help="lowrank: K, the number of directions")
+    pc.add_argument("--init", choices=["random", "queries"], default="random",
+                    help="lowrank: Gaussian directions, or the MAGIC attributions of fixed test digits")
+    pc.add_argument("--chunk", type=int, default=8, help="directions per job (one resumable chunk each)")
+    pc.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core, or per GPU)")
+
     ld = sub.add_parser("lds", help="predicted BPD changes of an attribution method against actual retraining")
     ld.add_argument("--method", default="magic",
                     help="an attribution method (magic by default; see engine.methods), a comma-separated list, or all")
@@ -358,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="seed of the query sample and of the drop-sets")
         sp.add_argument("--jobs", type=int, default=None,
                         help="parallel retraining processes (default: one per core, or per GPU for a GPU preset)")
-    for sp in (at, ld, cp):
+    for sp in (at, pc, ld, cp):
         sp.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="where jobs run: local processes, or a Ray cluster (pip install -r requirements-ray.txt)")
         sp.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://host:10001); default: start a local one")
@@ -377,12 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     f4.add_argument("--out", default="results/figure4")
     f4.add_argument("--k", type=int, default=16)
 
-    for sp in (t, b, s, at, ld, cp, f, f4):
+    for sp in (t, b, s, at, pc, ld, cp, f, f4):
         sp.add_argument("--json", action="store_true", help="JSON on stdout")
     return p
 
 
-COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute, "lds": cmd_lds, "compare": cmd_compare, "figure2": cmd_figure2,
+COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute,
+            "precompute": cmd_precompute, "lds": cmd_lds, "compare": cmd_compare, "figure2": cmd_figure2,
             "figure4": cmd_figure4}
 
 
@@ -409,6 +439,10 @@ def _human(cmd: str, result) -> str:
         return "\n".join(lines)
     if cmd == "compare":
         return result["table"] + f"\n(wrote {result['report']}.md, .json, .png)"
+    if cmd == "precompute":
+        return (f"wrote {result['path']}: {result['method']} representation of rank {result['rank']}, "
+                f"{result['bytes'] / 2**20:.1f} MiB; {result['seconds']:.0f} s of compute in {result['chunks']} chunks"
+                + (f" ({result['times_training']:.1f}x training)" if result.get("times_training") else ""))
     if cmd == "attribute":
         lines = [f"wrote {result['out']}"]
         for q in result["queries"]:

@@ -1,0 +1,209 @@
+"""How well does a precomputed representation reproduce exact MAGIC? A study on one run.
+
+    python experiments/precompute_fidelity.py --run runs/small --reps lowrank64 \
+        [--ranks 4,8,16,32,64] [--bank results/lds_small] [--out results/precompute]
+
+Queries: 16 test digits (the first 8 are the LDS queries of the committed retraining bank; none
+is among the digits any basis was built from), 4 digits drawn with strokes by this script and
+preprocessed like the app's canvas, and 4 off-distribution images (two test digits rotated by 90
+degrees, an average of 4 test digits, uniform noise). For each: the exact grad_w (one batched
+replay of training, kept in RUN/fidelity/exact.npz with the BPD gradients) against the
+representation's A (B g), truncated to each rank (the first K directions of a rank-K' range
+finder are a rank-K range finder): Spearman over all training images, and how many of the
+top-16 proponents and top-16 opponents are shared. LDS protocol A on the bank's queries against
+its committed retrains, next to exact MAGIC's on the same retrains. Writes fidelity.json,
+fidelity.md and fidelity.png, with the command and commit that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import atomic, data  # noqa: E402
+from engine.files import load_or_compute  # noqa: E402
+from engine.store import load_run  # noqa: E402
+
+TOP = 16
+
+
+def drawn_digits() -> dict[str, torch.Tensor]:
+    """Four digits drawn as white strokes on a 280x280 black canvas, preprocessed like a drawing."""
+    from PIL import Image, ImageDraw
+    strokes = {"drawn 1": [[(150, 40), (140, 240)]],
+               "drawn 7": [[(60, 50), (220, 50), (120, 240)]],
+               "drawn 4": [[(170, 240), (170, 40), (60, 170), (220, 170)]],
+               "drawn 0": [[(140 + 70 * np.sin(a), 140 - 100 * np.cos(a)) for a in np.linspace(0, 2 * np.pi, 40)]]}
+    out = {}
+    for name, lines in strokes.items():
+        img = Image.new("RGBA", (280, 280), (0, 0, 0, 255))
+        d = ImageDraw.Draw(img)
+        for line in lines:
+            d.line(line, fill=(255, 255, 255, 255), width=20, joint="curve")
+        out[name] = data.preprocess_array(data.to_gray(img), name)
+    return out
+
+
+def queries(n_test: int = 16) -> dict[str, torch.Tensor]:
+    from engine.methods import magic_mean
+    test_x, _ = data.load_test()
+    used = set(data.query_indices(magic_mean.N_DIGITS, magic_mean.SEED))
+    idx = [i for i in data.query_indices(n_test + len(used), 0) if i not in used][:n_test]
+    q = {f"test:{i}": test_x[i] for i in idx}
+    q.update(drawn_digits())
+    extra = [i for i in data.query_indices(200, 99) if i not in used and i not in idx]
+    q["rotated test:%d" % extra[0]] = data.rotate(test_x[extra[0]], 90)
+    q["rotated test:%d" % extra[1]] = data.rotate(test_x[extra[1]], 90)
+    q["average of 4"] = data.average(test_x[extra[2:6]])
+    q["noise"] = data.uniform_noise(1, torch.Generator().manual_seed(0))[0]
+    return q
+
+
+def exact(run, names: list[str], x: torch.Tensor, work: Path) -> dict:
+    """Exact grad_w (Q, n), BPD (Q,) and flat BPD gradients g (Q, P): one batched replay."""
+    from engine.bpd import run_bpd
+    from engine.metagrad import metagradient
+    from engine.precompute.tangents import flatten
+
+    def compute() -> dict:
+        t0 = time.perf_counter()
+        bpd, grads = run_bpd(run, x, grad=True)
+        gw = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], grads)
+        return {"grad_w": gw.numpy().astype(np.float64), "bpd": bpd,
+                "g": torch.stack([flatten(g) for g in grads]).numpy(), "seconds": time.perf_counter() - t0}
+    return load_or_compute(work / "exact.npz", {"run_digest": run.digest, "names": np.array(names), "x": x.numpy()},
+                           compute, what=f"exact MAGIC of {len(names)} queries")
+
+
+def overlap(a: np.ndarray, b: np.ndarray, k: int = TOP) -> tuple[int, int]:
+    """Shared members of the top-k proponents and of the top-k opponents of two score vectors."""
+    pa, pb = np.argsort(a, kind="stable"), np.argsort(b, kind="stable")
+    return len(set(pa[:k]) & set(pb[:k])), len(set(pa[::-1][:k]) & set(pb[::-1][:k]))
+
+
+def lds(run, bank_dir: Path, bank_queries: list[int], scores: np.ndarray, bpd: np.ndarray) -> np.ndarray:
+    """Spearman per bank query of predicted vs actual change on the committed protocol-A bank."""
+    from scipy.stats import spearmanr
+    from engine.executor import LocalExecutor
+    from engine.experiments import bank, protocols, stats
+    plan = protocols.plan("A", run.preset.n_train, 50, frac=0.01, seed=0)
+    actual = bank.retrained(run, bank_dir, bank_queries, plan.drops, 1, protocol="A", settings=plan.settings,
+                            executor=LocalExecutor(1))[0] - bpd[:, None]
+    pred = stats.predicted_changes(scores, plan.drops)
+    return np.array([spearmanr(pred[i], actual[i])[0] for i in range(len(bank_queries))])
+
+
+def main() -> None:
+    from scipy.stats import spearmanr
+    from engine.precompute import representation as R
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/small")
+    ap.add_argument("--reps", default="lowrank64", help="representations of the run to study, comma-separated")
+    ap.add_argument("--ranks", default="4,8,16,32,64")
+    ap.add_argument("--bank", default="results/lds_small")
+    ap.add_argument("--out", default="results/precompute")
+    a = ap.parse_args()
+    run = load_run(a.run)
+    q = queries()
+    names = list(q)
+    x = torch.stack([q[k] for k in names])
+    ex = exact(run, names, x, run.path / "fidelity")
+    gw, g, bpd = ex["grad_w"], ex["g"], ex["bpd"]
+    kinds = ["test" if n.startswith("test:") else "drawn" if n.startswith("drawn") else "off-distribution" for n in names]
+    bank_q = [int(n[5:]) for n in names[:8]]
+    rows = [{"scores": "exact MAGIC (replay)", "rank": None, **_metrics(gw, gw, kinds),
+             "lds": lds(run, Path(a.bank), bank_q, gw[:8], bpd[:8]).tolist()}]
+    mean_path = run.path / "methods" / "magic_mean.npz"
+    if mean_path.is_file():  # the query-agnostic reference, if it was prepared for this run
+        from engine import methods
+        s = methods.get("magic_mean").score(run, x).scores
+        rows.append({"scores": "query-agnostic mean of 32 digits", "rank": None, **_metrics(s, gw, kinds),
+                     "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
+    for name in [r for r in a.reps.split(",") if r]:
+        rep = R.load(run, name)
+        ranks = [int(k) for k in a.ranks.split(",") if int(k) <= rep.b.shape[0]] if rep.a is not None else [rep.b.shape[0]]
+        for k in ranks:
+            sub = R.Representation(name, rep.method, None if rep.a is None else rep.a[:, :k], rep.b[:k], rep.info)
+            s = sub.scores(g)
+            rows.append({"scores": f"{name} truncated to rank {k}" if k < rep.b.shape[0] else name, "rank": k,
+                         **_metrics(s, gw, kinds), "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist(),
+                         "precompute_seconds": rep.info.get("seconds"), "bytes_full": rep.info["bytes"]})
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(gw.shape)
+    rows.append({"scores": "random", "rank": None, **_metrics(s, gw, kinds),
+                 "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {"command": "python " + " ".join(sys.argv), "commit": commit, "run": str(run.path), "preset": run.preset.name,
+              "run_digest": run.digest, "queries": names, "kinds": kinds, "bpd": bpd.tolist(),
+              "exact_seconds": float(ex["seconds"]), "bank_queries": bank_q, "rows": rows}
+    out = Path(a.out)
+    atomic.save_json(report, out / "fidelity.json")
+    atomic.save_text(_markdown(report), out / "fidelity.md")
+    atomic.save_bytes(_plot(report), out / "fidelity.png")
+    print(_markdown(report))
+
+
+def _metrics(s: np.ndarray, gw: np.ndarray, kinds: list[str]) -> dict:
+    from scipy.stats import spearmanr
+    rho = [float(spearmanr(s[i], gw[i])[0]) for i in range(len(gw))]
+    ov = [overlap(s[i], gw[i]) for i in range(len(gw))]
+    return {"spearman_with_exact": rho, "top_proponents_shared": [o[0] for o in ov],
+            "top_opponents_shared": [o[1] for o in ov]}
+
+
+def _markdown(r: dict) -> str:
+    kinds = np.array(r["kinds"])
+    lines = [f"# Precomputed representations against exact MAGIC on `{r['preset']}`", "",
+             f"`{r['command']}` at commit {r['commit']}; {len(r['queries'])} queries: "
+             f"{(kinds == 'test').sum()} test digits, {(kinds == 'drawn').sum()} drawn, "
+             f"{(kinds == 'off-distribution').sum()} off-distribution (rotated, averaged, noise). "
+             f"LDS: protocol A on the committed bank's {len(r['bank_queries'])} queries (50 drop-sets of 1%).", "",
+             "| scores | Spearman with exact: test / drawn / off-dist. (min) | top-16 proponents shared (min) | "
+             "top-16 opponents shared (min) | LDS mean (min) |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        rho = np.array(row["spearman_with_exact"])
+        parts = " / ".join(f"{rho[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
+        p, o = np.array(row["top_proponents_shared"]), np.array(row["top_opponents_shared"])
+        l = np.array(row["lds"])
+        lines.append(f"| {row['scores']} | {parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | "
+                     f"{o.mean():.1f} ({o.min()}) | {l.mean():.3f} ({l.min():.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(r: dict) -> bytes:
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ranked = [row for row in r["rows"] if row["rank"] is not None]
+    ks = [row["rank"] for row in ranked]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    series = [("spearman_with_exact", "Spearman with exact grad_w"), ("top_proponents_shared", "top-16 proponents shared"),
+              ("lds", "LDS protocol A (bank queries)")]
+    for ax, (key, title) in zip(axes, series):
+        ax.plot(ks, [np.mean(row[key]) for row in ranked], "o-", label="mean")
+        ax.plot(ks, [np.min(row[key]) for row in ranked], "s--", label="min")
+        for row in r["rows"]:
+            if row["rank"] is None:
+                ax.axhline(np.mean(row[key]), lw=0.8, ls=":", color="gray")
+                ax.text(ks[0] if ks else 1, np.mean(row[key]), row["scores"], fontsize=6, va="bottom")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank K")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    main()
