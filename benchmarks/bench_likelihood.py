@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import data, likelihood as L  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
-from engine.train import make_model  # noqa: E402
+from engine.training import make_model  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, train  # noqa: E402
+from engine import atomic, data, training as train  # noqa: E402
 from engine import device as devices  # noqa: E402
 from engine.bpd import run_bpd  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402

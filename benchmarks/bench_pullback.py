@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, train  # noqa: E402
+from engine import atomic, data, training as train  # noqa: E402
 from engine.presets import get_preset  # noqa: E402
-from engine.train import TrainState  # noqa: E402
+from engine.training import TrainState  # noqa: E402
 
 
 def best_ms(fn: Callable[[], object], reps: int) -> float:

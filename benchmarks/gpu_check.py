@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, train  # noqa: E402
+from engine import atomic, data, training as train  # noqa: E402
 from engine import device as devices  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.presets import PRESETS, Preset  # noqa: E402

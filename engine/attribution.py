@@ -33,6 +33,29 @@ def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], Non
     return gw.numpy().astype(np.float64), bpd
 
 
+def attribute_precomputed(run: Run, rep, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """grad_w (Q, n) and BPD (Q,) from a precomputed representation (engine.precompute): the
+    queries' exact BPD gradients g, then A (B g); no replay of training."""
+    from engine.precompute.tangents import flatten
+    bpd, grads = run_bpd(run, x, grad=True, callback=lambda i: callback and callback({"stage": "bpd", **i}))
+    return rep.scores(torch.stack([flatten(g) for g in grads]).numpy()), bpd
+
+
+def attribute_auto(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
+                   replay: bool = False, scheme: str = "sqrt", k: int = 4) -> tuple[np.ndarray, np.ndarray, str]:
+    """grad_w (Q, n), BPD (Q,) and how they were made: from the run's precomputed representation
+    when it has one ("precomputed:<name>"), else (or with replay=True) by a replay of training
+    ("replay"). A representation that fails its checks raises a one-line UserError."""
+    from engine.precompute import representation
+    name = None if replay else representation.default(run)
+    if name is None:
+        grad_w, bpd = attribute(run, x, callback, scheme=scheme, k=k)
+        return grad_w, bpd, "replay"
+    grad_w, bpd = attribute_precomputed(run, representation.load(run, name), x, callback)
+    return grad_w, bpd, f"precomputed:{name}"
+
+
 def predict_removal(bpd: float, grad_w: np.ndarray, removed: Sequence[int]) -> float:
     """Predicted BPD after training without `removed`: BPD(1) - sum_{i in S} grad_w[i]."""
     return float(bpd - grad_w[np.asarray(removed, dtype=np.int64)].sum())

@@ -18,7 +18,7 @@ import torch
 from engine import device as devices
 from engine.likelihood import bits_per_dim
 from engine.presets import Preset
-from engine.train import make_model
+from engine.training import make_model
 
 
 def model_for(preset: Preset, seed: int, params: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -41,7 +41,7 @@ def _progress(total: Optional[int], desc: str, quiet: bool = False):
 
 
 def cmd_train(a) -> dict:
-    from engine import train
+    from engine import training as train
     from engine.presets import get_preset
     preset = get_preset(a.preset)
     images, _ = data.load_train(preset.n_train, preset.source)
@@ -144,16 +144,18 @@ def _check_executor_args(a) -> None:
 
 def cmd_attribute(a) -> dict:
     from engine import atomic
-    from engine.attribution import attribute, top_k
+    from engine.attribution import attribute_auto, top_k
     from engine.store import load_run
     run = load_run(a.run)
     x = load_inputs(a.inputs)
     if not a.out.endswith(".npz"):
         raise UserError("--out must end in .npz")
     _check_executor_args(a)
-    if a.executor == "local" and a.jobs == 1:
+    from engine.precompute import representation
+    if (a.executor == "local" and a.jobs == 1) or (not a.replay and representation.default(run) is not None):
         bar, cb = _progress(None, "attribute", a.json)
-        grad_w, bpd = attribute(run, x, callback=cb, scheme=a.scheme, k=a.k)  # one batched sweep
+        # the precomputed representation when the run has one (--jobs is then moot), else one batched replay
+        grad_w, bpd, method = attribute_auto(run, x, callback=cb, replay=a.replay, scheme=a.scheme, k=a.k)
     else:
         from engine.attribution import attribute_many
         from engine.executor import make_executor
@@ -164,9 +166,10 @@ def cmd_attribute(a) -> dict:
             bar.refresh()
         grad_w, bpd = attribute_many(run, x, Path(a.out + ".parts"), make_executor(a.executor, jobs=a.jobs, address=a.address),
                                      chunk=a.chunk, scheme=a.scheme, k=a.k, callback=cb)
+        method = "replay"
     bar.close()
-    atomic.save_npz(Path(a.out), grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs))
-    result = {"out": a.out, "queries": []}
+    atomic.save_npz(Path(a.out), grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs), method=np.array(method))
+    result = {"out": a.out, "method": method, "queries": []}
     for i, spec in enumerate(a.inputs):
         q = {"input": spec, "bpd": float(bpd[i])}
         if a.top:
@@ -349,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--scheme", choices=["sqrt", "segment", "kary"], default="sqrt",
                     help="how training states are recomputed: stored sqrt(T) checkpoints (segment: also keep a segment's step graphs, one pass of training less, more memory), or k-ary recursion from step 0")
     at.add_argument("--k", type=int, default=4, help="parts per level of the k-ary scheme")
+    at.add_argument("--replay", action="store_true",
+                    help="replay training even if the run has a precomputed representation (python -m engine precompute)")
     at.add_argument("--jobs", type=int, default=1,
                     help="with more than 1, queries are split in --chunk sized jobs on that many local processes")
     at.add_argument("--chunk", type=int, default=8, help="queries per job when jobs are used (one batched sweep each)")
@@ -444,7 +449,7 @@ def _human(cmd: str, result) -> str:
                 f"{result['bytes'] / 2**20:.1f} MiB; {result['seconds']:.0f} s of compute in {result['chunks']} chunks"
                 + (f" ({result['times_training']:.1f}x training)" if result.get("times_training") else ""))
     if cmd == "attribute":
-        lines = [f"wrote {result['out']}"]
+        lines = [f"wrote {result['out']} ({result['method']})"]
         for q in result["queries"]:
             lines.append(f"{q['input']}: {q['bpd']:.4f} bits/dim")
             for kind in ("proponents", "opponents"):

@@ -2,7 +2,7 @@
 
 The preset decides the device (a CUDA preset falls back to the CPU where there is no GPU) and
 the dtype; `setup` also turns on deterministic kernels for that device. Every entry point that
-touches the model goes through here (engine.train, engine.metagrad, engine.bpd), so a fresh
+touches the model goes through here (engine.training, engine.metagrad, engine.bpd), so a fresh
 process that replays a stored segment uses the same kernels as the one that trained it.
 """
 

@@ -37,7 +37,7 @@ import torch
 from engine.errors import UserError
 from engine.store import Run
 from engine import device as devices
-from engine.train import TrainState, make_model, step_function, train_step
+from engine.training import TrainState, make_model, step_function, train_step
 
 SCHEMES = ("sqrt", "segment", "kary")
 

@@ -26,7 +26,7 @@ import torch
 from engine import atomic
 from engine.errors import UserError
 from engine.presets import Preset, digest, preset_from_dict
-from engine.train import TrainState
+from engine.training import TrainState
 
 FORMAT = 1
 

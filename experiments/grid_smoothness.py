@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, sde, train  # noqa: E402
+from engine import atomic, data, sde, training as train  # noqa: E402
 from engine.experiments.protocols import drop_sets  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
 from engine.presets import PRESETS, Preset, preset_from_dict  # noqa: E402

@@ -60,7 +60,7 @@ BITS = 1 / (64 * math.log(2))
 def app_run(tmp_path_factory):
     """A finished `tiny` run and an empty memo for the app; the app's environment points at them."""
     import os
-    from engine import train
+    from engine import training as train
     from engine.presets import PRESETS
     from engine.store import load_run
     from webapp import service

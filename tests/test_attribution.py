@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from engine import attribution as A, data, train
+from engine import attribution as A, data, training as train
 from engine.experiments import bank, lds, protocols
 from engine.errors import UserError
 from engine.presets import PRESETS

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from engine import cli, data, methods, train
+from engine import cli, data, methods, training as train
 from engine.experiments import bank, lds, protocols
 from engine.baselines import trak as T
 from engine.errors import UserError

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import atomic, data, train
+from engine import atomic, data, training as train
 from engine.experiments import lds
 from engine.errors import UserError
 from engine.executor import LocalExecutor, make_executor

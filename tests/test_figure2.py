@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from engine import data, train
+from engine import data, training as train
 from engine.experiments import figure2
 from engine.presets import PRESETS
 from engine.store import load_run

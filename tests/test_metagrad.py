@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine import data, train
+from engine import data, training as train
 from engine.metagrad import metagradient
 from engine.presets import PRESETS
 from engine.store import load_run

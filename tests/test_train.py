@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import store, train
+from engine import store, training as train
 from engine.errors import UserError
 from engine.presets import PRESETS
 

@@ -68,7 +68,7 @@ def load_run() -> Optional[Run]:
 
 
 def _train(preset_name: str, out: Path, cb: Callback) -> dict:
-    from engine import train
+    from engine import training as train
     from engine.presets import get_preset
     state = train.train(get_preset(preset_name), seed=0, out=out,
                         callback=lambda i: cb({"stage": "training", "i": i["step"], "n": i["total"]}))

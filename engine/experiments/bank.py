@@ -33,7 +33,7 @@ from engine.store import Run
 def retrain_bpd(preset: Preset, seed: int, drop: np.ndarray, queries: torch.Tensor,
                 images: Optional[torch.Tensor] = None) -> np.ndarray:
     """Exact BPD (Q,) of `queries` (Q, 1, 28, 28) under the preset retrained without `drop`."""
-    from engine import train
+    from engine import training as train
     from engine.bpd import bpd
     if images is None:
         images, _ = data.load_train(preset.n_train, preset.source)

@@ -21,7 +21,7 @@ import torch
 
 from engine import device as devices
 from engine.store import Run
-from engine.train import init_state, make_model, step_function, train_step
+from engine.training import init_state, make_model, step_function, train_step
 
 
 def forward_tangents(run: Run, images: torch.Tensor, omega: torch.Tensor, *,

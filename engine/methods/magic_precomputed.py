@@ -1,0 +1,28 @@
+"""MAGIC from the run's precomputed replay (engine.precompute): the query's exact BPD gradient g,
+then grad_w ~ A (B g) from the representation instead of a replay of training."""
+
+from engine.methods import register
+from engine.methods.base import Method, Scores
+
+
+class MagicPrecomputed(Method):
+    name = "magic_precomputed"
+    description = "MAGIC through the run's precomputed replay (exact J, or a rank-K range finder of it)"
+    cost = "once per run: the precompute; per query: its BPD gradient and two small products"
+    units = "bits/dim"
+    order = 1
+
+    def prepare(self, run, callback=None) -> None:
+        """Builds the default representation (rank 32) if the run has none."""
+        from engine.precompute import build, representation
+        if representation.default(run) is None:
+            build.precompute(run, callback=callback)
+
+    def score(self, run, x, callback=None) -> Scores:
+        from engine.attribution import attribute_precomputed
+        from engine.precompute import representation
+        grad_w, bpd = attribute_precomputed(run, representation.load(run, representation.default(run)), x, callback)
+        return Scores(grad_w, bpd)
+
+
+register(MagicPrecomputed())

@@ -1,0 +1,107 @@
+"""Precomputed replays on `tiny`: the exact representation equals the per-query replay, a
+low-rank one is exact on its own span, building resumes chunk by chunk, and every foreign,
+stale or damaged file is refused with one line."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine import cli, data, training as train
+from engine.errors import UserError
+from engine.metagrad import metagradient
+from engine.precompute import build, representation as R
+from engine.precompute.tangents import flat_to_dicts, flatten
+from engine.presets import PRESETS
+from engine.store import load_run
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    train.train(TINY, seed=0, out=out)
+    r = load_run(out)
+    build.precompute(r, method="exact", chunk=32)
+    return r
+
+
+def _random_queries(run, q: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([flatten({n: torch.randn(p.shape, generator=g) for n, p in run.load_final().params.items()})
+                        for _ in range(q)])
+
+
+def test_exact_representation_equals_the_per_query_replay(run):
+    g = _random_queries(run, 3, seed=1)  # three random linear query functionals <g, theta_T>
+    images = data.load_train(TINY.n_train)[0]
+    want = metagradient(run, images, flat_to_dicts(g, run.load_final().params)).numpy()
+    got = R.load(run, "exact").scores(g.numpy())
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
+
+
+def test_cli_attribute_uses_the_representation_and_matches_replay(run, tmp_path, capsys):
+    args = ["attribute", "--run", str(run.path), "test:3", "test:11", "--json"]
+    assert cli.main(args + ["--out", str(tmp_path / "pre.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "precomputed:exact"
+    assert cli.main(args + ["--out", str(tmp_path / "rep.npz"), "--replay"]) == 0
+    pre, rep = np.load(tmp_path / "pre.npz"), np.load(tmp_path / "rep.npz")
+    assert str(pre["method"]) == "precomputed:exact" and str(rep["method"]) == "replay"
+    assert pre["grad_w"].shape == rep["grad_w"].shape == (2, TINY.n_train)
+    assert np.linalg.norm(pre["grad_w"] - rep["grad_w"]) / np.linalg.norm(rep["grad_w"]) <= 1e-4
+    np.testing.assert_array_equal(pre["bpd"], rep["bpd"])
+
+
+def test_lowrank_is_exact_on_its_span_and_resumes_by_chunk(run):
+    info = build.precompute(run, method="lowrank", rank=8, chunk=4)
+    rep = R.load(run, info["name"])
+    assert rep.a.shape == (TINY.n_train, 8) and rep.b.shape[0] == 8
+    # a query gradient inside the span of B's rows is represented exactly: J^T Q c = A c
+    g = torch.from_numpy(rep.b.T @ np.random.default_rng(0).standard_normal(8)).float()[None]
+    want = metagradient(run, data.load_train(TINY.n_train)[0], flat_to_dicts(g, run.load_final().params)).numpy()
+    got = rep.scores(g.numpy())
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
+    # resume: a lost chunk and a truncated one are recomputed, the others are not
+    parts = R.folder(run) / "lowrank8.parts"
+    (parts / "fwd_0001.npz").unlink()
+    blob = (parts / "rev_0000.npz").read_bytes()
+    (parts / "rev_0000.npz").write_bytes(blob[: len(blob) // 2])
+    (R.folder(run) / "lowrank8.npz").unlink()
+    stages = []
+    build.precompute(run, method="lowrank", rank=8, chunk=4, callback=lambda i: stages.append((i["stage"], i["i"])))
+    assert stages == [("forward", 1), ("forward", 2), ("reverse", 1), ("reverse", 2)]
+    again = R.load(run, "lowrank8")
+    np.testing.assert_allclose(again.a, rep.a, rtol=1e-5, atol=1e-7 * np.abs(rep.a).max())
+
+
+def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, capsys):
+    src = R.folder(run) / "exact.npz"
+    # another config (tiny, seed 1): its digest differs
+    train.train(TINY, seed=1, out=tmp_path / "other")
+    other = load_run(tmp_path / "other")
+    R.folder(other).mkdir()
+    shutil.copy(src, R.folder(other) / "exact.npz")
+    with pytest.raises(UserError, match="another run or config"):
+        R.load(other, "exact")
+    assert cli.main(["attribute", "--run", str(other.path), "test:0", "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and not (tmp_path / "s.npz").exists()
+    # the same config whose final weights changed since the precompute
+    shutil.copytree(run.path, tmp_path / "copy", ignore=shutil.ignore_patterns("*.parts"))
+    d = torch.load(tmp_path / "copy" / "final.pt", weights_only=True)
+    d["params"] = {k: v + 1e-3 for k, v in d["params"].items()}
+    torch.save(d, tmp_path / "copy" / "final.pt")
+    with pytest.raises(UserError, match="other final weights"):
+        R.load(load_run(tmp_path / "copy"), "exact")
+    # a truncated file
+    blob = src.read_bytes()
+    (R.folder(other) / "exact.npz").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(UserError, match="corrupt"):
+        R.load(other, "exact")
+    # bad arguments
+    for kw in ({"method": "nope"}, {"method": "lowrank", "rank": 0}, {"method": "lowrank", "rank": 10**6}):
+        with pytest.raises(UserError):
+            build.precompute(run, **kw)
