@@ -16,309 +16,13 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
 
-from engine import data
 from engine.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors: one line, exit 2
         raise UserError(f"{self.prog}: {message}")
-
-
-def _progress(total: Optional[int], desc: str, quiet: bool = False):
-    """A tqdm bar on stderr fed by the engine's callback={...} convention."""
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False)
-
-    def callback(info: dict) -> None:
-        bar.update(1)
-        if "loss" in info:
-            bar.set_postfix(loss=f"{info['loss']:.1f}")
-    return bar, callback
-
-
-def cmd_train(a) -> dict:
-    from engine import training as train
-    from engine.presets import get_preset
-    preset = get_preset(a.preset)
-    images, _ = data.load_train(preset.n_train, preset.source)
-    n = images.shape[0]
-    weights = None
-    if a.weights:
-        try:
-            weights = np.load(a.weights, allow_pickle=False)
-        except Exception as e:
-            raise UserError(f"{a.weights}: not a readable .npy array ({type(e).__name__})") from None
-    if a.drop:
-        weights = np.ones(n, dtype=np.float32) if weights is None else np.array(weights, dtype=np.float32)
-        weights[_read_indices(a.drop, n)] = 0.0
-    bar, cb = _progress(preset.steps, f"train {preset.name}", a.json)
-    state = train.train(preset, seed=a.seed, weights=weights, out=Path(a.out), images=images, callback=cb)
-    bar.close()
-    from engine.store import load_run
-    run = load_run(a.out)
-    losses = run.losses()
-    return {"run": str(a.out), "preset": preset.name, "seed": a.seed, "steps": state.step,
-            "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
-            "seconds": run.train_seconds()}
-
-
-def _read_indices(path: str, n: int) -> np.ndarray:
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({type(e).__name__})") from None
-    try:
-        idx = np.array([int(tok) for tok in text.replace(",", " ").split()], dtype=np.int64)
-    except ValueError:
-        raise UserError(f"{path}: expected whitespace-separated integer indices") from None
-    if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        raise UserError(f"{path}: indices must lie in 0..{n - 1}")
-    return idx
-
-
-def load_inputs(specs: list[str]) -> torch.Tensor:
-    """Every INPUT, validated before any computation: (Q, 1, 28, 28)."""
-    return torch.stack([data.load_input(s) for s in specs])
-
-
-def cmd_bpd(a):
-    from engine.bpd import run_bpd
-    from engine.store import load_run
-    run = load_run(a.run)
-    x = load_inputs(a.inputs)
-    bar, cb = _progress(4 * run.preset.bpd_steps * len(x), "bits/dim", a.json)
-    bpd, _ = run_bpd(run, x, callback=cb)
-    bar.close()
-    return [{"input": s, "bpd": float(b)} for s, b in zip(a.inputs, bpd)]
-
-
-def cmd_sample(a) -> dict:
-    from engine import atomic
-    from engine.sampling import sample
-    from engine.store import load_run
-    run = load_run(a.run)
-    if not 1 <= a.n <= 1024:
-        raise UserError("--n must be between 1 and 1024")
-    model = run.model()
-    steps = a.steps or (500 if a.method == "sde" else 32)
-    bar, cb = _progress(steps * (4 if a.method == "ode" else 1), "sample", a.json)
-    x = sample(model, (a.n, 1, 28, 28), method=a.method, n_steps=steps, seed=a.seed,
-               sigma=run.preset.sigma, eps=run.preset.t_eps, callback=cb)
-    bar.close()
-    x = data.quantize(x.clamp(0, 1))
-    out = Path(a.out)
-    if out.suffix.lower() == ".npy":
-        atomic.save_npy(x.squeeze(1).numpy(), out)
-    else:
-        atomic.save_bytes(_grid_png(x), out)
-    return {"out": str(out), "n": a.n, "method": a.method, "seed": a.seed}
-
-
-def _grid_png(x: torch.Tensor) -> bytes:
-    import io
-    from PIL import Image
-    from torchvision.utils import make_grid
-    g = make_grid(x, nrow=int(np.ceil(np.sqrt(len(x)))), padding=2, pad_value=0.5)
-    buf = io.BytesIO()
-    Image.fromarray((g[0].numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _default_jobs(a, run) -> None:
-    """--jobs left out: engine.device's choice for the run's preset (cores, or GPUs)."""
-    if a.jobs is None:
-        from engine import device
-        a.jobs = device.default_jobs(run.preset)
-
-
-def _check_executor_args(a) -> None:
-    if a.jobs < 1:
-        raise UserError("--jobs must be at least 1")
-    if a.address and a.executor != "ray":
-        raise UserError("--address is for --executor ray")
-
-
-def cmd_attribute(a) -> dict:
-    from engine import atomic
-    from engine.attribution import attribute_auto, top_k
-    from engine.store import load_run
-    run = load_run(a.run)
-    x = load_inputs(a.inputs)
-    if not a.out.endswith(".npz"):
-        raise UserError("--out must end in .npz")
-    _check_executor_args(a)
-    from engine.precompute import representation
-    if (a.executor == "local" and a.jobs == 1) or (not a.replay and representation.default(run) is not None):
-        bar, cb = _progress(None, "attribute", a.json)
-        # the precomputed representation when the run has one (--jobs is then moot), else one batched replay
-        grad_w, bpd, method = attribute_auto(run, x, callback=cb, replay=a.replay, scheme=a.scheme, k=a.k)
-    else:
-        from engine.attribution import attribute_many
-        from engine.executor import make_executor
-        bar, _ = _progress(-(-len(x) // a.chunk), "query chunks", a.json)
-
-        def cb(info: dict) -> None:
-            bar.n = info["i"]
-            bar.refresh()
-        grad_w, bpd = attribute_many(run, x, Path(a.out + ".parts"), make_executor(a.executor, jobs=a.jobs, address=a.address),
-                                     chunk=a.chunk, scheme=a.scheme, k=a.k, callback=cb)
-        method = "replay"
-    bar.close()
-    atomic.save_npz(Path(a.out), grad_w=grad_w, bpd=bpd, inputs=np.array(a.inputs), method=np.array(method))
-    result = {"out": a.out, "method": method, "queries": []}
-    for i, spec in enumerate(a.inputs):
-        q = {"input": spec, "bpd": float(bpd[i])}
-        if a.top:
-            tk = top_k(grad_w[i], a.top)
-            q["proponents"] = [{"index": int(j), "grad_w": float(grad_w[i, j])} for j in tk["proponents"]]
-            q["opponents"] = [{"index": int(j), "grad_w": float(grad_w[i, j])} for j in tk["opponents"]]
-        result["queries"].append(q)
-    return result
-
-
-def cmd_precompute(a) -> dict:
-    from engine.executor import make_executor
-    from engine.precompute.build import precompute
-    from engine.store import load_run
-    run = load_run(a.run)
-    _default_jobs(a, run)
-    _check_executor_args(a)
-    bar, _ = _progress(None, "precompute chunks", a.json)
-
-    def cb(info: dict) -> None:
-        bar.set_description(f"precompute: {info['stage']} chunks")
-        bar.total, bar.n = info["n"], info["i"]
-        bar.refresh()
-    info = precompute(run, method=a.method, rank=a.rank, init=a.init, chunk=a.chunk,
-                      executor=make_executor(a.executor, jobs=a.jobs, address=a.address), callback=cb)
-    bar.close()
-    return info
-
-
-def _lds_queries(a) -> list[int]:
-    if a.query_index:
-        try:
-            return [int(v) for v in a.query_index.split(",")]
-        except ValueError:
-            raise UserError(f"--query-index must be comma-separated integers, got {a.query_index!r}") from None
-    if a.queries < 1:
-        raise UserError("--queries must be at least 1")
-    return data.query_indices(a.queries, a.seed)
-
-
-def _methods(spec: str) -> list[str]:
-    from engine import methods
-    known = methods.names()
-    names = known if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in known]
-    if bad or not names:
-        raise UserError(f"--method: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(known)} or all")
-    return names
-
-
-def _lds_callback(a):
-    """Progress bars for run_lds's stages; returns (callback, close)."""
-    bars: dict = {}
-
-    def cb(info: dict) -> None:
-        stage = info.get("stage", "")
-        if stage not in bars:
-            for b in bars.values():
-                b[0].close()
-            total = info.get("n") if stage in ("retrain", "features") else None
-            bars[stage] = _progress(total, {"retrain": "retrains", "training": "metagradient",
-                                            "features": "TRAK features"}.get(stage, "bits/dim"), a.json)
-        bar = bars[stage][0]
-        if stage in ("retrain", "features"):
-            bar.n = info["i"]
-            bar.refresh()
-        else:
-            bar.update(1)
-
-    def close() -> None:
-        for b in bars.values():
-            b[0].close()
-        bars.clear()
-    return cb, close
-
-
-def cmd_lds(a) -> dict:
-    from engine.executor import make_executor
-    from engine.experiments.lds import run_lds
-    from engine.store import load_run
-    run = load_run(a.run)
-    queries = _lds_queries(a)
-    methods = _methods(a.method)
-    _default_jobs(a, run)
-    _check_executor_args(a)
-    k = a.drop_sets or (50 if a.protocol == "A" else 16)
-    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
-    cb, close = _lds_callback(a)
-    reports = []
-    for m in methods:
-        reports.append(run_lds(run, Path(a.out), queries, method=m, protocol=a.protocol, k=k, frac=a.frac,
-                               alpha=a.alpha, seeds=a.seeds, seed=a.seed, executor=executor, callback=cb))
-        close()
-    return {"out": a.out, "reports": [{k: v for k, v in r.items() if k != "queries"} | {
-        "per_query": [{k: q[k] for k in ("query", "label", "bpd", "spearman", "pearson")} for q in r["queries"]]}
-        for r in reports]}
-
-
-def cmd_compare(a) -> dict:
-    from engine.executor import make_executor
-    from engine.experiments import comparison
-    from engine.store import load_run
-    run = load_run(a.run)
-    queries = _lds_queries(a)
-    methods = _methods(a.method)
-    _default_jobs(a, run)
-    _check_executor_args(a)
-    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
-    cb, close = _lds_callback(a)
-    protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
-    if not protocols or any(p not in ("A", "B") for p in protocols):
-        raise UserError(f"--protocols must be A, B or A,B, got {a.protocols!r}")
-    table = comparison.run_comparison(run, Path(a.out), Path(a.report), queries, methods=methods, protocols=protocols,
-                                   k_a=a.drop_sets, k_b=a.subsets, seeds=a.seeds, seed=a.seed,
-                                   executor=executor, callback=cb)
-    close()
-    return {"report": a.report, "table": table}
-
-
-def cmd_figure4(a) -> dict:
-    from engine.experiments import figure4
-    from engine.store import load_run
-    run = load_run(a.run)
-    try:
-        with np.load(a.scores, allow_pickle=False) as f:
-            grad_w = f["grad_w"] if "grad_w" in f.files else f["scores"]
-            if "queries" in f:
-                queries = [int(q) for q in f["queries"]]
-            else:
-                specs = [str(s) for s in f["inputs"]]
-                if not all(s.startswith("test:") for s in specs):
-                    raise UserError(f"{a.scores}: figure4 needs test-set queries (inputs written as test:I)")
-                queries = [int(s[5:]) for s in specs]
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{a.scores}: not a scores file of `attribute` or `lds` ({type(e).__name__})") from None
-    if grad_w.shape != (len(queries), run.preset.n_train):
-        raise UserError(f"{a.scores}: grad_w has shape {grad_w.shape}, expected ({len(queries)}, {run.preset.n_train}) for this run")
-    rep = figure4.run_figure4(run, grad_w, queries, Path(a.out), k=a.k)
-    return {"out": a.out, "findings": rep["findings"]}
-
-
-def cmd_figure2(a) -> dict:
-    from engine.experiments import figure2
-    from engine.store import load_run
-    run = load_run(a.run)
-    bar, cb = _progress(4 * a.n, "figure2 images", a.json)
-    report = figure2.run_figure2(run, Path(a.out), n=a.n, angle=a.angle, k_avg=a.k_avg, seed=a.seed, callback=cb)
-    bar.close()
-    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"train": cmd_train, "bpd": cmd_bpd, "sample": cmd_sample, "attribute": cmd_attribute,
-            "precompute": cmd_precompute, "lds": cmd_lds, "compare": cmd_compare, "figure2": cmd_figure2,
-            "figure4": cmd_figure4}
+def _commands() -> dict:
+    from engine import commands as c
+    from engine.experiments import commands as e
+    return {"train": c.cmd_train, "bpd": c.cmd_bpd, "sample": c.cmd_sample, "attribute": c.cmd_attribute,
+            "precompute": c.cmd_precompute, "lds": e.cmd_lds, "compare": e.cmd_compare, "figure2": e.cmd_figure2,
+            "figure4": e.cmd_figure4}
 
 
 def _human(cmd: str, result) -> str:
@@ -493,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         a = build_parser().parse_args(argv)
         with sigterm_as_interrupt():
-            result = COMMANDS[a.cmd](a)
+            result = _commands()[a.cmd](a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -101,7 +101,6 @@ def lds(run, bank_dir: Path, bank_queries: list[int], scores: np.ndarray, bpd: n
 
 
 def main() -> None:
-    from scipy.stats import spearmanr
     from engine.precompute import representation as R
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/small")
