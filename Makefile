@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/cpu
 
-.PHONY: setup app report test bench clean
+.PHONY: setup app report test bench results clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -33,9 +33,33 @@ report: setup
 test: setup $(BIN)/.installed-ray
 	$(BIN)/python -m pytest
 
+# The benchmarks (each prints ratios against a baseline run in the same process).
 bench: setup
-	$(BIN)/python benchmarks/bench_likelihood.py
-	$(BIN)/python benchmarks/bench_metagrad.py --preset small --out results/bench_metagrad.txt
+	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine train --preset small --out runs/small
+	$(BIN)/python benchmarks/bench_likelihood.py --run $(RUN) --out results/bench_likelihood.txt
+	$(BIN)/python benchmarks/grid_error.py --run runs/small --out results/grid_error.txt
+	$(BIN)/python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt
+	$(BIN)/python benchmarks/bench_pullback.py --out results/bench_pullback.txt
+	$(BIN)/python benchmarks/bench_app.py --run $(RUN) --out results/bench_app.txt
+	$(BIN)/python benchmarks/bench_app_browser.py --run $(RUN) --out results/bench_app_browser.txt
+
+# Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
+# keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
+# cores, with the committed retraining banks: about 3 hours (MAGIC, query-agnostic MAGIC and the
+# precompute dominate); from an empty results/ folder the banks add about 4 hours.
+results: setup $(BIN)/.installed-ray
+	$(BIN)/python -m engine train --preset small --out runs/small
+	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine compare --run runs/small --out results/lds_small --seeds 4 --jobs 2
+	$(BIN)/python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small
+	$(BIN)/python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2
+	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64 --out results/precompute
+	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
+	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
+	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
+	$(MAKE) bench
+	$(BIN)/python scripts/results_md.py --out RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs

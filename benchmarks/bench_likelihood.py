@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--run", help="a run directory (default: the cpu preset's architecture, untrained)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
     if a.run:
         from engine.store import load_run
@@ -83,11 +84,16 @@ def main() -> None:
     rows["exact + gradient w.r.t. parameters"] = timed(with_grad)
 
     base = rows["exact, batched (B=%d)" % a.batch]
-    print(f"Exact BPD benchmark on {name}; preset {preset.name}, RK4 {preset.bpd_steps} steps ({evals} evaluations), "
-          f"{sum(p.numel() for p in params)} parameters")
-    print(f"{'method':40s} {'s / image':>10s} {'x batched exact':>16s}")
-    for k, v in rows.items():
-        print(f"{k:40s} {v:10.2f} {v / base:16.2f}")
+    lines = [f"Exact BPD benchmark on {name}; preset {preset.name}"
+             + (f" (run {a.run}, trained)" if a.run else " (untrained: the architecture only)")
+             + f", RK4 {preset.bpd_steps} steps ({evals} evaluations), {sum(p.numel() for p in params)} parameters",
+             f"{'method':40s} {'s / image':>10s} {'x batched exact':>16s}"]
+    lines += [f"{k:40s} {v:10.2f} {v / base:16.2f}" for k, v in rows.items()]
+    print("\n".join(lines))
+    if a.out:
+        from engine import atomic, provenance
+        st = provenance.stamp()
+        atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(a.out))
 
 
 if __name__ == "__main__":

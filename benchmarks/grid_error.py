@@ -25,25 +25,35 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--n-images", type=int, default=2)
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--out", help="also write the report here, with the command and commit that made it")
     a = ap.parse_args()
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
     run = load_run(a.run)
     model, p = run.model(), run.preset
     x, _ = data.load_test()
     idx = data.query_indices(a.n_images)
     groups = {"test digits": x[idx], "rotated 90": data.rotate(x[idx], 90)}
     kw = dict(sigma=p.sigma, eps=p.t_eps)
-    print(f"Likelihood grid error on {a.run} (preset {p.name}), test images {idx}")
+    say(f"Likelihood grid error on {a.run} (preset {p.name}), test images {idx}")
     with torch.no_grad():
         for g, xs in groups.items():
             t0 = time.perf_counter()
             ref = L.bits_per_dim(model, xs, method="dopri5", rtol=1e-5, atol=1e-5, **kw)
-            print(f"{g}: dopri5 reference {ref.numpy().round(4).tolist()}  ({time.perf_counter() - t0:.0f} s)")
+            say(f"{g}: dopri5 reference {ref.numpy().round(4).tolist()}  ({time.perf_counter() - t0:.0f} s)")
             for n in a.steps:
                 t0 = time.perf_counter()
                 b = L.bits_per_dim(model, xs, n_steps=n, **kw)
                 err = (b - ref).abs().max().item()
-                print(f"  RK4 {n:3d} steps: {b.numpy().round(4).tolist()}  max |error| {err:.4f} bits/dim  "
-                      f"({(time.perf_counter() - t0) / len(xs):.1f} s/image)")
+                say(f"  RK4 {n:3d} steps: {b.numpy().round(4).tolist()}  max |error| {err:.4f} bits/dim  "
+                    f"({(time.perf_counter() - t0) / len(xs):.1f} s/image)")
+    if a.out:
+        from engine import atomic, provenance
+        st = provenance.stamp()
+        atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(a.out))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ fidelity.md and fidelity.png, with the command and commit that made them.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data  # noqa: E402
+from engine import atomic, data, provenance  # noqa: E402
 from engine.files import load_or_compute  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
@@ -138,8 +137,7 @@ def main() -> None:
     s = rng.standard_normal(gw.shape)
     rows.append({"scores": "random", "rank": None, **_metrics(s, gw, kinds),
                  "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"command": "python " + " ".join(sys.argv), "commit": commit, "run": str(run.path), "preset": run.preset.name,
+    report = {**provenance.stamp(), "run": str(run.path), "preset": run.preset.name,
               "run_digest": run.digest, "queries": names, "kinds": kinds, "bpd": bpd.tolist(),
               "exact_seconds": float(ex["seconds"]), "bank_queries": bank_q, "rows": rows}
     out = Path(a.out)

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from engine import atomic
+from engine import atomic, provenance
 from engine.experiments import plots
 from engine.store import Run
 
@@ -40,7 +40,7 @@ def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, m
                         executor=executor, callback=callback)
             rows.append({key: v for key, v in r.items() if key != "queries"} |
                         {"per_query": [q["spearman"] for q in r["queries"]], "queries_list": [q["query"] for q in r["queries"]]})
-    report = {"preset": run.preset.name, "run_digest": run.digest, "queries": [int(q) for q in queries],
+    report = {**provenance.stamp(), "preset": run.preset.name, "run_digest": run.digest, "queries": [int(q) for q in queries],
               "rows": rows, "literature": [dict(zip(("source", "method", "value"), x)) for x in LITERATURE]}
     md = markdown(report)
     stem = Path(stem)

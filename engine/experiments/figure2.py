@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from engine import atomic, data
+from engine import atomic, data, provenance
 from engine.bpd import bpd
 from engine.presets import digest
 
@@ -76,7 +76,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
                  "min": float(done[g].min()), "max": float(done[g].max()), "writeup": WRITEUP_VALUES[g]} for g in GROUPS}
     means = [stats[g]["mean"] for g in GROUPS]
     report = {
-        "run": str(run.path), "run_digest": run.digest, "preset": p.name, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
+        **provenance.stamp(), "run": str(run.path), "run_digest": run.digest, "preset": p.name, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
         "bpd_steps": p.bpd_steps, "groups": stats, "bpd": {g: done[g].tolist() for g in GROUPS},
         "ordering_holds": bool(all(a < b for a, b in zip(means, means[1:]))),
         "noise_above_8": bool(stats["noise"]["mean"] > 8),

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine import atomic, data
+from engine import atomic, data, provenance
 from engine.attribution import top_k
 from engine.store import Run
 
@@ -153,6 +153,7 @@ def run_figure4(run: Run, grad_w: np.ndarray, queries: Sequence[int], out: Path,
     train_x, test_x = tx.reshape(len(tx), -1).numpy().astype(np.float64), sx.reshape(len(sx), -1).numpy().astype(np.float64)
     rep = analyse(np.asarray(grad_w, np.float64), list(queries), train_x, ty.numpy(), test_x, sy.numpy(), k)
     rep["preset"], rep["run_digest"] = run.preset.name, run.digest
+    rep.update(provenance.stamp())
     out = Path(out)
     atomic.save_json(rep, out / "figure4.json")
     atomic.save_text(_markdown(rep, run.preset.name), out / "figure4.md")

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from engine import data, methods
+from engine import data, methods, provenance
 from engine.errors import UserError
 from engine.experiments import bank, plots, protocols, stats
 from engine.files import load_or_compute
@@ -95,7 +95,8 @@ def run_lds(run: Run, out: Path, queries: Sequence[int], *, method: str = "magic
     report = {"protocol": protocol, "method": m.name, "units": m.units, "preset": p.name, "run_digest": run.digest,
               "n_train": p.n_train, "drop_sets": len(plan.drops), "drop_size": int(plan.drops.shape[1]), "seed": seed,
               "spearman_mean": float(rhos.mean()), "spearman_std": float(rhos.std()),
-              "spearman_min": float(rhos.min()), "score_seconds": float(s["seconds"]), "queries": rows}
+              "spearman_min": float(rhos.min()), "score_seconds": float(s["seconds"]), "queries": rows,
+              **provenance.stamp()}
     report |= {"frac": frac} if protocol == "A" else {"alpha": alpha, "seeds": plan.seeds,
                                                       **stats.seed_breakdown(predicted, by_seed, run.seed)}
     from engine import atomic
