@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
-import socket
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -94,21 +93,23 @@ class Memo:
             self.cache.delete(row[0])
 
     @contextmanager
-    def lock(self, key: str, poll: float = 0.05):
-        """Exclusive for `key` across threads and processes; a lock left by a dead process is broken."""
+    def lock(self, key: str):
+        """Exclusive for `key` across threads and processes, by an OS file lock (flock) on
+        DIR/locks/<digest>.lock. The kernel releases it when its holder dies, however it dies
+        (SIGKILL, a container restarted under another hostname, a reused PID), so a dead holder
+        can never keep a key."""
         with self._guard:
             tl = self._locks.setdefault(key, threading.Lock())
         with tl:
-            name, me = f"lock:{key}", [socket.gethostname(), os.getpid()]
-            while not self.cache.add(name, me):
-                holder = self.cache.get(name)
-                if holder and holder[0] == me[0] and not _alive(holder[1]):
-                    self.cache.delete(name)
-                time.sleep(poll)
+            folder = self.dir / "locks"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                self.cache.delete(name)
+                os.close(fd)  # releases the lock
 
     def get_or_compute(self, key: str, fn: Callable[[], dict]) -> dict:
         """The memoized fn(): computed once per key even when many callers ask at once."""
@@ -122,13 +123,3 @@ class Memo:
             value = fn()
             self.set(key, value)
             return _decode(_encode(value))  # what later callers will read, arrays included
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -64,7 +64,12 @@ st.subheader("The training images behind it")
 st.caption("MAGIC: the exact derivative of this image's bits/dim with respect to each training image's weight, "
            "through the whole training run. **Proponents** make the image more likely (removing one raises its "
            "bits/dim); **opponents** make it less likely.")
+name, problem = service.precomputed(run)
+if problem:
+    st.warning(problem)
 job = service.jobs().peek(service.attribution_key(run, x))
+if job is None and name is not None:  # a precomputed replay answers at once: no button
+    job = service.attribution_job(run, x)
 if job is None and st.button(f"Find them (one backward pass through training: a few minutes on the "
                              f"`{run.preset.name}` model)", key="attribute"):
     job = service.attribution_job(run, x)
@@ -72,6 +77,7 @@ if job is not None:
     res = W.wait_for(job)
     if res:
         gw = np.asarray(res["grad_w"])
+        st.caption(W.method_words(res.get("method", "replay")))
         k = st.slider("How many of each", 4, 32, 16, key="k")
         tk = top_k(gw, k)
         st.markdown(f"**Top {k} proponents** (removing them is predicted to raise the bits/dim by "

@@ -114,10 +114,19 @@ def test_generate_a_sample(app_run):
     assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, x), abs=1e-3)
 
 
-def test_compare_page_four_variants(app_run):
+def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
+    # a Figure 2 report is shown only for the model it was made on
+    from engine.experiments import figure2
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
     at = _new()
     at.run()
-    at.switch_page("pages/compare.py")
+    at.switch_page("pages/likelihoods.py")
+    at.run()
+    assert len(at.get("vega_lite_chart")) == 0 and "No Figure 2 report for this model" in at.info[0].value
+    figure2.run_figure2(app_run, tmp_path / "figure2", n=2)
+    at = _new()
+    at.run()
+    at.switch_page("pages/likelihoods.py")
     at = _until(at, lambda a: len(a.metric) == 4)
     from webapp import service
     x = torch.from_numpy(service.test_set()[0][0])
@@ -208,3 +217,34 @@ def test_an_empty_canvas_asks_for_a_drawing(app_run):
     at.run()
     assert not at.exception and not at.error
     assert any("Draw a digit" in i.value for i in at.info)
+
+
+def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refused(app_run):
+    # with a representation for the app's run, a drawing's influences come automatically and say
+    # how they were made; a damaged representation gets one warning line and the replay button
+    from engine.precompute import build, representation as R
+    from webapp import service
+    build.precompute(app_run, method="exact", chunk=32)
+    path = R.folder(app_run) / "exact.npz"
+    try:
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: any(m.value.startswith("**Top 16 proponents**") for m in a.markdown))
+        assert len(at.button) == 0  # no button: the influences came on their own
+        assert any("precomputed replay `exact`" in c.value for c in at.caption)
+        x = service.from_canvas(_stroke_canvas())
+        from engine.attribution import attribute
+        want, _ = attribute(app_run, x[None])
+        got = service.jobs().peek(service.attribution_key(app_run, x)).result["grad_w"]
+        assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-4
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])  # truncated: never used
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: _bpd_shown(a) is not None)
+        assert len(at.warning) == 1 and "not used" in at.warning[0].value
+        assert at.button(key="attribute") is not None
+    finally:
+        path.unlink(missing_ok=True)

@@ -118,14 +118,20 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     # the comparison (CLI): a second method reuses every protocol-B retrain; protocol A adds its own
     stages.clear()
     rc = cli.main(["compare", "--run", str(tiny_run.path), "--out", str(out), "--report", str(tmp_path / "cmp"),
-                   "--method", "pixel,feature", "--query-index", str(q[0]), "--drop-sets", "3", "--subsets", "3",
+                   "--method", "pixel,feature,random,magic_mean", "--query-index", str(q[0]), "--drop-sets", "3", "--subsets", "3",
                    "--seeds", "2", "--jobs", "2", "--json"])
     assert rc == 0
     comp = json.loads((tmp_path / "cmp.json").read_text())
     assert [(r["method"], r["protocol"]) for r in comp["rows"]] == [
-        ("pixel", "A"), ("feature", "A"), ("pixel", "B"), ("feature", "B")]
+        (m, p) for p in "AB" for m in ("pixel", "feature", "random", "magic_mean")]
     assert comp["rows"][2]["per_query"] == [rep["queries"][0]["spearman"]]  # B for pixel: the same numbers
     assert len(list((out / "bank").glob("*.json"))) == 6 + 3  # protocol B's 3 x 2, then A's 3
+    # the query-agnostic mean is the mean of MAGIC over its digits, whatever the query
+    from engine.methods import magic_mean
+    digits = np.load(tiny_run.path / "methods" / "magic_mean.npz")
+    assert digits["grad_w"].shape == (magic_mean.N_DIGITS, TINY.n_train)
+    np.testing.assert_allclose(np.load(out / "scores" / "magic_mean.npz")["scores"][0], digits["grad_w"].mean(0))
+    assert "| random |" in md and "| magic_mean |" in md
     md = (tmp_path / "cmp.md").read_text()
     assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
     assert f"| pixel | {rep['spearman_by_seed'][0]['mean']:.3f} | {rep['spearman_by_seed'][1]['mean']:.3f} |" in md
@@ -134,3 +140,36 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
         lds.run_lds(tiny_run, out, q, method="nope")
     with pytest.raises(UserError):
         lds.run_lds(tiny_run, out, q, method="pixel", protocol="B", alpha=1.5)
+
+
+def test_a_new_method_is_one_file(tiny_run, tmp_path):
+    # a module dropped into engine/methods/ is found by the registry and scored by lds, with no
+    # other change anywhere
+    import importlib
+    import pathlib
+    import sys as _sys
+    from engine import methods as registry
+    path = pathlib.Path(registry.__file__).parent / "zz_probe_for_tests.py"
+    path.write_text(
+        "import numpy as np\n"
+        "from engine.methods import register\n"
+        "from engine.methods.base import Method, Scores\n\n\n"
+        "class Probe(Method):\n"
+        "    name, description, cost = 'probe', 'minus the pixel sum of each training image', 'nothing'\n\n"
+        "    def score(self, run, x, callback=None):\n"
+        "        from engine import data\n"
+        "        s = data.load_train(run.preset.n_train, run.preset.source)[0].reshape(run.preset.n_train, -1).sum(1)\n"
+        "        return Scores(-np.tile(s.numpy(), (len(x), 1)))\n\n\n"
+        "register(Probe())\n")
+    try:
+        importlib.invalidate_caches()
+        assert "probe" in registry.names()
+        rc = cli.main(["lds", "--run", str(tiny_run.path), "--out", str(tmp_path / "lds"), "--method", "probe",
+                       "--queries", "1", "--drop-sets", "3", "--jobs", "1", "--json"])
+        assert rc == 0
+        rep = json.loads((tmp_path / "lds" / "reports" / "probe_A.json").read_text())
+        assert rep["method"] == "probe" and len(rep["queries"][0]["predicted_change"]) == 3
+    finally:
+        path.unlink()
+        registry._REGISTRY.pop("probe", None)
+        _sys.modules.pop("engine.methods.zz_probe_for_tests", None)

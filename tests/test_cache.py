@@ -1,8 +1,10 @@
 """The app's memo: keys, corruption, one computation per key across threads and processes."""
 
 import multiprocessing as mp
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,55 @@ def test_one_computation_per_key_across_processes(tmp_path):
         p.join(60)
     assert [p.exitcode for p in ps] == [0, 0, 0]
     assert log.read_text() == "x"
+
+
+_HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cache import Memo
+m = Memo({memo!r})
+with m.lock("shared"):
+    open({flag!r}, "w").close()
+    time.sleep(600)
+"""
+_TAKE = """
+import socket, sys, time
+sys.path.insert(0, {root!r})
+from cache import Memo
+def fn():
+    open({log!r}, "a").write(socket.gethostname() + "\\n")
+    return {{"v": 1.0}}
+print(Memo({memo!r}).get_or_compute("shared", fn)["v"])
+"""
+
+
+def test_a_key_held_by_a_killed_process_is_free_again_under_another_hostname(tmp_path):
+    # the holder is killed with SIGKILL mid-computation (as `docker stop` does after its grace
+    # period); a process under another hostname (a restarted container) gets the key at once
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parent.parent)
+    fmt = {"root": root, "memo": str(tmp_path / "memo"), "flag": str(tmp_path / "held"), "log": str(tmp_path / "log")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD.format(**fmt)])
+    end = time.time() + 60
+    while not (tmp_path / "held").exists():
+        assert time.time() < end and holder.poll() is None
+        time.sleep(0.05)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    cmd = [sys.executable, "-c", _TAKE.format(**fmt)]
+    if os.geteuid() == 0 and shutil.which("unshare"):  # a new UTS namespace: another hostname
+        cmd = ["unshare", "--uts", "sh", "-c", 'hostname restarted-container && exec "$@"', "sh", *cmd]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1.0" and time.time() - t0 < 30
+    hosts = (tmp_path / "log").read_text().split()
+    assert len(hosts) == 1  # computed once
+    if cmd[0] == "unshare":
+        assert hosts == ["restarted-container"]
 
 
 def test_size_limit_evicts_least_recently_used(tmp_path):

@@ -139,19 +139,46 @@ def bpd_job(run: Run, x: torch.Tensor):
                          functools.partial(_bpd, run, x), label="bits/dim", lane="interactive")
 
 
+def precomputed(run: Run) -> tuple[Optional[str], Optional[str]]:
+    """(the run's precomputed representation that passed its checks, or None; a one-line reason
+    when one exists but is refused, else None). Checked once per file version."""
+    from engine.precompute import representation
+    name = representation.default(run)
+    if name is None:
+        return None, None
+    path = representation.folder(run) / f"{name}.npz"
+    return _checked(str(run.path), name, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked(run_path: str, name: str, mtime_ns: int) -> tuple[Optional[str], Optional[str]]:
+    from engine.precompute import representation
+    from engine.store import load_run as _load
+    try:
+        representation.load(_load(run_path), name)
+        return name, None
+    except UserError as e:  # never used: the replay takes over, and the page says why
+        return None, f"the precomputed replay is not used: {e}"
+
+
 def attribution_key(run: Run, x: torch.Tensor) -> str:
-    return make_key("attribution", run.digest, x.numpy(), run.preset.likelihood_kwargs)
+    name, _ = precomputed(run)
+    return make_key("attribution", run.digest, x.numpy(),
+                    {**run.preset.likelihood_kwargs, "method": f"precomputed:{name}" if name else "replay"})
 
 
-def _attribution(run: Run, x: torch.Tensor, cb: Callback) -> dict:
-    from engine.attribution import attribute
-    gw, bpd = attribute(run, x[None], callback=cb)
-    return {"grad_w": gw[0], "bpd": float(bpd[0])}
+def _attribution(run: Run, x: torch.Tensor, replay: bool, cb: Callback) -> dict:
+    from engine.attribution import attribute_auto
+    gw, bpd, method = attribute_auto(run, x[None], callback=cb, replay=replay)
+    return {"grad_w": gw[0], "bpd": float(bpd[0]), "method": method}
 
 
 def attribution_job(run: Run, x: torch.Tensor):
-    """MAGIC scores grad_w (n,) and the BPD of one image (1, 28, 28)."""
-    return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x), label="attribution")
+    """MAGIC scores grad_w (n,), the BPD of one image (1, 28, 28) and how they were made: from
+    the run's precomputed replay when it has a valid one, else by a replay of training."""
+    name, _ = precomputed(run)
+    return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x, name is None),
+                         label="attribution" if name is None else "attribution (precomputed replay)")
 
 
 def gallery_queries() -> list[int]:
@@ -168,8 +195,9 @@ def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
         ex = make_executor(os.environ["APP_EXECUTOR"], address=os.environ.get("APP_RAY_ADDRESS"))
         parts = Path(os.environ.get("APP_CACHE", "runs/cache")) / "parts" / run.digest[:16]
         gw, bpd = attribute_many(run, x, parts, ex, chunk=int(os.environ.get("APP_CHUNK", "2")), callback=cb)
-    for i in range(len(q)):  # each query's attribution is then ready on every page
-        jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i])})
+    if precomputed(run)[0] is None:  # each query's attribution is then ready on every page
+        for i in range(len(q)):
+            jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i]), "method": "replay"})
     return {"grad_w": gw, "bpd": bpd, "queries": q}
 
 

@@ -76,6 +76,17 @@ def bpd_words(bpd: float) -> str:
             "likely: test digits of the shipped model sit around 4.4, uniform noise near 8.9.")
 
 
+def method_words(method: str) -> str:
+    """How an attribution was computed, for the page."""
+    if method == "replay":
+        return "Computed by replaying training backwards for this image (exact MAGIC)."
+    name = method.split(":", 1)[1]
+    if name == "exact":
+        return "Computed from the precomputed replay `exact` (J itself: equal to exact MAGIC up to rounding)."
+    return (f"Computed from the precomputed replay `{name}` (a low-rank approximation of exact MAGIC; its "
+            "measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays').")
+
+
 def gallery(indices: np.ndarray, scores: np.ndarray, train_x: np.ndarray, train_y: np.ndarray, per_row: int = 8) -> None:
     """Training images with their index, label and MAGIC score."""
     for start in range(0, len(indices), per_row):
