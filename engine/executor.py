@@ -129,9 +129,17 @@ class RayExecutor:
             return
         remote = self.ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(_call_with_threads)
         pending = [remote.remote(fn, self.cpus_per_job, tuple(args)) for args in arglist]
-        while pending:
-            ready, pending = self.ray.wait(pending, num_returns=1)
-            yield self.ray.get(ready[0])
+        try:
+            while pending:
+                ready, pending = self.ray.wait(pending, num_returns=1)
+                yield self.ray.get(ready[0])
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM through the CLI, a failed task, the caller stopped
+            # iterating): cancel what is queued or running instead of leaving it to the cluster.
+            # A task cut short has written nothing (results are atomic), so a rerun redoes it.
+            for ref in pending:
+                self.ray.cancel(ref, force=True)
+            raise
 
 
 def make_executor(kind: str = "local", *, jobs: int = 1, address: Optional[str] = None):

@@ -58,7 +58,7 @@ with c3:
     st.session_state["bpd_key"] = job.key
     res = W.wait_for(job)
     if res:
-        st.markdown(W.bpd_words(res["bpd"]))
+        st.markdown(W.bpd_words(res["bpd"], W.figure2_means(run)))
 
 st.subheader("The training images behind it")
 st.caption("MAGIC: the exact derivative of this image's bits/dim with respect to each training image's weight, "

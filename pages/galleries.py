@@ -12,7 +12,7 @@ st.title("Galleries")
 run = W.require_run()
 train_x, train_y = service.train_set(run.preset.n_train, run.preset.source)
 test_x, test_y = service.test_set()
-st.caption(f"MAGIC attributions of {service.N_GALLERY} test digits on the `{run.preset.name}` model, computed once "
+st.caption(f"MAGIC attributions of {len(service.gallery_queries())} test digits on the `{run.preset.name}` model, computed once "
            "in the background and kept.")
 res = W.wait_for(service.galleries_job(run))
 if not res:

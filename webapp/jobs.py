@@ -114,7 +114,15 @@ class Jobs:
                 self._threads = [x for x in self._threads if x.is_alive()] + [t]
                 t.start()
             self._jobs[key] = job
+            self._forget_finished()
             return job
+
+    def _forget_finished(self, keep: int = 256) -> None:
+        """Drop the oldest finished jobs past `keep` (their results stay in the memo, where peek
+        finds them): a long-running server does not hold every result it ever made in memory."""
+        done = [k for k, j in self._jobs.items() if j.done]
+        for k in done[: max(0, len(done) - keep)]:
+            del self._jobs[k]
 
     def peek(self, key: str) -> Optional[Job]:
         """The job for `key` if one was submitted in this process, else a finished one from the memo."""

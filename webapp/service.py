@@ -29,7 +29,6 @@ from engine.store import Run
 from webapp.jobs import Jobs
 
 Callback = Callable[[dict], None]
-N_GALLERY = int(os.environ.get("APP_GALLERY_QUERIES", "8"))  # curated test queries, precomputed
 
 
 def run_dir() -> Path:
@@ -182,7 +181,9 @@ def attribution_job(run: Run, x: torch.Tensor):
 
 
 def gallery_queries() -> list[int]:
-    return data.query_indices(N_GALLERY, seed=0)
+    """The curated test queries whose attributions are precomputed (APP_GALLERY_QUERIES, read
+    when asked, so that a test or a restart can change it)."""
+    return data.query_indices(int(os.environ.get("APP_GALLERY_QUERIES", "8")), seed=0)
 
 
 def _galleries(run: Run, q: list[int], cb: Callback) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import os
+from pathlib import Path
 from typing import Optional
 
 import altair as alt
@@ -70,10 +72,26 @@ def big(x, size: int = 168) -> np.ndarray:
     return np.kron(to_image(x), np.ones((r, r), np.uint8))
 
 
-def bpd_words(bpd: float) -> str:
+def figure2_means(run: Run) -> Optional[dict]:
+    """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
+    import json
+    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / "figure2" / "figure2.json"
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if r.get("run_digest") != run.digest:
+        return None
+    return {g: v["mean"] for g, v in r["groups"].items()}
+
+
+def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
+    """What a BPD means; `means` ({group: mean}) from this model's Figure 2 report, if it has one."""
+    ref = "" if not means else (f": on this model test digits average {means['original']:.2f} and uniform "
+                                f"noise {means['noise']:.2f} (its Figure 2 report)")
     return (f"**{bpd:.3f} bits/dim**: the model would need {bpd:.2f} bits per pixel to encode this image "
             f"(a raw 8-bit image takes 8), i.e. its likelihood is 2^-{784 * bpd:,.0f}. Lower means more "
-            "likely: test digits of the shipped model sit around 4.4, uniform noise near 8.9.")
+            f"likely{ref}.")
 
 
 def method_words(method: str) -> str:
