@@ -96,6 +96,12 @@ def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         train.train(p, seed=0, out=Path(tmp) / "run", images=images)
         run = load_run(Path(tmp) / "run")
+        # a fresh process (as the replays and precompute jobs are) must replay a stored segment bit for bit
+        import subprocess
+        s0, s1 = run.checkpoint_steps()[1:3]
+        fresh = subprocess.run([sys.executable, "-m", "engine.replay_check", str(run.path), str(s0), str(s1)],
+                               capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        rows.append(("fresh-process replay", f"steps {s0}-{s1}: {fresh.stdout.strip() or fresh.stderr.strip()[-200:]}"))
         times, grad_s = {}, {}
         for q in (1, queries):
             _sync(dev)

@@ -16,6 +16,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert text == "# GPU check (dry run)\n\n" + r.stdout.rstrip("\n") + "\n"  # the table printed is the one written
     # its checks are real: reruns are bit-identical and one dropped image changes the parameters
     assert "| determinism | bit-identical reruns; dropping one image changes the parameters |" in text
+    assert re.search(r"\| fresh-process replay \| steps [0-9]+-[0-9]+: bit-identical \|", text)
     bpd = re.search(r"mean ([0-9.]+) bits/dim", text)
     assert bpd and 0.5 < float(bpd.group(1)) < 20
     ratio = re.search(r"metagradient, 1 query \| [0-9.]+ s = ([0-9.]+) x training", text)

@@ -93,6 +93,20 @@ def test_stored_checkpoints_replay_to_the_final_state(tmp_path):
     assert _equal(state, final)
 
 
+def test_a_fresh_process_replays_a_stored_segment_bit_for_bit(tmp_path):
+    # the metagradient's replay and the precompute's jobs run in other processes than training
+    import subprocess
+    import sys
+    from pathlib import Path
+    train.train(TINY, seed=0, out=tmp_path / "r")
+    run = store.load_run(tmp_path / "r")
+    start, end = run.checkpoint_steps()[1:3]
+    out = subprocess.run([sys.executable, "-m", "engine.replay_check", str(run.path), str(start), str(end)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "bit-identical"
+
+
 def test_run_directory_of_another_config_is_refused(tmp_path):
     train.train(TINY, seed=0, out=tmp_path / "r")
     with pytest.raises(UserError, match="another config"):
