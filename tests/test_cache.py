@@ -243,3 +243,43 @@ def test_process_jobs_run_elsewhere_report_progress_cancel_and_errors(tmp_path):
         assert jobs.wait_all(60) and f.result is not None and int(f.result["n"]) == 2
     finally:
         jobs.shutdown()
+
+
+_SERVER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cache import Memo
+from webapp.jobs import Jobs
+from tests.test_cache import _slow_job
+jobs = Jobs(Memo({memo!r}), workers=1)
+job = jobs.submit("slow", _slow_job, label="slow")
+while job.stage != "working":
+    time.sleep(0.05)
+print("running", flush=True)
+# the main thread ends here, as a stopped server's does: the interpreter must not wait for the job
+"""
+
+
+def _slow_job(cb):
+    for i in range(600):
+        cb({"stage": "working", "i": i, "n": 600})
+        time.sleep(0.5)
+    return {"v": 1.0}
+
+
+def test_a_process_with_a_running_job_exits_at_once(tmp_path):
+    # a server stopped mid-job (SIGTERM to `streamlit run` ends its main thread) exits within
+    # seconds instead of waiting minutes for the job; the job's key is free and unmemoized
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER.format(root=str(root), memo=str(tmp_path / "memo"))],
+                            stdout=subprocess.PIPE, text=True, cwd=root)
+    assert proc.stdout.readline().strip() == "running"
+    t0 = time.time()
+    proc.wait(60)
+    assert time.time() - t0 < 5, time.time() - t0
+    m = Memo(tmp_path / "memo")
+    assert m.get("slow") is None
+    with m.lock("slow"):  # not held by the dead worker
+        pass

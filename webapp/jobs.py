@@ -12,8 +12,8 @@ picklable: a module-level function, or a functools.partial of one with picklable
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures as cf
+import concurrent.futures.process  # noqa: F401  (its exit hook must be registered before ours, see _start_pool)
 import multiprocessing
 import os
 import threading
@@ -162,7 +162,12 @@ class Jobs:
                 with _neutral_main():
                     self._manager = ctx.Manager()
                 self._shared = self._manager.dict()
-                atexit.register(self.shutdown)
+                # At interpreter exit (the server stopped by SIGTERM or Ctrl-C), concurrent.futures
+                # joins its pools' manager threads, which wait for running jobs to finish: minutes.
+                # Threading's exit hooks run last-registered first, so this one, registered after
+                # concurrent.futures', stops the workers before that join. A job cut short stores
+                # nothing (the memo writes whole results) and is computed again when next asked.
+                threading._register_atexit(self.shutdown)
             if lane not in self._pools:
                 self._pools[lane] = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_set_threads,
                                                            initargs=(self.lanes[lane],))
