@@ -23,6 +23,7 @@ from engine.errors import UserError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
 MAX_PIXELS = 40_000_000   # refuse larger images before decoding them (decompression bombs)
 MAX_BYTES = 50_000_000
+MAX_SIDE = 1024           # larger images are box-reduced before conversion to floats (bounded memory)
 SPLIT_SEED = 20261128     # fixes which bundled images each preset trains on
 
 
@@ -114,7 +115,20 @@ def open_image(data: bytes, name: str = "image") -> Image.Image:
 def to_gray(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> float array (H, W) in [0, 1]; transparency is flattened onto the
     background that contrasts with the ink (a transparent canvas with black strokes reads
-    as black on white, one with white strokes as white on black)."""
+    as black on white, one with white strokes as white on black).
+
+    An image larger than MAX_SIDE on a side is first box-reduced by an integer factor in its
+    8/32-bit form, so memory stays bounded (a 40-megapixel upload would otherwise become a
+    1.3 GB float64 RGBA array); the digit ends up 20x20 pixels anyway.
+    """
+    factor = -(-max(img.size) // MAX_SIDE)
+    if factor > 1:
+        if img.mode in ("I;16", "I;16B", "I;16L"):
+            img = img.convert("I")
+        elif img.mode in ("1", "P", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV") or (
+                "transparency" in img.info and img.mode not in ("RGBA", "LA")):
+            img = img.convert("RGBA" if (img.mode in ("P", "PA", "La", "RGBa") or "transparency" in img.info) else "L")
+        img = img.reduce(factor)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -176,7 +190,19 @@ def preprocess_image(data: bytes, name: str = "image") -> torch.Tensor:
 
 
 def load_npy(data: bytes, name: str = "array") -> torch.Tensor:
-    """A .npy float array of shape (28, 28) in [0,1], taken as is -> (1, 28, 28)."""
+    """A .npy float array of shape (28, 28) in [0,1], taken as is -> (1, 28, 28).
+
+    The header is checked before anything is allocated: a header declaring a huge array is
+    refused without reserving what it declares."""
+    try:
+        f = io.BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, _, _ = read_header(f)
+    except Exception as e:
+        raise UserError(f"{name}: not a readable .npy array ({type(e).__name__})") from None
+    if tuple(shape) != (28, 28):
+        raise UserError(f"{name}: expected shape (28, 28), got {tuple(shape)}")
     try:
         a = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:

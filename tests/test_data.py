@@ -3,6 +3,7 @@
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,34 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
         save(path)
         assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+_BIG = """
+import io, resource, sys
+sys.path.insert(0, {root!r})
+from PIL import Image, ImageDraw
+from engine import data
+img = Image.new("L", (8000, 5000), 255)            # 40 megapixels, a black stroke on white
+ImageDraw.Draw(img).line([(2000, 1000), (6000, 4000)], fill=0, width=400)
+buf = io.BytesIO()
+img.convert("RGBA").save(buf, format="PNG")
+blob = buf.getvalue()
+del img, buf
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = data.preprocess_image(blob, "big.png")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(tuple(x.shape), float(x.max()), (after - before) // 1024)
+"""
+
+
+def test_a_40_megapixel_upload_is_decoded_in_bounded_memory():
+    # decoded as 8-bit RGBA (160 MB) and box-reduced before any float conversion; converting the
+    # full image to float64 RGBA, as before, costs 1.3 GB more than that
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _BIG.format(root=str(root))], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, peak, extra_mb = out.stdout.split(")")[0] + ")", *out.stdout.split(")")[1].split()
+    assert shape == "(1, 28, 28)" and float(peak) == 1.0
+    assert int(extra_mb) < 400, f"peak resident memory grew by {extra_mb} MB"

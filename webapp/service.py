@@ -116,12 +116,18 @@ def from_upload(name: str, blob: bytes) -> tuple[torch.Tensor, Optional[np.ndarr
     return data.preprocess_array(gray, name), np.clip(gray, 0, 1)
 
 
-def sample_digit(run: Run, seed: int) -> torch.Tensor:
-    """One generated digit (1, 28, 28) from the run's model, fixed by `seed` (probability-flow ODE)."""
+def _sample(run: Run, seed: int, cb: Callback) -> dict:
     from engine.sampling import sample
-    key = make_key("sample", run.digest, None, {"seed": seed})
-    out = jobs().memo.get_or_compute(key, lambda: {"x": sample(run.model(), (1, 1, 28, 28), method="ode", seed=seed)[0].numpy()})
-    return data.quantize(torch.from_numpy(out["x"]).clamp(0, 1))
+    x = sample(run.model(), (1, 1, 28, 28), method="ode", seed=seed,
+               callback=lambda i: cb({"stage": "sampling", "i": i.get("i", 0), "n": i.get("n")}))[0]
+    return {"x": data.quantize(x.clamp(0, 1)).numpy()}
+
+
+def sample_job(run: Run, seed: int):
+    """One generated digit (1, 28, 28) from the run's model, fixed by `seed` (probability-flow
+    ODE), in a worker process: the server never runs the network itself."""
+    return jobs().submit(make_key("sample", run.digest, None, {"seed": seed}), functools.partial(_sample, run, seed),
+                         label="generating a sample", lane="interactive")
 
 
 # ---------------------------------------------------------------- computations
