@@ -121,8 +121,9 @@ def main() -> None:
     mean_path = run.path / "methods" / "magic_mean.npz"
     if mean_path.is_file():  # the query-agnostic reference, if it was prepared for this run
         from engine import methods
+        from engine.methods import magic_mean
         s = methods.get("magic_mean").score(run, x).scores
-        rows.append({"scores": "query-agnostic mean of 32 digits", "rank": None, **_metrics(s, gw, kinds),
+        rows.append({"scores": f"query-agnostic mean of {magic_mean.N_DIGITS} digits", "rank": None, **_metrics(s, gw, kinds),
                      "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
     for name in [r for r in a.reps.split(",") if r]:
         rep = R.load(run, name)

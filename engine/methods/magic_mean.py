@@ -7,7 +7,7 @@ import numpy as np
 from engine.methods import register
 from engine.methods.base import Method, Scores
 
-N_DIGITS = 32   # test digits averaged
+N_DIGITS = 16   # test digits averaged (24 in the measurement that motivated it; 16 keeps `compare` on `small` short)
 SEED = 12345    # their sample (data.query_indices); LDS queries use seed 0
 
 
