@@ -20,7 +20,12 @@ RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.
 def evidence() -> None:
     """The committed evidence: MAGIC's LDS scatter plots and its comparison with the baselines."""
     st.subheader("Linear datamodeling score (protocol A)")
-    for f in sorted(RESULTS.glob("lds_*/reports/magic_A.json")):
+    # reports/magic_A.json since the method registry; lds.json in folders made before it
+    found = {f.parent.parent: f for f in RESULTS.glob("lds_*/reports/magic_A.json")}
+    for folder in RESULTS.glob("lds_*"):
+        if folder not in found and (folder / "lds.json").is_file():
+            found[folder] = folder / "lds.json"
+    for f in [found[k] for k in sorted(found)]:
         r = json.loads(f.read_text())
         st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
                     f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
