@@ -98,7 +98,7 @@ def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
         run = load_run(Path(tmp) / "run")
         # a fresh process (as the replays and precompute jobs are) must replay a stored segment bit for bit
         import subprocess
-        s0, s1 = run.checkpoint_steps()[1:3]
+        s0, s1 = run.checkpoint_steps()[-2:]  # the last stored segment (a run of T >= 2 stores >= 2 states)
         fresh = subprocess.run([sys.executable, "-m", "engine.replay_check", str(run.path), str(s0), str(s1)],
                                capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         rows.append(("fresh-process replay", f"steps {s0}-{s1}: {fresh.stdout.strip() or fresh.stderr.strip()[-200:]}"))
