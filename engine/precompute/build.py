@@ -19,6 +19,7 @@ resume. Files: RUN/precomputed/<name>.parts/{fwd,rev}_XXXX.npz and basis.npz.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,8 +66,8 @@ def _directions(run: Run, method: str, rank: int, init: str, callback) -> np.nda
     n = run.preset.n_train
     if method == "exact":
         return np.eye(n, dtype=np.float32)
-    rng = np.random.default_rng([run.seed, rank, 7])
-    omega = rng.standard_normal((rank, n)).astype(np.float32)
+    # seeded without the rank: the first K directions of any larger rank are these (nested ranges)
+    omega = np.random.default_rng([run.seed, 7]).standard_normal((rank, n)).astype(np.float32)
     if init == "queries":
         from engine import methods
         w = methods.get("magic_mean").prepare(run, callback=callback)["grad_w"]  # (D, n) attributions of digits
@@ -118,6 +119,8 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
     parts = R.folder(run) / f"{name}.parts"
     st = {**R.stamp(run), "method": method, "init": init if method == "lowrank" else "identity"}
     omega = _directions(run, method, rank, init, cb)
+    # the directions themselves are part of what a chunk was made for
+    st["omega_sha256"] = hashlib.sha256(np.ascontiguousarray(omega).tobytes()).hexdigest()
     blocks = [omega[i: i + chunk] for i in range(0, len(omega), chunk)]
     fwd = _run_chunks(executor, _forward_job, parts, "fwd", blocks, run, st, "forward", cb)
     y = np.concatenate([f["y"] for f in fwd])                                     # (K, P)
