@@ -27,30 +27,35 @@ def _same(stored: np.ndarray, want) -> bool:
     return np.asarray(stored).tolist() == np.asarray(want).tolist()
 
 
-def why_stale(path: Path, stamp: dict) -> Optional[str]:
-    """None if `path` holds a result stamped with `stamp`, else the reason it cannot be used."""
+def _read(path: Path, stamp: dict) -> tuple[Optional[dict], Optional[str]]:
+    """(the arrays at `path`, None) if it holds a result stamped with `stamp`, else (None, why not)."""
     if not path.is_file():
-        return "not computed yet"
+        return None, "not computed yet"
     try:
         with np.load(path, allow_pickle=False) as f:
-            for k, v in stamp.items():
-                if k not in f.files:
-                    return f"{path.name} has no {k!r}"
-                if not _same(f[k], v):
-                    return f"{path.name} was made for another {k.replace('_', ' ')}"
+            arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        return f"{path.name} is unreadable ({type(e).__name__})"
-    return None
+        return None, f"{path.name} is unreadable ({type(e).__name__})"
+    for k, v in stamp.items():
+        if k not in arrays:
+            return None, f"{path.name} has no {k!r}"
+        if not _same(arrays[k], v):
+            return None, f"{path.name} was made for another {k.replace('_', ' ')}"
+    return arrays, None
+
+
+def why_stale(path: Path, stamp: dict) -> Optional[str]:
+    """None if `path` holds a result stamped with `stamp`, else the reason it cannot be used."""
+    return _read(path, stamp)[1]
 
 
 def load_or_compute(path: Path, stamp: dict, compute: Callable[[], dict], *, what: str) -> dict:
     """The arrays stored at `path` (an .npz) if its stamp matches, else compute() -> {name: array},
     saved with the stamp. `what` names the result in the message that says why it is computed."""
     path = Path(path)
-    reason = why_stale(path, stamp)
-    if reason is None:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+    arrays, reason = _read(path, stamp)
+    if arrays is not None:
+        return arrays
     log.info("computing %s (%s)", what, reason)
     value = compute()
     arrays = {**{k: np.asarray(v) for k, v in value.items()}, **{k: np.asarray(v) for k, v in stamp.items()}}

@@ -148,8 +148,9 @@ def bpd_param_grads(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict
     """(Q, p) gradients of each query's exact BPD w.r.t. the final parameters, flattened in
     named_parameters order (traker's order)."""
     from engine.bpd import run_bpd
+    from engine.precompute.tangents import flatten
     _, grads = run_bpd(run, x, grad=True, callback=callback)
-    return torch.stack([torch.cat([g.reshape(-1) for g in d.values()]) for d in grads])
+    return torch.stack([flatten(d) for d in grads])
 
 
 def per_example_grads(run: Run, images: torch.Tensor, variant: str, n_times: int = 10, stream: int = 0) -> torch.Tensor:

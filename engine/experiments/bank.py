@@ -104,20 +104,21 @@ def retrained(run: Run, out: Path, queries: Sequence[int], drops: np.ndarray, se
         ok = r.get("drop") == drops[j].tolist() and r.get("seed") == run.seed + s and r.get("run_digest") == run.digest
         return {**_legacy(Path(out), run, queries, protocol, settings, j, s, drops[j]), **(r.get("bpd", {}) if ok else {})}
 
-    todo = [(j, s) for j, s in pairs if any(str(q) not in known(j, s) for q in queries)]
+    values = {p: known(*p) for p in pairs}
+    todo = [p for p in pairs if any(str(q) not in values[p] for q in queries)]
     done = len(pairs) - len(todo)
     cb({"stage": "retrain", "i": done, "n": len(pairs)})
     if todo:
-        # queries a legacy file already answers are not asked again; the rest are retrained
+        # queries a file (of either layout) already answers are not asked again; the rest are retrained
         jobs = [(run.preset.to_dict(), run.digest, run.seed + s, drops[j],
-                 [q for q in queries if str(q) not in known(j, s)], str(path(j, s))) for j, s in todo]
-        legacy = {(j, s): known(j, s) for j, s in todo}
+                 [q for q in queries if str(q) not in values[(j, s)]], str(path(j, s))) for j, s in todo]
         for _ in executor.run(_retrain_job, jobs):
             done += 1
             cb({"stage": "retrain", "i": done, "n": len(pairs)})
-        for (j, s), old in legacy.items():  # keep what legacy files knew beside the new values
-            if old:
-                r = _read(path(j, s))
-                atomic.save_json({**r, "bpd": {**old, **r["bpd"]}}, path(j, s))
-    values = {(j, s): known(j, s) for j, s in pairs}
+        for p in todo:  # what a legacy file knew is kept beside the new values
+            r = _read(path(*p))
+            merged = {**values[p], **r["bpd"]}
+            if merged != r["bpd"]:
+                atomic.save_json({**r, "bpd": merged}, path(*p))
+            values[p] = merged
     return np.array([[[values[(j, s)][str(q)] for j in range(len(drops))] for q in queries] for s in range(seeds)])

@@ -58,18 +58,22 @@ def _lds_callback(a):
     return cb, close
 
 
-def cmd_lds(a) -> dict:
+def _setup(a):
+    """What lds and compare share: (run, queries, method names, executor, callback, close)."""
     from engine.executor import make_executor
-    from engine.experiments.lds import run_lds
     from engine.store import load_run
     run = load_run(a.run)
     queries = _lds_queries(a)
     methods = _methods(a.method)
     _default_jobs(a, run)
     _check_executor_args(a)
+    return (run, queries, methods, make_executor(a.executor, jobs=a.jobs, address=a.address), *_lds_callback(a))
+
+
+def cmd_lds(a) -> dict:
+    from engine.experiments.lds import run_lds
+    run, queries, methods, executor, cb, close = _setup(a)
     k = a.drop_sets or (50 if a.protocol == "A" else 16)
-    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
-    cb, close = _lds_callback(a)
     reports = []
     for m in methods:
         reports.append(run_lds(run, Path(a.out), queries, method=m, protocol=a.protocol, k=k, frac=a.frac,
@@ -81,16 +85,8 @@ def cmd_lds(a) -> dict:
 
 
 def cmd_compare(a) -> dict:
-    from engine.executor import make_executor
     from engine.experiments import comparison
-    from engine.store import load_run
-    run = load_run(a.run)
-    queries = _lds_queries(a)
-    methods = _methods(a.method)
-    _default_jobs(a, run)
-    _check_executor_args(a)
-    executor = make_executor(a.executor, jobs=a.jobs, address=a.address)
-    cb, close = _lds_callback(a)
+    run, queries, methods, executor, cb, close = _setup(a)
     protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
     if not protocols or any(p not in ("A", "B") for p in protocols):
         raise UserError(f"--protocols must be A, B or A,B, got {a.protocols!r}")

@@ -95,9 +95,10 @@ def load(run: Run, name: str) -> Representation:
     if str(d["run_digest"]) != run.digest:
         raise UserError(f"{path} belongs to another run or config (digest {str(d['run_digest'])[:12]}, "
                         f"expected {run.digest[:12]})")
-    if str(d["weights_sha256"]) != weights_checksum(run.load_final().params):
+    params = run.load_final().params
+    if str(d["weights_sha256"]) != weights_checksum(params):
         raise UserError(f"{path} was made for other final weights than {run.path}/final.pt holds; rerun precompute")
-    n, p = run.preset.n_train, sum(int(np.prod(t.shape)) for t in run.load_final().params.values())
+    n, p = run.preset.n_train, sum(int(np.prod(t.shape)) for t in params.values())
     a = d.get("a")
     k = d["b"].shape[0]
     if d["b"].shape[1] != p or (a is None and k != n) or (a is not None and a.shape != (n, k)):
