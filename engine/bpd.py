@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine import device as devices
-from engine.likelihood import bits_per_dim
+from engine.likelihood import bits_per_dim, bits_per_dim_and_grad
 from engine.presets import Preset
 from engine.training import make_model
 
@@ -49,10 +49,9 @@ def bpd(preset: Preset, seed: int, params: dict[str, torch.Tensor], x: torch.Ten
         cb = None if callback is None else (lambda info, j=j: callback({"query": j, **info}))
         xj = x[j: j + 1].to(dev, preset.torch_dtype)
         if grad:
-            b = bits_per_dim(model, xj, **preset.likelihood_kwargs, callback=cb)
-            g = torch.autograd.grad(b.sum(), list(model.parameters()), allow_unused=True)
-            grads.append({n: (gi if gi is not None else torch.zeros_like(pi)).detach().cpu()
-                          for n, gi, pi in zip(names, g, model.parameters())})
+            # two phases, no checkpoint recomputation (engine.likelihood.log_likelihood_and_grad)
+            b, g = bits_per_dim_and_grad(model, xj, list(model.parameters()), **preset.likelihood_kwargs, callback=cb)
+            grads.append({n: gi.detach().cpu() for n, gi in zip(names, g)})
         else:
             with torch.no_grad():
                 b = bits_per_dim(model, xj, **preset.likelihood_kwargs, callback=cb)

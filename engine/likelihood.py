@@ -24,7 +24,7 @@ discretized solve rather than using odeint_adjoint (whose VE-SDE gradients were 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -149,6 +149,95 @@ def log_likelihood(score_fn: ScoreFn, x: torch.Tensor, *, sigma: float = sde.SIG
     else:
         xs, dlogp = odeint(drift, state0, grid, method=method, rtol=rtol, atol=atol)
     return sde.prior_logp(xs[-1], sigma) + dlogp[-1]
+
+
+FIXED_METHODS = ("rk4", "midpoint", "euler")
+
+
+def log_likelihood_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence[torch.Tensor], *,
+                            sigma: float = sde.SIGMA, eps: float = sde.EPS, n_steps: int = DEFAULT_STEPS,
+                            method: str = DEFAULT_METHOD, chunk: Optional[int] = None,
+                            callback: Optional[Callable[[dict], None]] = None
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """log p(x) with the exact divergence, and d sum(log p) / d params, without checkpoint recomputation.
+
+    Backpropagating through `log_likelihood` recomputes every checkpointed divergence chunk and
+    then differentiates it (about 5x the likelihood's time). But on a fixed grid the path x(u)
+    needs only the score; the divergence enters the result linearly:
+
+        log p = prior(x_N) + sum_k c_k div(x_k, u_k),
+
+    with constants c_k (the solver's quadrature weights times -s^2) and x_k the solver's stage
+    points. So phase 1 integrates x alone with its (small) graph, one primal network pass per
+    evaluation, and reads the c_k off by differentiating the log-density state with respect to
+    a placeholder per evaluation (so the weights are exactly torchdiffeq's, whatever the fixed
+    method). Phase 2 computes each div(x_k) chunk with its graph and differentiates it at once
+    (w.r.t. params and x_k): one forward and one backward per chunk, no recomputation. Last, the
+    x_k-gradients are pulled back through phase 1's graph with the prior's. Same values as
+    `log_likelihood` up to summation order.
+
+    Args:
+        x: (B, *S) data points; params: the tensors to differentiate (score_fn's parameters).
+        method: a fixed-grid method ("rk4", "midpoint", "euler").
+        callback: called after each divergence evaluation with {"i", "n", "t"}.
+    Returns:
+        (B,) log-densities (detached) and one gradient per param (zeros where unused).
+    """
+    if method not in FIXED_METHODS:
+        raise ValueError(f"log_likelihood_and_grad needs a fixed-grid method {FIXED_METHODS}, not {method!r}")
+    b, d = x.shape[0], x[0].numel()
+    chunk = max(1, min(chunk or TANGENT_BATCH // b, d))
+    stages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x_k, t_k, placeholder)
+    params = list(params)
+
+    def drift(u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = state[0]
+        s = torch.exp(u.to(x.dtype))
+        tb = sde.time_of_std(s, sigma).expand(b)
+        hole = x.new_zeros(b, requires_grad=True)  # stands for div(x_k); its weight is read off below
+        stages.append((xt, tb, hole))
+        return -s**2 * score_fn(xt, tb), -s**2 * hole
+
+    grid = sde.log_std_grid(n_steps, eps, sigma).to(device=x.device, dtype=x.dtype)
+    with torch.enable_grad():
+        xs, z = odeint(drift, (x.detach(), x.new_zeros(b)), grid, method=method)
+        # c_k (B,) each; None for an evaluation that does not reach the result (then skipped)
+        weights = torch.autograd.grad(z[-1].sum(), [h for _, _, h in stages], retain_graph=True, allow_unused=True)
+        prior = sde.prior_logp(xs[-1], sigma)
+    grads = [torch.zeros_like(p) for p in params]
+    div_sum = x.new_zeros(b)
+    x_grads = []
+    for k, ((xk, tk, _), ck) in enumerate(zip(stages, weights)):
+        if ck is None:
+            x_grads.append(torch.zeros_like(xk))
+            continue
+        xk_leaf = xk.detach().requires_grad_(True)
+        gx = torch.zeros_like(xk)
+        for start in range(0, d, chunk):
+            with torch.enable_grad():
+                _, dv = _diag_chunk(score_fn, xk_leaf, tk, start, min(chunk, d - start))
+                term = ck * dv
+                g = torch.autograd.grad(term.sum(), [xk_leaf, *params], allow_unused=True)
+            div_sum = div_sum + term.detach()
+            gx = gx + g[0]
+            grads = [a if gi is None else a + gi for a, gi in zip(grads, g[1:])]
+        x_grads.append(gx)
+        if callback is not None:
+            callback({"i": k + 1, "n": len(stages), "t": float(tk[0])})
+    with torch.enable_grad():
+        # the path's dependence on params: through the prior at x_N and through every x_k
+        total = prior.sum() + sum((gx * xk).sum() for gx, (xk, _, _) in zip(x_grads, stages))
+        g = torch.autograd.grad(total, params, allow_unused=True)
+    grads = [a if gi is None else a + gi for a, gi in zip(grads, g)]
+    return prior.detach() + div_sum, grads
+
+
+def bits_per_dim_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence[torch.Tensor], **kwargs
+                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Bits/dim (B,) and d sum(bits/dim) / d params by `log_likelihood_and_grad` (same keywords)."""
+    scale = -1.0 / (x[0].numel() * math.log(2))
+    logp, grads = log_likelihood_and_grad(score_fn, x, params, **kwargs)
+    return logp * scale + 8.0, [g * scale for g in grads]
 
 
 def bits_per_dim(score_fn: ScoreFn, x: torch.Tensor, **kwargs) -> torch.Tensor:
