@@ -51,7 +51,7 @@ def main() -> None:
     a = ap.parse_args()
     from PIL import Image
     from playwright.sync_api import sync_playwright
-    from engine import data
+    from engine import data, images
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     tmp = Path(tempfile.mkdtemp())
     test_x = data.load_test()[0]
@@ -64,7 +64,7 @@ def main() -> None:
     # page, and the floor for the app's latency (measured before the server starts).
     eng, want = [], []
     for f in pngs:
-        t, v = engine_seconds(a.run, data.preprocess_image(f.read_bytes(), f.name))
+        t, v = engine_seconds(a.run, images.preprocess_image(f.read_bytes(), f.name))
         eng.append(t)
         want.append(v)
     with socket.socket() as s:

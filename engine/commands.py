@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from engine import data
+from engine import data, images
 from engine.errors import UserError
 
 
@@ -71,7 +71,7 @@ def _read_indices(path: str, n: int) -> np.ndarray:
 
 def load_inputs(specs: list[str]) -> torch.Tensor:
     """Every INPUT, validated before any computation: (Q, 1, 28, 28)."""
-    return torch.stack([data.load_input(s) for s in specs])
+    return torch.stack([images.load_input(s) for s in specs])
 
 
 def cmd_bpd(a):

@@ -1,5 +1,5 @@
-"""MNIST loading, the deterministic train/query split, preprocessing of arbitrary images into
-MNIST format, and the transforms of the likelihood comparison (rotate / average / noise).
+"""MNIST loading, the deterministic train/query split, and the transforms of the likelihood
+comparison (rotate / average / noise). Users' own images: engine.images.
 
 Images are float tensors in [0, 1], shape (1, 28, 28) each, white digit on black, as in MNIST.
 """
@@ -7,23 +7,17 @@ Images are float tensors in [0, 1], shape (1, 28, 28) each, white digit on black
 from __future__ import annotations
 
 import gzip
-import io
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from engine.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
-MAX_PIXELS = 40_000_000   # refuse larger images before decoding them (decompression bombs)
-MAX_BYTES = 50_000_000
-MAX_SIDE = 1024           # larger images are box-reduced before conversion to floats (bounded memory)
 SPLIT_SEED = 20261128     # fixes which bundled images each preset trains on
 
 
@@ -85,158 +79,6 @@ def load_test() -> tuple[torch.Tensor, torch.Tensor]:
 def query_indices(k: int, seed: int = 0) -> list[int]:
     """A deterministic sample of k test-set indices: the standard query set for evaluations."""
     return [int(i) for i in np.random.default_rng([SPLIT_SEED, seed]).permutation(10000)[:k]]
-
-
-# ---------------------------------------------------------------- preprocessing
-
-def open_image(data: bytes, name: str = "image") -> Image.Image:
-    """Decode image bytes safely; every failure is a one-line UserError."""
-    if len(data) > MAX_BYTES:
-        raise UserError(f"{name}: file too large ({len(data) / 1e6:.0f} MB; the limit is {MAX_BYTES / 1e6:.0f} MB)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise UserError(f"{name}: image too large ({w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)")
-            img.load()
-    except UserError:
-        raise
-    except UnidentifiedImageError:
-        raise UserError(f"{name}: not an image (PNG, JPEG, GIF, BMP, TIFF or WebP are understood)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{name}: image too large (decompression bomb guard)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UserError(f"{name}: the image file is damaged or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return img
-
-
-def to_gray(img: Image.Image) -> np.ndarray:
-    """Any PIL mode -> float array (H, W) in [0, 1]; transparency is flattened onto the
-    background that contrasts with the ink (a transparent canvas with black strokes reads
-    as black on white, one with white strokes as white on black).
-
-    An image larger than MAX_SIDE on a side is first box-reduced by an integer factor in its
-    8/32-bit form, so memory stays bounded (a 40-megapixel upload would otherwise become a
-    1.3 GB float64 RGBA array); the digit ends up 20x20 pixels anyway.
-    """
-    factor = -(-max(img.size) // MAX_SIDE)
-    if factor > 1:
-        if img.mode in ("I;16", "I;16B", "I;16L"):
-            img = img.convert("I")
-        elif img.mode in ("1", "P", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV") or (
-                "transparency" in img.info and img.mode not in ("RGBA", "LA")):
-            img = img.convert("RGBA" if (img.mode in ("P", "PA", "La", "RGBa") or "transparency" in img.info) else "L")
-        img = img.reduce(factor)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return np.clip(a / hi, 0, 1)
-    if img.mode == "1":
-        img = img.convert("L")
-    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in img.info:
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64) / 255.0
-        alpha = rgba[..., 3]
-        lum = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
-        if alpha.min() < 1.0:
-            opaque = alpha > 0.5
-            ink_lum = lum[opaque].mean() if opaque.any() else 0.0
-            bg = 1.0 if ink_lum < 0.5 else 0.0
-            return lum * alpha + bg * (1 - alpha)
-        return lum
-    return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-
-
-def preprocess_array(gray: np.ndarray, name: str = "image") -> torch.Tensor:
-    """An (H, W) grayscale array in [0,1] -> (1, 28, 28) MNIST-format tensor.
-
-    As MNIST was made: invert if the digit is dark on light (judged by the border), stretch
-    contrast, crop to the digit, fit it in a 20x20 box keeping its aspect ratio (anti-aliased),
-    and place it in 28x28 with its centre of mass at the centre.
-    """
-    g = np.asarray(gray, dtype=np.float64)
-    if g.ndim != 2 or min(g.shape) < 1:
-        raise UserError(f"{name}: expected a 2-D image, got shape {g.shape}")
-    if not np.isfinite(g).all():
-        raise UserError(f"{name}: the image contains NaN or infinite values")
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if np.median(border) > 0.5:
-        g = 1.0 - g
-    bg = np.median(np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]]))
-    g = np.clip(g - bg, 0, None)
-    peak = g.max()
-    if peak < 0.1:
-        raise UserError(f"{name}: no digit found (the image is blank or has almost no contrast)")
-    g = g / peak
-    rows, cols = np.nonzero(g > 0.1)
-    g = g[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
-    h, w = g.shape
-    scale = 20.0 / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    box = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.float64) / 255.0
-    canvas = np.zeros((28, 28))
-    top, left = (28 - nh) // 2, (28 - nw) // 2
-    canvas[top: top + nh, left: left + nw] = box
-    cy, cx = ndimage.center_of_mass(canvas)
-    canvas = ndimage.shift(canvas, (round(13.5 - cy), round(13.5 - cx)), order=0, mode="constant")
-    # Quantize to 8 bits like every MNIST image, so BPD's +8 offset means what it says.
-    return torch.from_numpy(np.round(np.clip(canvas, 0, 1) * 255) / 255).float().unsqueeze(0)
-
-
-def preprocess_image(data: bytes, name: str = "image") -> torch.Tensor:
-    """Image file bytes (PNG, JPEG, ...) -> (1, 28, 28) MNIST-format tensor."""
-    return preprocess_array(to_gray(open_image(data, name)), name)
-
-
-def load_npy(data: bytes, name: str = "array") -> torch.Tensor:
-    """A .npy float array of shape (28, 28) in [0,1], taken as is -> (1, 28, 28).
-
-    The header is checked before anything is allocated: a header declaring a huge array is
-    refused without reserving what it declares."""
-    try:
-        f = io.BytesIO(data)
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
-        shape, _, _ = read_header(f)
-    except Exception as e:
-        raise UserError(f"{name}: not a readable .npy array ({type(e).__name__})") from None
-    if tuple(shape) != (28, 28):
-        raise UserError(f"{name}: expected shape (28, 28), got {tuple(shape)}")
-    try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"{name}: not a readable .npy array ({type(e).__name__})") from None
-    if a.shape != (28, 28):
-        raise UserError(f"{name}: expected shape (28, 28), got {a.shape}")
-    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise UserError(f"{name}: expected a real numeric array, got dtype {a.dtype}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise UserError(f"{name}: the array contains NaN or infinite values")
-    if a.min() < 0 or a.max() > 1:
-        raise UserError(f"{name}: values must lie in [0, 1] (found {a.min():.3g} to {a.max():.3g})")
-    return torch.from_numpy(a).float().unsqueeze(0)
-
-
-def load_input(spec: str) -> torch.Tensor:
-    """A CLI INPUT -> (1, 28, 28): `test:I`, a `.npy` array, or an image file."""
-    if spec.startswith("test:"):
-        try:
-            i = int(spec[5:])
-        except ValueError:
-            raise UserError(f"{spec}: expected test:I with an integer I") from None
-        if not 0 <= i < 10000:
-            raise UserError(f"{spec}: the MNIST test set has indices 0..9999")
-        images, _ = _test_set()
-        return _to_tensor(images[i: i + 1])[0]
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"{spec}: no such file")
-    data = path.read_bytes()
-    if path.suffix.lower() == ".npy":
-        return load_npy(data, spec)
-    return preprocess_image(data, spec)
 
 
 # ---------------------------------------------------------------- comparison transforms

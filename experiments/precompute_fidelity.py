@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, provenance  # noqa: E402
+from engine import atomic, data, images, provenance  # noqa: E402
 from engine.files import load_or_compute  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
@@ -46,7 +46,7 @@ def drawn_digits() -> dict[str, torch.Tensor]:
         d = ImageDraw.Draw(img)
         for line in lines:
             d.line(line, fill=(255, 255, 255, 255), width=20, joint="curve")
-        out[name] = data.preprocess_array(data.to_gray(img), name)
+        out[name] = images.preprocess_array(images.to_gray(img), name)
     return out
 
 

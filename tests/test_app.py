@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import data
+from engine import data, images
 from engine.likelihood import bits_per_dim
 from test_data import _huge_png_header  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -91,7 +91,7 @@ def test_upload_a_png_then_garbage(app_run):
     Image.fromarray((x[0].numpy() * 255).astype(np.uint8)).save(buf, format="PNG")
     at.file_uploader(key="upload").upload("three.png", buf.getvalue(), "image/png")
     at = _until(at, lambda a: _bpd_shown(a) is not None)
-    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, data.preprocess_image(buf.getvalue())), abs=1e-3)
+    assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, images.preprocess_image(buf.getvalue())), abs=1e-3)
     at.file_uploader(key="upload").upload("garbage.png", b"\x00not an image at all", "image/png")
     at.run()
     assert not at.exception

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import data
+from engine import data, images
 from engine.errors import UserError
 
 
@@ -40,7 +40,7 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("i", [0, 1, 2, 3])
 def test_an_upload_of_a_test_digit_comes_back_as_that_digit(i):
     original, photo = _photo_of_digit(i)
-    x = data.preprocess_image(_png(photo))
+    x = images.preprocess_image(_png(photo))
     assert x.shape == (1, 28, 28) and x.min() >= 0 and x.max() == 1
     assert _corr(x, original) > 0.85, _corr(x, original)
     ys, xs = np.nonzero(x[0].numpy() > 0.1)
@@ -53,7 +53,7 @@ def test_an_upload_of_a_test_digit_comes_back_as_that_digit(i):
 
 def test_odd_modes_read_the_same_as_grayscale():
     _, photo = _photo_of_digit(0)
-    ref = data.preprocess_image(_png(photo))
+    ref = images.preprocess_image(_png(photo))
     a = np.asarray(photo)
     rgba = np.zeros((*a.shape, 4), np.uint8)
     rgba[..., 3] = 255 - a  # black ink, alpha = ink, transparent background
@@ -65,14 +65,14 @@ def test_odd_modes_read_the_same_as_grayscale():
         "1-bit": photo.point(lambda v: 255 if v > 128 else 0).convert("1"),
     }
     for name, img in variants.items():
-        got = data.preprocess_image(_png(img), name)
+        got = images.preprocess_image(_png(img), name)
         assert _corr(got, ref) > 0.95, name
 
 
 def test_white_on_black_and_black_on_white_agree():
     _, photo = _photo_of_digit(1)
     inverted = Image.fromarray(255 - np.asarray(photo))
-    assert _corr(data.preprocess_image(_png(photo)), data.preprocess_image(_png(inverted))) > 0.99
+    assert _corr(images.preprocess_image(_png(photo)), images.preprocess_image(_png(inverted))) > 0.99
 
 
 def _huge_png_header(w: int, h: int) -> bytes:
@@ -105,7 +105,7 @@ def test_bad_images_give_one_line_errors(case):
         full = _png(_photo_of_digit(0)[1])
         payload = full[: len(full) // 2]
     with pytest.raises(UserError, match=msg) as e:
-        data.preprocess_image(payload, case)
+        images.preprocess_image(payload, case)
     assert "\n" not in str(e.value)
 
 
@@ -117,17 +117,17 @@ def test_bad_images_give_one_line_errors(case):
 ])
 def test_bad_arrays_give_one_line_errors(arr, msg):
     with pytest.raises(UserError, match=msg):
-        data.load_npy(_npy(arr))
+        images.load_npy(_npy(arr))
     with pytest.raises(UserError, match="not a readable"):
-        data.load_npy(b"\x93NUMPY garbage")
+        images.load_npy(b"\x93NUMPY garbage")
 
 
 def test_inputs_by_spec(tmp_path):
     x, _ = data.load_test()
-    assert torch.equal(data.load_input("test:7"), x[7])
+    assert torch.equal(images.load_input("test:7"), x[7])
     for bad in ["test:10000", "test:x", str(tmp_path / "missing.png")]:
         with pytest.raises(UserError):
-            data.load_input(bad)
+            images.load_input(bad)
 
 
 def test_training_subsets_are_nested_and_deterministic():
@@ -175,7 +175,7 @@ _BIG = """
 import io, resource, sys
 sys.path.insert(0, {root!r})
 from PIL import Image, ImageDraw
-from engine import data
+from engine import data, images
 img = Image.new("L", (8000, 5000), 255)            # 40 megapixels, a black stroke on white
 ImageDraw.Draw(img).line([(2000, 1000), (6000, 4000)], fill=0, width=400)
 buf = io.BytesIO()
@@ -183,7 +183,7 @@ img.convert("RGBA").save(buf, format="PNG")
 blob = buf.getvalue()
 del img, buf
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-x = data.preprocess_image(blob, "big.png")
+x = images.preprocess_image(blob, "big.png")
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(tuple(x.shape), float(x.max()), (after - before) // 1024)
 """

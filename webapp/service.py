@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cache import Memo, make_key
-from engine import data
+from engine import data, images
 from engine.errors import UserError
 from engine.presets import digest
 from engine.store import Run
@@ -104,16 +104,16 @@ def from_canvas(rgba: np.ndarray) -> Optional[torch.Tensor]:
         raise UserError(f"canvas: expected an RGBA image, got shape {a.shape}")
     if a[..., 3].max() == 0 or a[..., :3].max() == 0:  # untouched: transparent, or the black background
         return None
-    return data.preprocess_array(data.to_gray(Image.fromarray(a.astype(np.uint8), "RGBA")), "drawing")
+    return images.preprocess_array(images.to_gray(Image.fromarray(a.astype(np.uint8), "RGBA")), "drawing")
 
 
 def from_upload(name: str, blob: bytes) -> tuple[torch.Tensor, Optional[np.ndarray]]:
     """An uploaded file -> (model input (1, 28, 28), grayscale preview (H, W) or None for .npy).
     The image is decoded once for both."""
     if name.lower().endswith(".npy"):
-        return data.load_npy(blob, name), None
-    gray = data.to_gray(data.open_image(blob, name))
-    return data.preprocess_array(gray, name), np.clip(gray, 0, 1)
+        return images.load_npy(blob, name), None
+    gray = images.to_gray(images.open_image(blob, name))
+    return images.preprocess_array(gray, name), np.clip(gray, 0, 1)
 
 
 def _sample(run: Run, seed: int, cb: Callback) -> dict:

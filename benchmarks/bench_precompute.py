@@ -1,0 +1,95 @@
+"""What a new image's attribution costs: from a precomputed representation against the replay.
+
+    python benchmarks/bench_precompute.py --run runs/small [--rep lowrank64] [--out results/bench_precompute.txt]
+
+One process, one test digit, timed in this order: the exact BPD alone (no gradient); the BPD with
+its gradient w.r.t. the final parameters by backpropagation through the solve (the former path)
+and in two phases (engine.likelihood.bits_per_dim_and_grad, what engine.bpd uses); the product
+A (B g) of each representation the run has; and the whole per-query replay (engine.attribution.
+attribute: BPD, gradient and one reverse replay of training). Then the precompute's own cost,
+read from each representation's file (compute seconds summed over its chunks, as a multiple of
+the run's training time measured here by training it again, and bytes on disk). Ratios are against the BPD alone, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import data, likelihood as L  # noqa: E402
+from engine.attribution import attribute  # noqa: E402
+from engine.bpd import model_for  # noqa: E402
+from engine.precompute import representation as R  # noqa: E402
+from engine.precompute.tangents import flatten  # noqa: E402
+from engine.store import load_run  # noqa: E402
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default="runs/small")
+    ap.add_argument("--rep", default=None, help="representations to time, comma-separated (default: all the run has)")
+    ap.add_argument("--query", type=int, default=0, help="test-set index of the query digit")
+    ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
+    a = ap.parse_args()
+    run = load_run(a.run)
+    p = run.preset
+    model = model_for(p, run.seed, run.load_final().params)
+    params = list(model.parameters())
+    x = data.load_test()[0][a.query: a.query + 1].to(next(model.parameters()).device, p.torch_dtype)
+    kw = p.likelihood_kwargs
+    rows: list[tuple[str, float]] = []
+    with torch.no_grad():
+        L.bits_per_dim(model, x, **kw)  # warm-up
+        base, _ = timed(lambda: L.bits_per_dim(model, x, **kw))
+    rows.append(("exact BPD alone", base))
+
+    def backprop():
+        b = L.bits_per_dim(model, x, **kw)
+        return torch.autograd.grad(b.sum(), params, allow_unused=True)
+    rows.append(("BPD + gradient, backprop through the solve", timed(backprop)[0]))
+    t_grad, (_, g) = timed(lambda: L.bits_per_dim_and_grad(model, x, params, **kw))
+    rows.append(("BPD + gradient, two-phase (used)", t_grad))
+    flat = flatten(dict(zip([n for n, _ in model.named_parameters()], g))).cpu().numpy()[None]
+    names = [n for n in (a.rep.split(",") if a.rep else R.available(run))]
+    reps = {n: R.load(run, n) for n in names}
+    for n, rep in reps.items():
+        t_prod, _ = timed(lambda: rep.scores(flat))
+        rows.append((f"{n}: product A (B g)", t_prod))
+        rows.append((f"{n}: new image's attribution (BPD + gradient + product)", t_grad + t_prod))
+    t_replay, _ = timed(lambda: attribute(run, x.cpu()))
+    rows.append(("per-query replay (BPD + gradient + replay of training)", t_replay))
+    from engine.training import train
+    t_train, _ = timed(lambda: train(p, seed=run.seed, weights=run.weights()))  # for scale, here and now
+    dev = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Per-query cost on {dev}; run {a.run} (preset {p.name}, n = {p.n_train}, {p.steps} steps, "
+             f"{sum(q.numel() for q in params)} parameters), test digit {a.query}",
+             f"{'stage':58s} {'seconds':>9s} {'x BPD':>7s} {'replay /':>9s}"]
+    lines += [f"{k:58s} {v:9.2f} {v / base:7.2f} {t_replay / v:9.2f}" for k, v in rows]
+    lines += ["", f"Precompute cost (compute seconds as the chunks recorded them; training the run here took {t_train:.1f} s)",
+              f"{'representation':16s} {'rank':>5s} {'compute s':>10s} {'x training':>11s} {'MB on disk':>11s}"]
+    for n, rep in reps.items():
+        info = rep.info
+        mb = (R.folder(run) / f"{n}.npz").stat().st_size / 2**20
+        lines.append(f"{n:16s} {int(info.get('rank', 0)):5d} {float(info.get('seconds', np.nan)):10.0f} "
+                     f"{float(info.get('seconds', np.nan)) / t_train:11.1f} {mb:11.2f}")
+    print("\n".join(lines))
+    if a.out:
+        from engine import atomic, provenance
+        st = provenance.stamp()
+        atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(a.out))
+
+
+if __name__ == "__main__":
+    main()
