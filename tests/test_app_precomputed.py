@@ -1,0 +1,42 @@
+"""The Draw page with a precomputed replay (engine.precompute) for the app's run, through AppTest."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from test_app import _bpd_shown, _new, _stroke_canvas, _until  # noqa: E402  (tests/ is on sys.path)
+
+
+def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refused(app_run):
+    # with a representation for the app's run, a drawing's influences come automatically and say
+    # how they were made; a damaged representation gets one warning line and the replay button
+    from engine.precompute import build, representation as R
+    from webapp import service
+    build.precompute(app_run, method="lowrank", rank=4, chunk=4)  # small: the page is under test, not the maths
+    path = R.folder(app_run) / "lowrank4.npz"
+    try:
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: any(m.value.startswith("**Top 16 proponents**") for m in a.markdown))
+        assert len(at.button) == 0  # no button: the influences came on their own
+        assert any("precomputed replay `lowrank4`" in c.value for c in at.caption)
+        x = service.from_canvas(_stroke_canvas())
+        from engine.attribution import attribute_precomputed
+        want, _ = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), x[None])
+        got = service.jobs().peek(service.attribution_key(app_run, x)).result["grad_w"]
+        # the worker runs torch with another thread count, so the BPD gradient may round differently
+        assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])  # truncated: never used
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: _bpd_shown(a) is not None)
+        assert len(at.warning) == 1 and "not used" in at.warning[0].value
+        # the replay takes over: its button, or its result if an earlier test already replayed this drawing
+        replayed = any("replaying training" in c.value for c in at.caption)
+        assert replayed or any(b.key == "attribute" for b in at.button)
+        assert not any("precomputed replay" in c.value for c in at.caption)
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,155 @@
+"""The app's job scheduler (webapp.jobs): shared runs, progress, errors, cancellation, worker
+processes, and exiting while a job runs."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from webapp.jobs import Jobs
+from cache import Memo
+from engine.errors import UserError
+
+
+def test_jobs_share_one_run_report_progress_and_errors(tmp_path):
+    jobs = Jobs(Memo(tmp_path))
+    started = []
+
+    def fn(cb):
+        started.append(1)
+        for i in range(3):
+            cb({"stage": "work", "i": i + 1, "n": 3})
+            time.sleep(0.05)
+        return {"v": 2.0}
+    a = jobs.submit("k", fn, "job")
+    b = jobs.submit("k", fn, "job")
+    assert a is b
+    assert jobs.wait_all(10)
+    assert started == [1] and a.result["v"] == 2.0 and a.fraction == 1.0
+    # a finished key comes back from the memo in a new process's job table, without running
+    again = Jobs(Memo(tmp_path)).submit("k", fn, "job")
+    assert again.done and again.result["v"] == 2.0 and started == [1]
+
+    def bad(cb):
+        raise UserError("no digit found")
+    j = jobs.submit("bad", bad, "bpd")
+    assert jobs.wait_all(10) and j.error == "no digit found" and j.result is None
+    with pytest.raises(AssertionError):
+        assert jobs.memo.get("bad") is not None  # failures are not memoized
+
+
+def test_a_cancelled_job_stops_and_can_be_asked_for_again(tmp_path):
+    jobs = Jobs(Memo(tmp_path))
+    steps = []
+
+    def fn(cb):
+        for i in range(200):
+            cb({"i": i, "n": 200})
+            steps.append(i)
+            time.sleep(0.01)
+        return {"v": 1.0}
+    first = jobs.submit("k", fn)
+    time.sleep(0.1)
+    jobs.cancel("k")
+    assert jobs.wait_all(10)
+    assert first.error == "cancelled" and len(steps) < 200 and jobs.memo.get("k") is None
+    assert jobs.peek("k") is None
+    steps.clear()
+    again = jobs.submit("k", fn)
+    assert again is not first and jobs.wait_all(20) and again.result["v"] == 1.0 and len(steps) == 200
+
+
+def _slow_in_worker(n: int, path: str, cb) -> dict:
+    """A process job: reports progress, records each step in a file, returns its own pid."""
+    import os
+    for i in range(n):
+        cb({"stage": "work", "i": i + 1, "n": n})
+        with open(path, "a") as f:
+            f.write(f"{i}\n")
+        time.sleep(0.02)
+    return {"pid": np.array(os.getpid()), "n": np.array(n)}
+
+
+def _fails_in_worker(cb) -> dict:
+    raise UserError("no digit found")
+
+
+def _dies_in_worker(cb) -> dict:
+    import os
+    os._exit(1)  # a killed or out-of-memory worker
+
+
+def test_process_jobs_run_elsewhere_report_progress_cancel_and_errors(tmp_path):
+    import functools
+    import os
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+    try:
+        log = tmp_path / "steps.txt"
+        a = jobs.submit("a", functools.partial(_slow_in_worker, 20, str(log)), "a")
+        assert jobs.wait_all(60) and a.error is None, a.error
+        assert int(a.result["pid"]) != os.getpid() and a.fraction == 1.0 and a.stage == "done"
+        assert jobs.memo.get("a")["n"] == 20
+        # cancellation crosses the process boundary: the worker stops at its next report
+        log.unlink()
+        b = jobs.submit("b", functools.partial(_slow_in_worker, 2000, str(log)), "b")
+        while not (b.i and b.i >= 3):
+            time.sleep(0.05)
+        jobs.cancel("b")
+        assert jobs.wait_all(30) and b.error == "cancelled"
+        time.sleep(0.5)  # the worker has stopped: the log no longer grows
+        n = len(log.read_text().split())
+        time.sleep(0.3)
+        assert n == len(log.read_text().split()) < 2000 and jobs.memo.get("b") is None
+        # asking again starts afresh (the old attempt's cancel flag does not stop it)
+        c = jobs.submit("b", functools.partial(_slow_in_worker, 5, str(log)), "b")
+        assert jobs.wait_all(60) and c.result is not None and int(c.result["n"]) == 5
+        d = jobs.submit("bad", _fails_in_worker, "bad")
+        assert jobs.wait_all(60) and d.error == "no digit found"
+        # a worker that dies fails its job with a line, and the next job gets a fresh pool
+        e = jobs.submit("dies", _dies_in_worker, "dies")
+        assert jobs.wait_all(60) and "died" in e.error
+        f = jobs.submit("after", functools.partial(_slow_in_worker, 2, str(log)), "after")
+        assert jobs.wait_all(60) and f.result is not None and int(f.result["n"]) == 2
+    finally:
+        jobs.shutdown()
+
+
+_SERVER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cache import Memo
+from webapp.jobs import Jobs
+from tests.test_jobs import _slow_job
+jobs = Jobs(Memo({memo!r}), workers=1)
+job = jobs.submit("slow", _slow_job, label="slow")
+while job.stage != "working":
+    time.sleep(0.05)
+print("running", flush=True)
+# the main thread ends here, as a stopped server's does: the interpreter must not wait for the job
+"""
+
+
+def _slow_job(cb):
+    for i in range(600):
+        cb({"stage": "working", "i": i, "n": 600})
+        time.sleep(0.5)
+    return {"v": 1.0}
+
+
+def test_a_process_with_a_running_job_exits_at_once(tmp_path):
+    # a server stopped mid-job (SIGTERM to `streamlit run` ends its main thread) exits within
+    # seconds instead of waiting minutes for the job; the job's key is free and unmemoized
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER.format(root=str(root), memo=str(tmp_path / "memo"))],
+                            stdout=subprocess.PIPE, text=True, cwd=root)
+    assert proc.stdout.readline().strip() == "running"
+    t0 = time.time()
+    proc.wait(60)
+    assert time.time() - t0 < 5, time.time() - t0
+    m = Memo(tmp_path / "memo")
+    assert m.get("slow") is None
+    with m.lock("slow"):  # not held by the dead worker
+        pass
