@@ -77,6 +77,30 @@ def test_trak_through_traker_matches_the_exact_formula(tiny_run, images):
     assert np.linalg.norm(a - (a @ b / (b @ b)) * b) / np.linalg.norm(a) > 0.2
 
 
+def test_trak_ensemble_averages_its_members(tiny_run, images):
+    # traker projects each member with its own random matrix and averages the members' scores:
+    # an ensemble whose second member is the run's own model again is the exact formula up to
+    # JL error (closer than one model, two projections averaged); an independently trained
+    # member changes the scores; the method file trains its members once and keeps them
+    x = data.load_test()[0][:2]
+    exact = T.exact_scores(T.per_example_grads(tiny_run, images, "dtrak", stream=0),
+                           T.per_example_grads(tiny_run, x, "dtrak", stream=1), damping=0.01)
+
+    def residual(a, b):  # worst relative distance of a row of a from the line of b's row
+        return max(np.linalg.norm(u - (u @ v / (v @ v)) * v) / np.linalg.norm(u) for u, v in zip(a, b))
+    one = T.trak_scores(tiny_run, images, x, "dtrak", proj_dim=4096)
+    same = T.trak_scores(tiny_run, images, x, "dtrak", proj_dim=4096, ensemble=[tiny_run.model()])
+    assert residual(same, exact) < min(0.1, residual(one, exact))
+    from engine.methods import trak_ensemble as E
+    m = methods.get("dtrak_ens")
+    members = m.members(tiny_run)
+    assert len(members) == E.ENSEMBLE - 1
+    assert len(list((tiny_run.path / "methods" / "ensemble").glob("*.pt"))) == E.ENSEMBLE - 1
+    assert residual(T.trak_scores(tiny_run, images, x, "dtrak", proj_dim=4096, ensemble=members[:1]), one) > 0.3
+    again = m.members(tiny_run)  # read back, not retrained: the same parameters
+    assert all(torch.equal(a.state_dict()["out.bias"], b.state_dict()["out.bias"]) for a, b in zip(members, again))
+
+
 def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_path):
     out = tmp_path / "lds"
     q = data.query_indices(1)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,16 +93,20 @@ def _precomputed_class():
 def trak_scores(run: Run, images: torch.Tensor, x: torch.Tensor, variant: str = "trak", *,
                 proj_dim: int = 2048, n_times: int = 10, damping: float = 0.01, batch: int = 50,
                 target_grads: Optional[torch.Tensor] = None, target_stream: int = 1,
+                ensemble: Sequence[torch.nn.Module] = (),
                 callback: Optional[Callable[[dict], None]] = None) -> np.ndarray:
     """Scores (Q, n) in grad_w's sign convention for queries x (Q, 1, 28, 28) against the
-    training images (n, 1, 28, 28), on the run's final model.
+    training images (n, 1, 28, 28), on the run's final model (and `ensemble`'s).
+
+    ensemble: further models of the same architecture trained independently on the same
+    images (other seeds); traker featurizes and scores each and averages, as TRAK's authors do.
 
     proj_dim: k, the projection's dimension; n_times: S, draws of (t, z) per image;
     damping: lambda as a fraction of the mean non-zero eigenvalue of Phi^T Phi;
     target_grads: (Q, p) gradients of the target output for "ltrak" (default: exact BPD);
     target_stream: the noise stream of the targets' draws (0 gives target q the draws of
     training image q: a training image then scores itself exactly as it was featurized).
-    callback gets {"stage": "features", "i", "n"} per batch of training images.
+    callback gets {"stage": "features", "i", "n"} per batch of training images (and model).
     """
     from trak import TRAKer
     import trak.traker as _tt
@@ -118,28 +122,36 @@ def trak_scores(run: Run, images: torch.Tensor, x: torch.Tensor, variant: str = 
     task = _output_class()("sqnorm" if variant == "dtrak" else "loss", t)
     if variant == "ltrak" and target_grads is None:
         target_grads = bpd_param_grads(run, x)
+    models = [model, *(m.eval() for m in ensemble)]
+    if variant == "ltrak" and len(models) > 1:
+        raise ValueError("ltrak's target gradients are one model's; it has no ensemble here")
     with tempfile.TemporaryDirectory(prefix="trak-") as tmp:
         tr = TRAKer(model=model, task=task, train_set_size=n, save_dir=tmp, device="cpu", proj_dim=proj_dim,
                     use_half_precision=False, projector_seed=run.seed, logging_level=logging.WARNING)
-        tr.load_checkpoint(model.state_dict(), model_id=0)
-        for s in range(0, n, batch):
-            e = min(n, s + batch)
-            tr.featurize(batch=(images[s:e].float(), z_train[s:e]), num_samples=e - s)
-            cb({"stage": "features", "i": e, "n": n})
-        feats = torch.as_tensor(np.asarray(tr.saver.current_store["grads"]), dtype=torch.float64)
-        # trace(Phi^T Phi) / rank: the mean non-zero eigenvalue, so `damping` is scale-free
-        tr.score_computer.lambda_reg = damping * float((feats ** 2).sum()) / min(n, tr.proj_dim)
+        scale = 0.0
+        for m_id, m in enumerate(models):
+            tr.load_checkpoint(m.state_dict(), model_id=m_id)
+            for s in range(0, n, batch):
+                e = min(n, s + batch)
+                tr.featurize(batch=(images[s:e].float(), z_train[s:e]), num_samples=e - s)
+                cb({"stage": "features", "i": m_id * n + e, "n": len(models) * n})
+            feats = torch.as_tensor(np.asarray(tr.saver.current_store["grads"]), dtype=torch.float64)
+            scale += float((feats ** 2).sum()) / len(models)
+        # trace(Phi^T Phi) / rank, averaged over models: the mean non-zero eigenvalue, so
+        # `damping` is scale-free
+        tr.score_computer.lambda_reg = damping * scale / min(n, tr.proj_dim)
         tr.finalize_features()
-        if tr.projector.num_blocks == 1:
-            # traker 0.3.2 frees the projection matrix in finalize_features and regenerates it
-            # only when there are several blocks (proj_dim > 100): rebuild it for scoring
-            tr.projector.generate_sketch_matrix(tr.projector.generator_states[0])
-        tr.start_scoring_checkpoint(exp_name="q", checkpoint=model.state_dict(), model_id=0, num_targets=q)
-        if variant == "ltrak":
-            tr.gradient_computer = _precomputed_class()(target_grads.float())
-            tr.score(batch=(torch.arange(q),), num_samples=q)
-        else:
-            tr.score(batch=(x.float(), z_target), num_samples=q)
+        for m_id, m in enumerate(models):
+            if tr.projector.num_blocks == 1:
+                # traker 0.3.2 frees the projection matrix in finalize_features and regenerates it
+                # only when there are several blocks (proj_dim > 100): rebuild it for scoring
+                tr.projector.generate_sketch_matrix(tr.projector.generator_states[0])
+            tr.start_scoring_checkpoint(exp_name="q", checkpoint=m.state_dict(), model_id=m_id, num_targets=q)
+            if variant == "ltrak":
+                tr.gradient_computer = _precomputed_class()(target_grads.float())
+                tr.score(batch=(torch.arange(q),), num_samples=q)
+            else:
+                tr.score(batch=(x.float(), z_target), num_samples=q)
         tau = np.asarray(tr.finalize_scores(exp_name="q"), dtype=np.float64).T  # (Q, n)
     return -tau
 
