@@ -94,10 +94,10 @@ def _retrain(preset_dict: dict, drop: np.ndarray, queries: np.ndarray) -> list[f
 
 def evaluate(preset: Preset, runs: Path, queries: list[int], k: int, jobs: int) -> dict:
     from scipy.stats import spearmanr
-    t0 = time.time()
     train.train(preset, seed=0, out=runs)
-    train_s = time.time() - t0
     run = load_run(runs)
+    # the training session's own time, as the run recorded it (a finished run returns at once)
+    train_s = run.train_seconds()
     x = data.load_test()[0][queries]
     model = run.model()
     names = [n for n, _ in model.named_parameters()]

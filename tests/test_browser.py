@@ -124,3 +124,65 @@ def test_every_page_renders(page):
             page.get_by_text(re.compile("distinct images fill")).first.wait_for(timeout=600_000)
         assert page.get_by_text("Traceback").count() == 0
         page.screenshot(path=str(SHOTS / f"{5 + i}_{name.split()[0].lower()}.png"), full_page=True)
+
+
+def _held_locks(cache: Path) -> list[Path]:
+    """Memo key locks (cache.memo: flock on DIR/locks/*.lock) that some process holds now."""
+    import fcntl
+    held = []
+    for p in sorted((cache / "locks").glob("*.lock")) if (cache / "locks").is_dir() else []:
+        fd = os.open(p, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held.append(p)
+        finally:
+            os.close(fd)
+    return held
+
+
+def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, tmp_path):
+    # a real `streamlit run`, a browser's first visit starting the gallery precompute in a worker
+    # process, SIGTERM while that job holds its memo key: the server must exit within 5 s, its
+    # workers gone (the key free again), nothing of the job stored (it is computed again later)
+    import signal
+    cache = tmp_path / "cache"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "APP_CACHE": str(cache), "APP_GALLERY_QUERIES": "16"}
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            pg = browser.new_page()
+            pg.goto(url)
+            end = time.time() + 120
+            while not _held_locks(cache) and time.time() < end:
+                time.sleep(0.2)
+            assert _held_locks(cache), "the gallery job never started; see the streamlit log"
+            browser.close()
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        took = time.time() - t0
+        assert took < 5, f"the server took {took:.1f} s to stop"
+        time.sleep(1)  # the kernel releases a dead worker's flock at once; allow the reaping
+        assert not _held_locks(cache)
+        from cache import Memo, make_key
+        q = np.array(data.query_indices(16, seed=0))
+        key = make_key("galleries", app_run.digest, q, app_run.preset.likelihood_kwargs)
+        assert Memo(cache).get(key) is None  # the cut job stored nothing; it is simply computed again later
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
