@@ -4,7 +4,6 @@ import numpy as np
 import streamlit as st
 import torch
 
-from engine.attribution import top_k
 from engine.errors import UserError
 from webapp import service, widgets as W
 
@@ -80,15 +79,24 @@ if job is None and st.button(f"Find them (one backward pass through training: a 
 if job is not None:
     res = W.wait_for(job)
     if res:
-        gw = np.asarray(res["grad_w"])
-        st.caption(W.method_words(res.get("method", "replay")))
+        gw, method = np.asarray(res["grad_w"]), res.get("method", "replay")
         k = st.slider("How many of each", 4, 32, 16, key="k")
-        tk = top_k(gw, k)
-        st.markdown(f"**Top {k} proponents** (removing them is predicted to raise the bits/dim by "
-                    f"{-gw[tk['proponents']].sum():.4f})")
-        W.gallery(tk["proponents"], gw, train_x, train_y)
-        st.markdown(f"**Top {k} opponents** (removing them is predicted to lower the bits/dim by "
-                    f"{gw[tk['opponents']].sum():.4f})")
-        W.gallery(tk["opponents"], gw, train_x, train_y)
-        st.altair_chart(W.class_histogram(tk, train_y), width="stretch")
+        if method.startswith("precomputed:") and method != "precomputed:exact":
+            # progressive: the approximate preview now, the exact replay in the background
+            exact = service.replay_job(run, x)
+            old_exact = st.session_state.get("exact_key")
+            if old_exact and old_exact != exact.key:
+                service.jobs().cancel(old_exact)  # a previous image's replay is no longer wanted
+            st.session_state["exact_key"] = exact.key
+            done = W.wait_for(exact)
+            if done:
+                st.caption(W.method_words(method, run) + " " + W.replaced_words(gw, np.asarray(done["grad_w"])))
+                gw, method = np.asarray(done["grad_w"]), "replay"
+            else:
+                st.caption(W.method_words(method, run) + " A preview: the exact replay is running (above) "
+                           "and replaces it when it lands.")
+        else:
+            st.caption(W.method_words(method, run))
+        W.influences(gw, k, train_x, train_y)
+        W.particular(gw, k, service.gallery_mean(run), train_x, train_y)
         st.caption("Check a prediction by retraining on the **Verify** page.")

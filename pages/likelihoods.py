@@ -10,7 +10,7 @@ import streamlit as st
 import torch
 
 from engine.experiments.figure2 import WRITEUP_VALUES
-from webapp import service, widgets as W
+from webapp import experiments, service, widgets as W
 
 NAMES = {"original": "MNIST test digits", "rotated": "rotated", "averaged": "averages of digits", "noise": "uniform noise"}
 
@@ -45,7 +45,7 @@ angle = float(c[1].slider("Rotation (degrees)", 0, 180, 90, key="cmp_angle"))
 k_avg = int(c[2].slider("Digits in the average", 2, 8, 4, key="cmp_k"))
 x = torch.from_numpy(service.test_set()[0][i])
 cols = st.columns(4)
-for col, (name, img) in zip(cols, service.variants(x, angle, k_avg, seed=i).items()):
+for col, (name, img) in zip(cols, experiments.variants(x, angle, k_avg, seed=i).items()):
     with col:
         st.image(W.big(img), caption=NAMES[name], width=168)
         res = W.wait_for(service.bpd_job(run, img))

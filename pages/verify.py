@@ -11,7 +11,7 @@ import streamlit as st
 import torch
 
 from engine.attribution import predict_removal, top_k
-from webapp import service, widgets as W
+from webapp import experiments, service, widgets as W
 
 # the committed evidence; APP_RESULTS points elsewhere (tests)
 RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
@@ -93,9 +93,9 @@ predicted = predict_removal(bpd, gw, drop)
 st.markdown(f"Now **{bpd:.4f}** bits/dim; MAGIC predicts **{predicted:.4f}** after removing these {k} "
             f"(change {predicted - bpd:+.4f}).")
 if st.button("Retrain without them (same seed, in the background)", key="ver_go"):
-    job = service.retrain_job(run, x, drop, label=f"retraining without {k} images")
+    job = experiments.retrain_job(run, x, drop, label=f"retraining without {k} images")
 else:
-    job = service.jobs().peek(service.retrain_key(run, x, drop))
+    job = service.jobs().peek(experiments.retrain_key(run, x, drop))
 if job is not None:
     out = W.wait_for(job)
     if out:

@@ -128,10 +128,10 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     at.run()
     at.switch_page("pages/likelihoods.py")
     at = _until(at, lambda a: len(a.metric) == 4)
-    from webapp import service
+    from webapp import experiments, service
     x = torch.from_numpy(service.test_set()[0][0])
     shown = [float(m.value) for m in at.metric]
-    want = [_engine_bpd(app_run, v) for v in service.variants(x, 90.0, 4, seed=0).values()]
+    want = [_engine_bpd(app_run, v) for v in experiments.variants(x, 90.0, 4, seed=0).values()]
     assert shown == pytest.approx(want, abs=1e-3)
     assert len(at.get("vega_lite_chart")) == 1  # the Figure 2 distributions
 

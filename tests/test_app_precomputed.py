@@ -27,6 +27,18 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         got = service.jobs().peek(service.attribution_key(app_run, x)).result["grad_w"]
         # the worker runs torch with another thread count, so the BPD gradient may round differently
         assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
+        # progressive: the exact replay runs in the background and replaces the preview, saying
+        # how many of the top 16 it changed (checked against the engine's exact MAGIC)
+        at = _until(at, lambda a: any("has replaced that preview" in c.value for c in a.caption))
+        from engine.attribution import attribute, top_k
+        exact, _ = attribute(app_run, x[None])
+        a, b = top_k(want[0], 16), top_k(exact[0], 16)
+        changed = 16 - len(set(a["proponents"]) & set(b["proponents"]))
+        line = next(c.value for c in at.caption if "has replaced that preview" in c.value)
+        assert f"it changed {changed} of the top-16 proponents" in line, (line, changed)
+        # the influences particular to this image, once the galleries' digits are in
+        service.galleries_job(app_run)
+        at = _until(at, lambda a: any("Scores minus their mean over" in c.value for c in a.caption))
         blob = path.read_bytes()
         path.write_bytes(blob[: len(blob) // 2])  # truncated: never used
         at = _new()

@@ -186,6 +186,17 @@ def attribution_job(run: Run, x: torch.Tensor):
                          label="attribution" if name is None else "attribution (precomputed replay)")
 
 
+def replay_key(run: Run, x: torch.Tensor) -> str:
+    return make_key("attribution", run.digest, x.numpy(), {**run.preset.likelihood_kwargs, "method": "replay"})
+
+
+def replay_job(run: Run, x: torch.Tensor):
+    """Exact MAGIC of one image by a replay of training, whatever representation the run has: what
+    replaces an approximate representation's preview when it lands."""
+    return jobs().submit(replay_key(run, x), functools.partial(_attribution, run, x, True),
+                         label="exact replay (it will replace the preview)")
+
+
 def gallery_queries() -> list[int]:
     """The curated test queries whose attributions are precomputed (APP_GALLERY_QUERIES, read
     when asked, so that a test or a restart can change it)."""
@@ -215,30 +226,11 @@ def galleries_job(run: Run):
                          functools.partial(_galleries, run, q), label="precomputing the galleries")
 
 
-def variants(x: torch.Tensor, angle: float, k_avg: int, seed: int) -> dict[str, torch.Tensor]:
-    """A test digit (1, 28, 28) rotated by `angle`, averaged with k_avg - 1 other test digits, and noise."""
-    tx = torch.from_numpy(test_set()[0])
-    others = tx[data.query_indices(k_avg + 1, seed=seed + 1000)]
-    others = torch.cat([x[None], others[: k_avg - 1]]) if k_avg > 1 else x[None]
-    return {"original": x, "rotated": data.rotate(x, angle), "averaged": data.average(others),
-            "noise": data.uniform_noise(1, torch.Generator().manual_seed(seed))[0]}
-
-
-def retrain_key(run: Run, x: torch.Tensor, drop: np.ndarray) -> str:
-    drop = np.unique(np.asarray(drop, np.int64))
-    return make_key("retrain", run.digest, np.concatenate([drop.astype(np.float32), x.numpy().ravel()]),
-                    run.preset.likelihood_kwargs)
-
-
-def _retrain(run: Run, x: torch.Tensor, drop: np.ndarray, cb: Callback) -> dict:
-    from engine.experiments.bank import retrain_bpd
-    cb({"stage": "retraining", "i": 0, "n": 1})
-    b = retrain_bpd(run.preset, run.seed, drop, x[None])
-    return {"bpd": float(b[0]), "drop": drop}
-
-
-def retrain_job(run: Run, x: torch.Tensor, drop: np.ndarray, label: str):
-    """Retrain the run without `drop` (same seed) and measure the BPD of x (1, 28, 28)."""
-    key = retrain_key(run, x, drop)
-    drop = np.unique(np.asarray(drop, np.int64))
-    return jobs().submit(key, functools.partial(_retrain, run, x, drop), label=label)
+def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
+    """(mean grad_w over the gallery's test digits (n,), their count) once the galleries are
+    computed, else None (nothing is started here)."""
+    job = jobs().peek(make_key("galleries", run.digest, np.array(gallery_queries()), run.preset.likelihood_kwargs))
+    if job is None or not job.done or job.error:
+        return None
+    gw = np.asarray(job.result["grad_w"])
+    return gw.mean(0), len(gw)

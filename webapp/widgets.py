@@ -94,15 +94,74 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
             f"likely{ref}.")
 
 
-def method_words(method: str) -> str:
-    """How an attribution was computed, for the page."""
+def _fidelity(run: Run, name: str) -> Optional[dict]:
+    """The row of results/precompute/fidelity.json for representation `name`, if that report was
+    made on this very run."""
+    import json
+    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / "precompute" / "fidelity.json"
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if r.get("run_digest") != run.digest:
+        return None
+    return next((row for row in r.get("rows", []) if row.get("scores") == name), None)
+
+
+def method_words(method: str, run: Optional[Run] = None) -> str:
+    """How an attribution was computed, for the page, with the representation's measured fidelity."""
     if method == "replay":
         return "Computed by replaying training backwards for this image (exact MAGIC)."
     name = method.split(":", 1)[1]
     if name == "exact":
         return "Computed from the precomputed replay `exact` (J itself: equal to exact MAGIC up to rounding)."
-    return (f"Computed from the precomputed replay `{name}` (a low-rank approximation of exact MAGIC; its "
-            "measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays').")
+    row = _fidelity(run, name) if run is not None else None
+    measured = ("its measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays'" if row is None else
+                f"measured on {len(row['spearman_with_exact'])} images of this model: Spearman "
+                f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
+                f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
+                f"{np.mean(row['lds']):.2f}")
+    return f"Computed from the precomputed replay `{name}` (a low-rank approximation of exact MAGIC; {measured})."
+
+
+def replaced_words(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> str:
+    """How much the exact replay changed a preview's top-k lists."""
+    from engine.attribution import top_k
+    a, b = top_k(preview, k), top_k(exact, k)
+    changed = {s: k - len(set(a[s]) & set(b[s])) for s in ("proponents", "opponents")}
+    return (f"The exact replay has replaced that preview: it changed {changed['proponents']} of the top-{k} "
+            f"proponents and {changed['opponents']} of the top-{k} opponents.")
+
+
+def influences(gw: np.ndarray, k: int, train_x: np.ndarray, train_y: np.ndarray) -> None:
+    """Top-k proponents and opponents of one image, with the class histogram."""
+    from engine.attribution import top_k
+    tk = top_k(gw, k)
+    st.markdown(f"**Top {k} proponents** (removing them is predicted to raise the bits/dim by "
+                f"{-gw[tk['proponents']].sum():.4f})")
+    gallery(tk["proponents"], gw, train_x, train_y)
+    st.markdown(f"**Top {k} opponents** (removing them is predicted to lower the bits/dim by "
+                f"{gw[tk['opponents']].sum():.4f})")
+    gallery(tk["opponents"], gw, train_x, train_y)
+    st.altair_chart(class_histogram(tk, train_y), width="stretch")
+
+
+def particular(gw: np.ndarray, k: int, mean: Optional[tuple[np.ndarray, int]], train_x: np.ndarray,
+               train_y: np.ndarray) -> None:
+    """The influences particular to this image: its scores minus the mean over the gallery's test
+    digits (the same training images top most images' lists)."""
+    from engine.attribution import top_k
+    st.markdown("**Particular to this image**")
+    if mean is None:
+        st.caption("Its influences minus the typical ones appear here once the galleries' test digits are computed.")
+        return
+    m, count = mean
+    d = gw - m
+    tk = top_k(d, k)
+    st.caption(f"Scores minus their mean over {count} test digits: the training images that help (first row) "
+               "or hurt (second row) this image more than they do a typical digit.")
+    gallery(tk["proponents"], d, train_x, train_y)
+    gallery(tk["opponents"], d, train_x, train_y)
 
 
 def gallery(indices: np.ndarray, scores: np.ndarray, train_x: np.ndarray, train_y: np.ndarray, per_row: int = 8) -> None:
