@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_pullback.py --out results/bench_pullback.txt
 	$(BIN)/python benchmarks/bench_app.py --run $(RUN) --out results/bench_app.txt
 	$(BIN)/python benchmarks/bench_app_browser.py --run $(RUN) --out results/bench_app_browser.txt
+	$(BIN)/python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU

@@ -22,6 +22,8 @@ SECTIONS = [
      ["results/precompute/fidelity.png"],
      "python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2 && "
      "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64"),
+    ("A new image's attribution: precomputed against replay", "results/bench_precompute.txt", None, [],
+     "python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt"),
     ("Figure 2: digits, rotations, averages, noise", "results/figure2/figure2.md", "results/figure2/figure2.json",
      ["results/figure2/figure2.png"], "python -m engine figure2 --run runs/cpu --out results/figure2"),
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
