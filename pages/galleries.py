@@ -22,7 +22,17 @@ k = st.slider("Top k", 4, 32, 16, key="gal_k")
 rep = figure4.analyse(gw, queries, train_x.reshape(len(train_x), -1), train_y,
                       test_x.reshape(len(test_x), -1), test_y, k=k)
 
-pick = st.selectbox("Query", range(len(queries)), key="gal_query",
+classes = sorted({int(test_y[q]) for q in queries})
+cls = st.radio("Class", ["all", *classes], horizontal=True, key="gal_class",
+               format_func=lambda c: "all digits" if c == "all" else f"{c}s")
+shown = [j for j in range(len(queries)) if cls == "all" or test_y[queries[j]] == cls]
+if cls != "all":  # the class's mean influence: which training images its digits owe most to
+    m = gw[shown].mean(0)
+    tm = top_k(m, k)
+    st.markdown(f"**Mean influence over the {len(shown)} test {cls}s**: strongest proponents, then opponents")
+    W.gallery(tm["proponents"], m, train_x, train_y)
+    W.gallery(tm["opponents"], m, train_x, train_y)
+pick = st.selectbox("Query", shown, key="gal_query",
                     format_func=lambda j: f"test {queries[j]} (a {test_y[queries[j]]}): {bpd[j]:.3f} bits/dim")
 c1, c2 = st.columns([1, 3])
 c1.image(W.big(test_x[queries[pick]]), caption=f"test {queries[pick]}", width=168)

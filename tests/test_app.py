@@ -144,6 +144,14 @@ def test_galleries_page(app_run):
     text = " ".join(m.value for m in at.markdown)
     assert "distinct images fill" in text
     assert len(at.dataframe) == 1
+    # browsable by class: one class's digits only, with their mean influence
+    from webapp import service
+    q = service.gallery_queries()
+    y = service.test_set()[1]
+    c = int(y[q[0]])
+    at.radio(key="gal_class").set_value(c).run()
+    assert [at.selectbox[0].options] and all(f"(a {c})" in o for o in at.selectbox[0].options)
+    assert any(m.value.startswith(f"**Mean influence over the {sum(int(y[i]) == c for i in q)} test {c}s") for m in at.markdown)
 
 
 def test_verify_page_retrains_and_the_sign_holds(app_run, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET (preset to
 train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
 APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
-attributions are precomputed, default 8), APP_WORKERS (worker processes per lane of jobs, default 1:
+attributions are precomputed, default 64), APP_WORKERS (worker processes per lane of jobs, default 1:
 one for a page's short jobs, one for long ones, see webapp.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
 the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
 
@@ -200,13 +200,16 @@ def replay_job(run: Run, x: torch.Tensor):
 def gallery_queries() -> list[int]:
     """The curated test queries whose attributions are precomputed (APP_GALLERY_QUERIES, read
     when asked, so that a test or a restart can change it)."""
-    return data.query_indices(int(os.environ.get("APP_GALLERY_QUERIES", "8")), seed=0)
+    return data.query_indices(int(os.environ.get("APP_GALLERY_QUERIES", "64")), seed=0)
 
 
 def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
     from engine.attribution import attribute, attribute_many
     x = torch.from_numpy(test_set()[0][q])
-    if os.environ.get("APP_EXECUTOR", "local") == "local":
+    if precomputed(run)[0] is not None:  # from the representation: no replay at all
+        from engine.attribution import attribute_auto
+        gw, bpd, _ = attribute_auto(run, x, callback=cb)
+    elif os.environ.get("APP_EXECUTOR", "local") == "local":
         gw, bpd = attribute(run, x, callback=cb)  # one batched sweep in this worker
     else:  # chunks of queries as jobs on a cluster; finished chunks survive a restart
         from engine.executor import make_executor
