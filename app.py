@@ -7,7 +7,7 @@ import os
 
 import streamlit as st
 
-from webapp import service
+from webapp import replays, service
 
 st.set_page_config(page_title="Which training images?", page_icon="🔢", layout="wide")
 page = st.navigation([
@@ -19,8 +19,16 @@ page = st.navigation([
 service.warm_workers()
 run = service.load_run()
 if run is not None and os.environ.get("APP_PRECOMPUTE", "1") != "0" and not st.session_state.get("_galleries_started"):
-    service.galleries_job(run)  # precomputed in the background from the first visit on
+    # in the background from the first visit on, one after the other: the precomputed replay
+    # (when the run has none), then the galleries (from it)
+    replays.job(run)
+    service.galleries_job(run)
     st.session_state["_galleries_started"] = True
 st.sidebar.caption(f"Model: `{service.run_dir()}`" + (f" ({run.preset.name}, {run.preset.n_train} training images)"
                                                         if run else " (training...)"))
+if run is not None:
+    rj = service.jobs().peek(replays.job_key(run)) if replays.rank() > 0 else None
+    if rj is not None and not rj.done:
+        st.sidebar.caption(f"Precomputed replay: {rj.i}/{rj.n or '?'} chunks" + (f", {replays.time_left(rj)}"
+                           if replays.time_left(rj) else "") + "; until then influences come from a replay of training.")
 page.run()

@@ -1,0 +1,62 @@
+"""The app's own precomputed replay: made in the background from the first start, with progress.
+
+APP_PRECOMPUTE_RANK (default 64; 0 turns it off) is the rank of the low-rank representation
+(engine.precompute) made for the app's run when it has none that passes its checks. It runs as
+one background job in chunks that survive a restart (a stopped server resumes with the next
+chunk), so every page can say how long it has left.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Optional
+
+from cache import make_key
+from engine.store import Run
+from webapp.service import Callback, jobs, precomputed
+
+
+def rank() -> int:
+    return int(os.environ.get("APP_PRECOMPUTE_RANK", "64"))
+
+
+def _state(run: Run) -> list:
+    """What the run's representation folder holds (names and mtimes): a job's key, so that a
+    removed representation is made again rather than found in the memo."""
+    from engine.precompute import representation
+    folder = representation.folder(run)
+    return sorted([str(p.relative_to(folder)), p.stat().st_mtime_ns] for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def _precompute(run: Run, k: int, cb: Callback) -> dict:
+    from engine.precompute.build import precompute
+    chunks = -(-k // 8)  # per stage, at the default chunk of 8 directions
+
+    def progress(info: dict) -> None:  # forward then reverse chunks, as one count
+        done = info["i"] + (chunks if info["stage"] == "reverse" else 0)
+        cb({"stage": "making the precomputed replay", "i": done, "n": 2 * chunks})
+    info = precompute(run, method="lowrank", rank=min(k, run.preset.n_train), callback=progress)
+    return {k2: v for k2, v in info.items() if isinstance(v, (int, float, str))}
+
+
+def job_key(run: Run) -> str:
+    return make_key("precompute", run.digest, None, {"rank": rank(), "files": _state(run)})
+
+
+def job(run: Run):
+    """The background job making the app's representation, or None when the run has a valid
+    one or it is turned off."""
+    k = rank()
+    if k <= 0 or precomputed(run)[0] is not None:
+        return None
+    return jobs().submit(job_key(run), functools.partial(_precompute, run, k), label="precomputed replay")
+
+
+def time_left(j) -> Optional[str]:
+    """'about N min left' from the chunks this job has done so far (None before the first)."""
+    if j is None or j.done or not j.n or j.i <= 0:
+        return None
+    per = (time.time() - j.started) / j.i
+    return f"about {max(1, round(per * (j.n - j.i) / 60))} min left"
