@@ -1,7 +1,10 @@
 """`bpd`, `attribute` and `lds` on `tiny` give the outputs that the code before the
 attribution-method registry gave (tests/golden/, made by tests/golden/make_golden.py at
-commit 15121fb). Measured bit-identical on the machine that made them; the tolerance only
-allows for another CPU's rounding."""
+commit 15121fb). Measured bit-identical on the machine that made them until the BPD gradient
+moved to two phases (engine.likelihood.bits_per_dim_and_grad), which sums the same float32 terms
+in another order: grad_w then agrees to 1e-5 relative (as a vector; an entry near zero may move
+by a few times 1e-9 bits/dim) and the BPD itself is unchanged. The tolerances allow for that and
+for another CPU's rounding."""
 
 import json
 import sys
@@ -32,7 +35,9 @@ def test_attribute_is_unchanged(outputs):
     tmp, _ = outputs
     with np.load(HERE / "tiny" / "attribute.npz") as want, np.load(tmp / "attribute.npz") as got:
         assert got["grad_w"].shape == want["grad_w"].shape
-        np.testing.assert_allclose(got["grad_w"], want["grad_w"], rtol=1e-5, atol=1e-9 * np.abs(want["grad_w"]).max())
+        g, w = got["grad_w"], want["grad_w"]
+        assert (np.linalg.norm(g - w, axis=1) <= 1e-5 * np.linalg.norm(w, axis=1)).all(), np.linalg.norm(g - w, axis=1)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
         np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-6)
         assert got["inputs"].tolist() == want["inputs"].tolist()
 
