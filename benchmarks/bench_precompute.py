@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--query", type=int, default=0, help="test-set index of the query digit")
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
+    from engine import provenance
+    provenance.start()
     run = load_run(a.run)
     p = run.preset
     model = model_for(p, run.seed, run.load_final().params)

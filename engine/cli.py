@@ -197,6 +197,8 @@ def _notes_to_stderr() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     _notes_to_stderr()
+    from engine import provenance
+    provenance.start()  # results files name the code that ran, not the checkout when they are written
     try:
         a = build_parser().parse_args(argv)
         with sigterm_as_interrupt():

@@ -23,15 +23,36 @@ def command() -> str:
     return "python " + shlex.join(argv)
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _checkout() -> str:
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+_AT_START: list[str] = []
+
+
+def start() -> None:
+    """Record the checkout now, at the start of a command: the code that runs is the code then
+    (a long command's files are written hours later, possibly after new commits)."""
+    if not _AT_START:
+        _AT_START.append(_checkout())
+
+
 def commit() -> str:
-    """The checkout's commit (short), with "+changes" when tracked files differ from it."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    """The checkout's commit (short) when the command started (see `start`; else now), with
+    "+changes" when tracked files differed from it, and a note if the checkout has moved since."""
+    now = _checkout()
+    if not _AT_START:
+        return now
+    first = _AT_START[0]
+    return first if now == first else f"{first} (checkout at {now} when written)"
 
 
 def stamp() -> dict:

@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--bank", default="results/lds_small")
     ap.add_argument("--out", default="results/precompute")
     a = ap.parse_args()
+    provenance.start()
     run = load_run(a.run)
     q = queries()
     names = list(q)
