@@ -28,6 +28,30 @@ from engine.bpd import model_for  # noqa: E402
 from engine.precompute import representation as R  # noqa: E402
 from engine.precompute.tangents import flatten  # noqa: E402
 from engine.store import load_run  # noqa: E402
+from engine.training import make_model, train  # noqa: E402
+
+
+STEPS_TIMED = 40
+
+
+class _Enough(Exception):
+    pass
+
+
+def per_step(fn) -> float:
+    """Seconds per step of fn(callback), which calls callback after every step: steps 2 to
+    STEPS_TIMED + 1 are timed, then fn is stopped."""
+    marks = []
+
+    def cb(info):
+        marks.append(time.perf_counter())
+        if len(marks) > STEPS_TIMED + 1:
+            raise _Enough
+    try:
+        fn(cb)
+    except _Enough:
+        pass
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -72,8 +96,19 @@ def main() -> None:
         rows.append((f"{n}: new image's attribution (BPD + gradient + product)", t_grad + t_prod))
     t_replay, _ = timed(lambda: attribute(run, x.cpu()))
     rows.append(("per-query replay (BPD + gradient + replay of training)", t_replay))
-    from engine.training import train
+
     t_train, _ = timed(lambda: train(p, seed=run.seed, weights=run.weights()))  # for scale, here and now
+    # the precompute's unit costs, timed here per training step over STEPS_TIMED steps (after one
+    # warm-up step) and scaled: a chunk of 8 directions forward (engine.precompute.tangents) and
+    # 8 adjoints backward (engine.metagrad), against a training step
+    from engine.metagrad import metagradient
+    from engine.precompute.tangents import flat_to_dicts, forward_tangents
+    images = data.load_train(p.n_train, p.source)[0]
+    omega = torch.randn(8, p.n_train, generator=torch.Generator().manual_seed(0))
+    q = torch.randn(8, flat.shape[1], generator=torch.Generator().manual_seed(1))
+    fwd8 = per_step(lambda cb: forward_tangents(run, images, omega, callback=cb))
+    rev8 = per_step(lambda cb: metagradient(run, images, flat_to_dicts(q, run.load_final().params), callback=cb))
+    step = t_train / p.steps
     dev = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"Per-query cost on {dev}; run {a.run} (preset {p.name}, n = {p.n_train}, {p.steps} steps, "
              f"{sum(q.numel() for q in params)} parameters), test digit {a.query}",
@@ -86,6 +121,21 @@ def main() -> None:
         mb = (R.folder(run) / f"{n}.npz").stat().st_size / 2**20
         lines.append(f"{n:16s} {int(info.get('rank', 0)):5d} {float(info.get('seconds', np.nan)):10.0f} "
                      f"{float(info.get('seconds', np.nan)) / t_train:11.1f} {mb:11.2f}")
+    n_p = sum(q_.numel() for q_ in params)
+    lines += ["", f"Unit costs per training step, timed here over {min(STEPS_TIMED, p.steps - 1)} steps: a training step {step * 1e3:.1f} ms; "
+              f"8 forward tangents {fwd8 * 1e3:.1f} ms ({fwd8 / step:.1f} steps); 8 reverse adjoints {rev8 * 1e3:.1f} ms "
+              f"({rev8 / step:.1f} steps). So, in multiples of training:"]
+    lines.append(f"{'preset':8s} {'n':>6s} {'P':>9s} {'exact: x training':>18s} {'exact GB':>9s} "
+                 f"{'lowrank64: x training':>22s} {'lowrank64 MB':>13s}")
+    from engine.presets import PRESETS
+    for name in (p.name, "gpu"):
+        pp = PRESETS[name]
+        pn = n_p if name == p.name else sum(t.numel() for t in make_model(pp, 0).parameters())
+        exact_x = pp.n_train / 8 * fwd8 / step
+        low_x = 64 / 8 * (fwd8 + rev8) / step
+        lines.append(f"{name:8s} {pp.n_train:6d} {pn:9d} {exact_x:18.0f} {pp.n_train * pn * 4 / 1e9:9.2f} "
+                     f"{low_x:22.0f} {(pp.n_train + pn) * 64 * 4 / 2**20:13.1f}")
+    lines.append(f"(`{p.name}` as measured here; `gpu` on paper, if its step ratios were those measured here)")
     print("\n".join(lines))
     if a.out:
         from engine import atomic, provenance
