@@ -142,7 +142,7 @@ def _held_locks(cache: Path) -> list[Path]:
     return held
 
 
-def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, tmp_path):
+def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, page, tmp_path):
     # a real `streamlit run`, a browser's first visit starting the gallery precompute in a worker
     # process, SIGTERM while that job holds its memo key: the server must exit within 5 s, its
     # workers gone (the key free again), nothing of the job stored (it is computed again later)
@@ -162,15 +162,14 @@ def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, tmp_path)
                     break
             except OSError:
                 time.sleep(0.5)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-            pg = browser.new_page()
-            pg.goto(url)
-            end = time.time() + 120
-            while not _held_locks(cache) and time.time() < end:
-                time.sleep(0.2)
-            assert _held_locks(cache), "the gallery job never started; see the streamlit log"
-            browser.close()
+        ctx = page.context.browser.new_context()  # the module's browser (one Playwright per process)
+        pg = ctx.new_page()
+        pg.goto(url)
+        end = time.time() + 120
+        while not _held_locks(cache) and time.time() < end:
+            time.sleep(0.2)
+        assert _held_locks(cache), "the gallery job never started; see the streamlit log"
+        ctx.close()
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
