@@ -47,8 +47,9 @@ bench: setup
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
-# cores, with the committed retraining banks: about 3 hours (MAGIC, query-agnostic MAGIC and the
-# precompute dominate); from an empty results/ folder the banks add about 4 hours.
+# cores, with the committed retraining banks: about 4 hours (the comparison's MAGIC, query-agnostic
+# MAGIC and TRAK ensembles, the precompute, Figure 2); from an empty results/ folder the banks add
+# about 4 hours.
 results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine train --preset small --out runs/small
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
