@@ -105,3 +105,20 @@ def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, cap
     for kw in ({"method": "nope"}, {"method": "lowrank", "rank": 0}, {"method": "lowrank", "rank": 10**6}):
         with pytest.raises(UserError):
             build.precompute(run, **kw)
+
+
+def test_the_default_representation_and_names_by_init(tmp_path):
+    # exact first; else the highest rank; at equal rank the random basis; a queries basis has its
+    # own name (its chunks never overwrite a random one's)
+    from types import SimpleNamespace
+    from engine.precompute import representation as R
+    run = SimpleNamespace(path=tmp_path)
+    folder = R.folder(run)
+    folder.mkdir()
+    assert R.default(run) is None
+    for names, want in ((["lowrank8", "lowrank16-queries"], "lowrank16-queries"),
+                        (["lowrank16"], "lowrank16"), (["lowrank32-queries"], "lowrank32-queries"),
+                        (["exact"], "exact")):
+        for n in names:
+            (folder / f"{n}.npz").write_bytes(b"")
+        assert R.default(run) == want

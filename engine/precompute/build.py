@@ -115,7 +115,8 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
         from engine.executor import LocalExecutor
         executor = LocalExecutor(1)
     cb = callback or (lambda info: None)
-    name = "exact" if method == "exact" else f"lowrank{rank}"
+    # the init is part of the name: a query-informed basis never overwrites a random one's chunks
+    name = "exact" if method == "exact" else f"lowrank{rank}" + ("" if init == "random" else f"-{init}")
     parts = R.folder(run) / f"{name}.parts"
     st = {**R.stamp(run), "method": method, "init": init if method == "lowrank" else "identity"}
     omega = _directions(run, method, rank, init, cb)

@@ -12,6 +12,7 @@ is never read as complete.
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,5 +114,9 @@ def default(run: Run) -> Optional[str]:
     names = available(run)
     if "exact" in names:
         return "exact"
-    ranked = sorted((int(n[len("lowrank"):]), n) for n in names if n.startswith("lowrank") and n[7:].isdigit())
-    return ranked[-1][1] if ranked else None
+    ranked = []
+    for n in names:
+        m = re.fullmatch(r"lowrank(\d+)(-queries)?", n)
+        if m:  # the highest rank; at equal rank the random basis (the one measured so far)
+            ranked.append((int(m.group(1)), m.group(2) is None, n))
+    return max(ranked)[2] if ranked else None
