@@ -29,6 +29,7 @@ st.sidebar.caption(f"Model: `{service.run_dir()}`" + (f" ({run.preset.name}, {ru
 if run is not None:
     rj = service.jobs().peek(replays.job_key(run)) if replays.rank() > 0 else None
     if rj is not None and not rj.done:
-        st.sidebar.caption(f"Precomputed replay: {rj.i}/{rj.n or '?'} chunks" + (f", {replays.time_left(rj)}"
-                           if replays.time_left(rj) else "") + "; until then influences come from a replay of training.")
+        left = replays.time_left(rj)
+        st.sidebar.caption(f"Precomputed replay: {rj.i}/{rj.n or '?'} chunks" + (f", {left}" if left else "")
+                           + "; until then influences come from a replay of training.")
 page.run()

@@ -138,9 +138,7 @@ def main() -> None:
     lines.append(f"(`{p.name}` as measured here; `gpu` on paper, if its step ratios were those measured here)")
     print("\n".join(lines))
     if a.out:
-        from engine import atomic, provenance
-        st = provenance.stamp()
-        atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(a.out))
+        provenance.save_table(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,10 @@ def commit() -> str:
 
 def stamp() -> dict:
     return {"command": command(), "commit": commit()}
+
+
+def save_table(lines: list[str], path) -> None:
+    """A benchmark's text table, atomically, under a first line naming its command and commit."""
+    from engine import atomic
+    st = stamp()
+    atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(path))

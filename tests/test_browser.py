@@ -36,26 +36,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(app_run):
-    """`streamlit run app.py` on a free port, with the test run and memo of conftest.app_run."""
-    assert CHROMIUM, "chromium is missing: .ci/run installs it with apt-get install -y chromium"
+def _serve(env: dict, log) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` on a free port with `env` added, once healthy: (process, URL)."""
     port = _free_port()
-    (ROOT / "artifacts").mkdir(exist_ok=True)
-    log = open(ROOT / "artifacts" / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
                              "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                break
+                return proc, url
         except OSError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError("the app did not become healthy in 60 s; see artifacts/streamlit.log")
+    proc.kill()
+    raise AssertionError(f"the app did not become healthy in 60 s; see {log.name}")
+
+
+@pytest.fixture(scope="module")
+def server(app_run):
+    """`streamlit run app.py` on a free port, with the test run and memo of conftest.app_run."""
+    assert CHROMIUM, "chromium is missing: .ci/run installs it with apt-get install -y chromium"
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    log = open(ROOT / "artifacts" / "streamlit.log", "w")
+    proc, url = _serve({}, log)
     yield url
     proc.terminate()
     proc.wait(30)
@@ -148,20 +152,9 @@ def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, page, tmp
     # workers gone (the key free again), nothing of the job stored (it is computed again later)
     import signal
     cache = tmp_path / "cache"
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "APP_CACHE": str(cache), "APP_GALLERY_QUERIES": "16"}
     log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-                             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, url = _serve({"APP_CACHE": str(cache), "APP_GALLERY_QUERIES": "16"}, log)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
         ctx = page.context.browser.new_context()  # the module's browser (one Playwright per process)
         pg = ctx.new_page()
         pg.goto(url)

@@ -166,10 +166,13 @@ def _checked(run_path: str, name: str, mtime_ns: int) -> tuple[Optional[str], Op
         return None, f"the precomputed replay is not used: {e}"
 
 
+def _attribution_key(run: Run, x: torch.Tensor, method: str) -> str:
+    return make_key("attribution", run.digest, x.numpy(), {**run.preset.likelihood_kwargs, "method": method})
+
+
 def attribution_key(run: Run, x: torch.Tensor) -> str:
     name, _ = precomputed(run)
-    return make_key("attribution", run.digest, x.numpy(),
-                    {**run.preset.likelihood_kwargs, "method": f"precomputed:{name}" if name else "replay"})
+    return _attribution_key(run, x, f"precomputed:{name}" if name else "replay")
 
 
 def _attribution(run: Run, x: torch.Tensor, replay: bool, cb: Callback) -> dict:
@@ -187,7 +190,7 @@ def attribution_job(run: Run, x: torch.Tensor):
 
 
 def replay_key(run: Run, x: torch.Tensor) -> str:
-    return make_key("attribution", run.digest, x.numpy(), {**run.preset.likelihood_kwargs, "method": "replay"})
+    return _attribution_key(run, x, "replay")
 
 
 def replay_job(run: Run, x: torch.Tensor):

@@ -72,17 +72,21 @@ def big(x, size: int = 168) -> np.ndarray:
     return np.kron(to_image(x), np.ones((r, r), np.uint8))
 
 
-def figure2_means(run: Run) -> Optional[dict]:
-    """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
+def run_report(run: Run, relpath: str) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run."""
     import json
-    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / "figure2" / "figure2.json"
+    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / relpath
     try:
         r = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if r.get("run_digest") != run.digest:
-        return None
-    return {g: v["mean"] for g, v in r["groups"].items()}
+    return r if r.get("run_digest") == run.digest else None
+
+
+def figure2_means(run: Run) -> Optional[dict]:
+    """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
+    r = run_report(run, "figure2/figure2.json")
+    return None if r is None else {g: v["mean"] for g, v in r["groups"].items()}
 
 
 def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
@@ -97,15 +101,8 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
 def _fidelity(run: Run, name: str) -> Optional[dict]:
     """The row of results/precompute/fidelity.json for representation `name`, if that report was
     made on this very run."""
-    import json
-    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / "precompute" / "fidelity.json"
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if r.get("run_digest") != run.digest:
-        return None
-    return next((row for row in r.get("rows", []) if row.get("scores") == name), None)
+    r = run_report(run, "precompute/fidelity.json")
+    return None if r is None else next((row for row in r.get("rows", []) if row.get("scores") == name), None)
 
 
 def method_words(method: str, run: Optional[Run] = None) -> str:
