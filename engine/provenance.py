@@ -35,6 +35,10 @@ def _checkout() -> str:
     return head + ("+changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def _head() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
+
+
 _AT_START: list[str] = []
 
 
@@ -47,12 +51,12 @@ def start() -> None:
 
 def commit() -> str:
     """The checkout's commit (short) when the command started (see `start`; else now), with
-    "+changes" when tracked files differed from it, and a note if the checkout has moved since."""
-    now = _checkout()
+    "+changes" when tracked files differed from it then, and a note if a commit landed since.
+    (Tracked files changing later are not noted: they are mostly the results this command writes.)"""
     if not _AT_START:
-        return now
-    first = _AT_START[0]
-    return first if now == first else f"{first} (checkout at {now} when written)"
+        return _checkout()
+    first, now = _AT_START[0], _head()
+    return first if first.split("+")[0] == now else f"{first} (checkout at {now} when written)"
 
 
 def stamp() -> dict:
