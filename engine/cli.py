@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="precompute the run's metagradient replay once for every later query")
     pc.add_argument("--run", required=True)
-    pc.add_argument("--method", choices=["exact", "lowrank"], default="lowrank",
-                    help="exact: J itself, one forward tangent per training image; lowrank: a rank-K range finder")
-    pc.add_argument("--rank", type=int, default=32, help="lowrank: K, the number of directions")
+    pc.add_argument("--method", choices=["exact", "lowrank", "basis"], default="lowrank",
+                    help="exact: J itself, one forward tangent per training image; lowrank: a rank-K range finder; "
+                         "basis: the replayed BPD gradients of K fixed images, a query fitted in them")
+    pc.add_argument("--rank", type=int, default=32, help="lowrank, basis: K, the number of directions or images")
     pc.add_argument("--init", choices=["random", "queries"], default="random",
                     help="lowrank: Gaussian directions, or the MAGIC attributions of fixed test digits")
     pc.add_argument("--chunk", type=int, default=8, help="directions per job (one resumable chunk each)")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, sde, training as train  # noqa: E402
+from engine import atomic, data, provenance, sde, training as train  # noqa: E402
 from engine.experiments.protocols import drop_sets  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
 from engine.presets import PRESETS, Preset, preset_from_dict  # noqa: E402
@@ -58,8 +58,9 @@ VARIANTS: dict[str, dict] = {
     "lr 2e-3 + eps 0.6 (= 1e-6 on the mean loss)": {"lr": 2e-3, "eps_root": 0.6},
 }
 # The sweep around today's `small`: batch, betas, schedule and width, each moved alone.
+# The first `small` (lr 2e-3) and lr 1e-3 + eps 1e-4 are the contrast that chose lr 5e-4.
 DEFAULT = ["lr 5e-4", "lr 5e-4 + batch 64", "lr 5e-4 + betas (0.9, 0.999)", "lr 5e-4 + no warmup",
-           "lr 5e-4 + width (8, 16, 32)"]
+           "lr 5e-4 + width (8, 16, 32)", "lr 2e-3 (the first small)", "lr 1e-3 + eps 1e-4"]
 
 
 def proxy_loss(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", help="semicolon-separated variant names (names may hold commas)")
     a = ap.parse_args()
+    provenance.start()
     out = Path(a.out)
     queries = data.query_indices(a.queries, seed=1)  # not the LDS queries (seed 0)
     path = out / "grid.json"
@@ -152,9 +154,11 @@ def main() -> None:
         print(f"[{i + 1}/{len(names)}] {name}", flush=True)
         results[name] = evaluate(preset, Path(a.runs) / "".join(c if c.isalnum() or c in ".-" else "_" for c in name), queries, a.drop_sets, a.jobs)
         print(f"    Spearman {results[name]['spearman']}", flush=True)
-        atomic.save_json({"queries": queries, "drop_sets": a.drop_sets, "frac": 0.01, "variants": VARIANTS,
+        st = provenance.stamp()
+        atomic.save_json({**st, "queries": queries, "drop_sets": a.drop_sets, "frac": 0.01, "variants": VARIANTS,
                           "results": results}, path)
-        atomic.save_text(table(results) + "\n", out / "grid.md")
+        atomic.save_text(f"Made by `{st['command']}` at commit {st['commit']}.\n\n" + table(results) + "\n",
+                         out / "grid.md")
     print(table(results))
 
 

@@ -9,7 +9,8 @@ preprocessed like the app's canvas, and 4 off-distribution images (two test digi
 degrees, an average of 4 test digits, uniform noise). For each: the exact grad_w (one batched
 replay of training, kept in RUN/fidelity/exact.npz with the BPD gradients) against the
 representation's A (B g), truncated to each rank (the first K directions of a rank-K' range
-finder are a rank-K range finder): Spearman over all training images, and how many of the
+finder are a rank-K range finder; the first K images of a query basis are a K-image basis, refitted):
+Spearman over all training images, and how many of the
 top-16 proponents and top-16 opponents are shared. LDS protocol A on the bank's queries against
 its committed retrains, next to exact MAGIC's on the same retrains. Writes fidelity.json,
 fidelity.md and fidelity.png, with the command and commit that made them.
@@ -128,11 +129,16 @@ def main() -> None:
                      "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
     for name in [r for r in a.reps.split(",") if r]:
         rep = R.load(run, name)
-        ranks = [int(k) for k in a.ranks.split(",") if int(k) <= rep.b.shape[0]] if rep.a is not None else [rep.b.shape[0]]
+        full = rep.b.shape[0]
+        ranks = sorted({int(k) for k in a.ranks.split(",") if int(k) < full} | {full}) if rep.a is not None else [full]
         for k in ranks:
-            sub = R.Representation(name, rep.method, None if rep.a is None else rep.a[:, :k], rep.b[:k], rep.info)
+            if rep.method == "basis":
+                from engine.precompute.basis import truncate
+                sub = truncate(rep, k) if k < rep.b.shape[0] else rep
+            else:
+                sub = R.Representation(name, rep.method, None if rep.a is None else rep.a[:, :k], rep.b[:k], rep.info)
             s = sub.scores(g)
-            rows.append({"scores": f"{name} truncated to rank {k}" if k < rep.b.shape[0] else name, "rank": k,
+            rows.append({"scores": f"{name} truncated to rank {k}" if k < rep.b.shape[0] else name, "rank": k, "rep": name,
                          **_metrics(s, gw, kinds), "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist(),
                          "precompute_seconds": rep.info.get("seconds"), "bytes_full": rep.info["bytes"]})
     rng = np.random.default_rng(0)
@@ -183,12 +189,16 @@ def _plot(r: dict) -> bytes:
     import matplotlib.pyplot as plt
     ranked = [row for row in r["rows"] if row["rank"] is not None]
     ks = [row["rank"] for row in ranked]
+    reps = list(dict.fromkeys(row.get("rep", "") for row in ranked))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     series = [("spearman_with_exact", "Spearman with exact grad_w"), ("top_proponents_shared", "top-16 proponents shared"),
               ("lds", "LDS protocol A (bank queries)")]
     for ax, (key, title) in zip(axes, series):
-        ax.plot(ks, [np.mean(row[key]) for row in ranked], "o-", label="mean")
-        ax.plot(ks, [np.min(row[key]) for row in ranked], "s--", label="min")
+        for rep in reps:  # one curve per representation (its nested truncations)
+            mine = [row for row in ranked if row.get("rep", "") == rep]
+            line, = ax.plot([row["rank"] for row in mine], [np.mean(row[key]) for row in mine], "o-", label=f"{rep} mean")
+            ax.plot([row["rank"] for row in mine], [np.min(row[key]) for row in mine], "s--", color=line.get_color(),
+                    label=f"{rep} min")
         for row in r["rows"]:
             if row["rank"] is None:
                 ax.axhline(np.mean(row[key]), lw=0.8, ls=":", color="gray")

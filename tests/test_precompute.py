@@ -77,6 +77,34 @@ def test_lowrank_is_exact_on_its_span_and_resumes_by_chunk(run):
     np.testing.assert_allclose(again.a, rep.a, rtol=1e-5, atol=1e-7 * np.abs(rep.a).max())
 
 
+def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
+    from engine.bpd import run_bpd
+    from engine.precompute import basis
+    info = build.precompute(run, method="basis", rank=6, chunk=4)
+    rep = R.load(run, info["name"])
+    assert info["name"] == "basis6" and rep.a.shape == (TINY.n_train, 6) and rep.b.shape[0] == 6
+    x, names = basis.images(6, run.seed)
+    assert len(set(names)) >= 5 and any(n.startswith("rotated") for n in names)
+    # a basis image's own query is (nearly) exact: its gradient lies in the basis (ridge 1e-4)
+    _, grads = run_bpd(run, x[2:3], grad=True)
+    images = data.load_train(TINY.n_train)[0]
+    want = metagradient(run, images, grads).numpy()
+    got = rep.scores(flatten(grads[0]).numpy()[None])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-3
+    # a query outside the basis keeps its projection only: the error is its part outside the span
+    g = _random_queries(run, 1, seed=5)
+    want = metagradient(run, images, flat_to_dicts(g, run.load_final().params)).numpy()
+    assert np.linalg.norm(rep.scores(g.numpy()) - want) / np.linalg.norm(want) > 0.1
+    # resume: a lost gradient chunk is recomputed, and only it
+    parts = R.folder(run) / "basis6.parts"
+    (parts / "grad_0001.npz").unlink()
+    (R.folder(run) / "basis6.npz").unlink()
+    stages = []
+    build.precompute(run, method="basis", rank=6, chunk=4, callback=lambda i: stages.append((i["stage"], i["i"])))
+    assert stages == [("gradients", 1), ("gradients", 2), ("reverse", 2)]
+    np.testing.assert_allclose(R.load(run, "basis6").a, rep.a, rtol=1e-5, atol=1e-7 * np.abs(rep.a).max())
+
+
 def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, capsys):
     src = R.folder(run) / "exact.npz"
     # another config (tiny, seed 1): its digest differs
@@ -108,8 +136,8 @@ def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, cap
 
 
 def test_the_default_representation_and_names_by_init(tmp_path):
-    # exact first; else the highest rank; at equal rank the random basis; a queries basis has its
-    # own name (its chunks never overwrite a random one's)
+    # exact first; else a query basis (highest K); else the highest rank, at equal rank the random
+    # basis; a queries-initialised range finder has its own name (never overwrites a random one's chunks)
     from types import SimpleNamespace
     from engine.precompute import representation as R
     run = SimpleNamespace(path=tmp_path)
@@ -118,7 +146,7 @@ def test_the_default_representation_and_names_by_init(tmp_path):
     assert R.default(run) is None
     for names, want in ((["lowrank8", "lowrank16-queries"], "lowrank16-queries"),
                         (["lowrank16"], "lowrank16"), (["lowrank32-queries"], "lowrank32-queries"),
-                        (["exact"], "exact")):
+                        (["basis8"], "basis8"), (["basis4"], "basis8"), (["exact"], "exact")):
         for n in names:
             (folder / f"{n}.npz").write_bytes(b"")
         assert R.default(run) == want

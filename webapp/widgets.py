@@ -118,7 +118,9 @@ def method_words(method: str, run: Optional[Run] = None) -> str:
                 f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
                 f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
                 f"{np.mean(row['lds']):.2f}")
-    return f"Computed from the precomputed replay `{name}` (a low-rank approximation of exact MAGIC; {measured})."
+    what = ("exact MAGIC of the query's part in a basis of replayed images" if name.startswith("basis")
+            else "a low-rank approximation of exact MAGIC")
+    return f"Computed from the precomputed replay `{name}` ({what}; {measured})."
 
 
 def replaced_words(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> str:

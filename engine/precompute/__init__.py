@@ -8,7 +8,9 @@ in g, so it is done ahead of time and stored as a representation (A, B) with
 and a new query costs its exact BPD gradient and two small products.
 - tangents.py: forward-mode derivatives through training (J times directions in w-space);
 - build.py: the methods that make a representation ("exact": B = J^T itself, from one tangent
-  per training image; "lowrank": a randomized range finder of J at rank K), as resumable jobs;
+  per training image; "lowrank": a randomized range finder of J at rank K; "basis": the replayed
+  BPD gradients of K fixed images, a query fitted in them), as resumable jobs;
+- basis.py: the images of a query basis and their gradients;
 - representation.py: the files, their stamps (run digest, final-weight checksum), loading
   with verification, and scoring.
 """

@@ -11,6 +11,10 @@ Methods:
   K = n is exact. `init` picks Omega: "random" (Gaussian) or "queries": the MAGIC attributions
   J^T g of fixed test digits (engine.methods.magic_mean), i.e. Y = J J^T G, one power
   iteration from where query gradients live, topped up with Gaussian directions.
+- "basis": a query basis (engine.precompute.basis): the exact BPD gradients G (K, P) of K fixed,
+  varied images, replayed once, A = J^T G^T (n, K), and B = the ridge pseudo-inverse of G, so a
+  query is written in the basis by least squares. Cost: K BPD gradients and K reverse replays;
+  no forward tangents.
 
 Every chunk is a job (engine.executor: local processes or Ray) that writes its own file
 atomically, stamped with the run; a finished chunk is never redone, so Ctrl-C and reruns
@@ -33,7 +37,7 @@ from engine.files import why_stale
 from engine.precompute import representation as R
 from engine.store import Run, load_run
 
-METHODS = ("exact", "lowrank")
+METHODS = ("exact", "lowrank", "basis")
 INITS = ("random", "queries")
 
 
@@ -99,12 +103,14 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
     """Make (or finish) the run's representation; returns its info (name, rank, seconds of
     compute summed over chunks, multiple of training time, bytes on disk).
 
-    callback gets {"stage": "forward"|"reverse", "i", "n"} in chunks."""
+    callback gets {"stage": "forward"|"gradients"|"reverse", "i", "n"} in chunks."""
     if method not in METHODS:
         raise UserError(f"unknown precompute method {method!r}; choose one of {', '.join(METHODS)}")
     if init not in INITS:
         raise UserError(f"--init must be one of {', '.join(INITS)}")
     n = run.preset.n_train
+    if method == "basis" and rank < 1:
+        raise UserError("--rank must be at least 1")
     if method == "lowrank" and not 1 <= rank <= n:
         raise UserError(f"--rank must be between 1 and {n} (the number of training images)")
     if chunk < 1:
@@ -116,9 +122,11 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
         executor = LocalExecutor(1)
     cb = callback or (lambda info: None)
     # the init is part of the name: a query-informed basis never overwrites a random one's chunks
-    name = "exact" if method == "exact" else f"lowrank{rank}" + ("" if init == "random" else f"-{init}")
+    name = {"exact": "exact", "basis": f"basis{rank}"}.get(method) or f"lowrank{rank}" + ("" if init == "random" else f"-{init}")
     parts = R.folder(run) / f"{name}.parts"
-    st = {**R.stamp(run), "method": method, "init": init if method == "lowrank" else "identity"}
+    st = {**R.stamp(run), "method": method, "init": {"lowrank": init, "exact": "identity"}.get(method, "images")}
+    if method == "basis":
+        return _basis(run, name, rank, chunk, parts, st, executor, cb)
     omega = _directions(run, method, rank, init, cb)
     # the directions themselves are part of what a chunk was made for
     st["omega_sha256"] = hashlib.sha256(np.ascontiguousarray(omega).tobytes()).hexdigest()
@@ -141,8 +149,30 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
         a = np.concatenate([r["v"] for r in rev]).T                                # (n, K)
         b = q.T
         seconds += float(sum(r["seconds"] for r in rev))
+    return _save(run, name, method, b, a, st, seconds, len(blocks))
+
+
+def _save(run: Run, name: str, method: str, b: np.ndarray, a: Optional[np.ndarray], st: dict, seconds: float,
+          chunks: int, extra: Optional[dict] = None) -> dict:
     train_s = run.train_seconds()
-    info = {"rank": int(b.shape[0]), "init": st["init"], "seconds": seconds, "chunks": len(blocks),
+    info = {"rank": int(b.shape[0]), "init": st["init"], "seconds": seconds, "chunks": chunks,
             "train_seconds": train_s, "times_training": seconds / train_s if train_s == train_s and train_s > 0 else None}
-    path = R.save(run, name, method, b, a, {k: v for k, v in info.items() if v is not None})
+    path = R.save(run, name, method, b, a, {k: v for k, v in info.items() if v is not None}, extra)
     return {"name": name, "method": method, **info, "bytes": path.stat().st_size, "path": str(path)}
+
+
+def _basis(run: Run, name: str, k: int, chunk: int, parts: Path, st: dict, executor, cb) -> dict:
+    """The query-basis representation: gradients of the basis images, then their replays."""
+    from engine.precompute import basis
+    x, _ = basis.images(k, run.seed)
+    xs = x.numpy()
+    st["images_sha256"] = hashlib.sha256(np.ascontiguousarray(xs).tobytes()).hexdigest()
+    blocks = [xs[i: i + chunk] for i in range(0, k, chunk)]
+    grads = _run_chunks(executor, basis.gradient_job, parts, "grad", blocks, run, st, "gradients", cb)
+    g = np.concatenate([f["g"] for f in grads])                                    # (K, P)
+    rev = _run_chunks(executor, _reverse_job, parts, "rev", [g[i: i + chunk] for i in range(0, k, chunk)],
+                      run, st, "reverse", cb)
+    a = np.concatenate([r["v"] for r in rev]).T                                    # (n, K)
+    seconds = float(sum(f["seconds"] for f in grads) + sum(r["seconds"] for r in rev))
+    b, gram = basis.ridge_inverse(g)
+    return _save(run, name, "basis", b, a, st, seconds, len(blocks), {"gram": gram})

@@ -54,6 +54,7 @@ class Representation:
     a: Optional[np.ndarray]
     b: np.ndarray
     info: dict  # rank, seconds of compute, size on disk, ...
+    extra: Optional[dict] = None  # method-specific arrays (a query basis: "gram", its regularized Gram matrix)
 
     def scores(self, g: np.ndarray) -> np.ndarray:
         """(Q, P) query gradients -> (Q, n) grad_w."""
@@ -61,11 +62,13 @@ class Representation:
         return c if self.a is None else c @ self.a.T.astype(np.float64)
 
 
-def save(run: Run, name: str, method: str, b: np.ndarray, a: Optional[np.ndarray], info: dict) -> Path:
+def save(run: Run, name: str, method: str, b: np.ndarray, a: Optional[np.ndarray], info: dict,
+         extra: Optional[dict] = None) -> Path:
     path = folder(run) / f"{name}.npz"
     st = stamp(run)
     arrays = {"b": np.asarray(b, np.float32), "method": np.array(method), "name": np.array(name),
-              **{k: np.array(v) for k, v in st.items()}, **{f"info_{k}": np.array(v) for k, v in info.items()}}
+              **{k: np.array(v) for k, v in st.items()}, **{f"info_{k}": np.array(v) for k, v in info.items()},
+              **{f"extra_{k}": np.asarray(v) for k, v in (extra or {}).items()}}
     if a is not None:
         arrays["a"] = np.asarray(a, np.float32)
     atomic.save_npz(path, **arrays)
@@ -106,17 +109,21 @@ def load(run: Run, name: str) -> Representation:
         raise UserError(f"{path} is corrupt (its shapes do not fit this run)")
     info = {k[5:]: v.item() if v.ndim == 0 else v.tolist() for k, v in d.items() if k.startswith("info_")}
     info["bytes"] = path.stat().st_size
-    return Representation(name, str(d["method"]), a, d["b"], info)
+    extra = {k[6:]: v for k, v in d.items() if k.startswith("extra_")}
+    return Representation(name, str(d["method"]), a, d["b"], info, extra or None)
 
 
 def default(run: Run) -> Optional[str]:
-    """The representation `attribute` uses: the exact one if present, else the highest rank."""
+    """The representation `attribute` uses: the exact one if present, else a query basis (the
+    highest K), else a range finder (the highest rank; at equal rank the random one). The order is
+    what results/precompute/fidelity.md measured: a query basis is far closer to the exact replay
+    than a range finder of the same size."""
     names = available(run)
     if "exact" in names:
         return "exact"
     ranked = []
     for n in names:
-        m = re.fullmatch(r"lowrank(\d+)(-queries)?", n)
-        if m:  # the highest rank; at equal rank the random basis (the one measured so far)
-            ranked.append((int(m.group(1)), m.group(2) is None, n))
-    return max(ranked)[2] if ranked else None
+        m = re.fullmatch(r"(lowrank|basis)(\d+)(-queries)?", n)
+        if m:
+            ranked.append((m.group(1) == "basis", int(m.group(2)), m.group(3) is None, n))
+    return max(ranked)[3] if ranked else None
