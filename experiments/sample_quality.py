@@ -88,8 +88,7 @@ def main() -> None:
     atomic.save_json({**st, "classifier": {"recipe": sq.RECIPE, "test_accuracy": acc},
                       "test_digits": {"share": ref["share"], "histogram": ref["histogram"]}, "n": a.n, "seed": a.seed,
                       "steps": a.steps, "threshold": 0.9, "runs": rows}, Path(a.out) / "sample_quality.json")
-    md = [f"Made by `{st['command']}` at commit {st['commit']}.", "",
-          f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
+    md = [f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
           f"{acc:.2%} on the 10,000 MNIST test digits. {a.n} SDE samples ({a.steps} steps, seed {a.seed}) per run.", "",
           "| run | preset | digest | confident (>= 0.9) | confident per class 0-9 |", "|---|---|---|---|---|"]
     md += [f"| {r['run']} | {r['preset']} | {r['run_digest'][:8]} | {r['confident']}/{a.n} ({r['share']:.0%}) | "

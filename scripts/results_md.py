@@ -21,11 +21,15 @@ SECTIONS = [
     ("Precomputed replays against exact MAGIC", "results/precompute/fidelity.md", "results/precompute/fidelity.json",
      ["results/precompute/fidelity.png"],
      "python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2 && "
-     "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64"),
+     "python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2 && "
+     "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64"),
     ("A new image's attribution: precomputed against replay", "results/bench_precompute.txt", None, [],
      "python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt"),
     ("Figure 2: digits, rotations, averages, noise", "results/figure2/figure2.md", "results/figure2/figure2.json",
      ["results/figure2/figure2.png"], "python -m engine figure2 --run runs/cpu --out results/figure2"),
+    ("Sample quality: are the samples digits?", "results/sample_quality/sample_quality.md",
+     "results/sample_quality/sample_quality.json", ["results/sample_quality/cpu.png"],
+     "python experiments/sample_quality.py --run runs/cpu --out results/sample_quality"),
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
      "results/figure4_small/figure4.json", ["results/figure4_small/figure4.png", "results/figure4_small/figure4_classes.png"],
      "python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small"),
