@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
+    from engine import provenance
+    provenance.start()  # the code that runs is the checkout now, not when the table is written
     if a.run:
         from engine.store import load_run
         run = load_run(a.run)

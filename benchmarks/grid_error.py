@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--out", help="also write the report here, with the command and commit that made it")
     a = ap.parse_args()
+    from engine import provenance
+    provenance.start()  # the code that runs is the checkout now, not when the table is written
     lines = []
 
     def say(line: str) -> None:

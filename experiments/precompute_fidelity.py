@@ -88,14 +88,18 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int = TOP) -> tuple[int, int]:
     return len(set(pa[:k]) & set(pb[:k])), len(set(pa[::-1][:k]) & set(pb[::-1][:k]))
 
 
-def lds(run, bank_dir: Path, bank_queries: list[int], scores: np.ndarray, bpd: np.ndarray) -> np.ndarray:
-    """Spearman per bank query of predicted vs actual change on the committed protocol-A bank."""
+def lds(run, bank_dir: Path, bank_queries: list, scores: np.ndarray, bpd: np.ndarray, images: dict | None = None,
+        jobs: int = 1) -> np.ndarray:
+    """Spearman per bank query (a test index, or an image key of `images`) of predicted vs actual
+    change on the committed protocol-A bank (retrained once more for queries it lacks)."""
     from scipy.stats import spearmanr
     from engine.executor import LocalExecutor
     from engine.experiments import bank, protocols, stats
     plan = protocols.plan("A", run.preset.n_train, 50, frac=0.01, seed=0)
     actual = bank.retrained(run, bank_dir, bank_queries, plan.drops, 1, protocol="A", settings=plan.settings,
-                            executor=LocalExecutor(1))[0] - bpd[:, None]
+                            executor=LocalExecutor(jobs), images=images,
+                            callback=lambda i: i["i"] < i["n"] and print(f"  bank: {i['i']}/{i['n']} retrains",
+                                                                         flush=True))[0] - bpd[:, None]
     pred = stats.predicted_changes(scores, plan.drops)
     return np.array([spearmanr(pred[i], actual[i])[0] for i in range(len(bank_queries))])
 
@@ -108,6 +112,10 @@ def main() -> None:
     ap.add_argument("--ranks", default="4,8,16,32,64")
     ap.add_argument("--bank", default="results/lds_small")
     ap.add_argument("--out", default="results/precompute")
+    ap.add_argument("--lds-images", action="store_true",
+                    help="LDS also on the drawn and off-distribution queries (retrains the bank once for them: "
+                         "~45 min on 2 cores, resumable)")
+    ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel (with --lds-images)")
     a = ap.parse_args()
     provenance.start()
     run = load_run(a.run)
@@ -117,16 +125,23 @@ def main() -> None:
     ex = exact(run, names, x, run.path / "fidelity")
     gw, g, bpd = ex["grad_w"], ex["g"], ex["bpd"]
     kinds = ["test" if n.startswith("test:") else "drawn" if n.startswith("drawn") else "off-distribution" for n in names]
-    bank_q = [int(n[5:]) for n in names[:8]]
-    rows = [{"scores": "exact MAGIC (replay)", "rank": None, **_metrics(gw, gw, kinds),
-             "lds": lds(run, Path(a.bank), bank_q, gw[:8], bpd[:8]).tolist()}]
+    # LDS on the bank's 8 test queries, and with --lds-images on the drawn and off-distribution ones
+    from engine.experiments.bank import image_key
+    sel = list(range(8)) + ([i for i, k in enumerate(kinds) if k != "test"] if a.lds_images else [])
+    keys = [int(names[i][5:]) if kinds[i] == "test" else image_key(x[i]) for i in sel]
+    imgs = {k: x[i].numpy() for k, i in zip(keys, sel) if isinstance(k, str)}
+    bank_q = keys
+
+    def L(scores: np.ndarray) -> list:
+        return lds(run, Path(a.bank), keys, scores[sel], bpd[sel], imgs, a.jobs).tolist()
+    rows = [{"scores": "exact MAGIC (replay)", "rank": None, **_metrics(gw, gw, kinds), "lds": L(gw)}]
     mean_path = run.path / "methods" / "magic_mean.npz"
     if mean_path.is_file():  # the query-agnostic reference, if it was prepared for this run
         from engine import methods
         from engine.methods import magic_mean
         s = methods.get("magic_mean").score(run, x).scores
         rows.append({"scores": f"query-agnostic mean of {magic_mean.N_DIGITS} digits", "rank": None, **_metrics(s, gw, kinds),
-                     "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
+                     "lds": L(s)})
     for name in [r for r in a.reps.split(",") if r]:
         rep = R.load(run, name)
         full = rep.b.shape[0]
@@ -139,15 +154,16 @@ def main() -> None:
                 sub = R.Representation(name, rep.method, None if rep.a is None else rep.a[:, :k], rep.b[:k], rep.info)
             s = sub.scores(g)
             rows.append({"scores": f"{name} truncated to rank {k}" if k < rep.b.shape[0] else name, "rank": k, "rep": name,
-                         **_metrics(s, gw, kinds), "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist(),
+                         **_metrics(s, gw, kinds), "lds": L(s),
                          "precompute_seconds": rep.info.get("seconds"), "bytes_full": rep.info["bytes"]})
     rng = np.random.default_rng(0)
     s = rng.standard_normal(gw.shape)
     rows.append({"scores": "random", "rank": None, **_metrics(s, gw, kinds),
-                 "lds": lds(run, Path(a.bank), bank_q, s[:8], bpd[:8]).tolist()})
+                 "lds": L(s)})
     report = {**provenance.stamp(), "run": str(run.path), "preset": run.preset.name,
               "run_digest": run.digest, "queries": names, "kinds": kinds, "bpd": bpd.tolist(),
-              "exact_seconds": float(ex["seconds"]), "bank_queries": bank_q, "rows": rows}
+              "exact_seconds": float(ex["seconds"]), "bank_queries": bank_q, "lds_queries": [names[i] for i in sel],
+              "rows": rows}
     out = Path(a.out)
     atomic.save_json(report, out / "fidelity.json")
     atomic.save_text(_markdown(report), out / "fidelity.md")
@@ -165,20 +181,26 @@ def _metrics(s: np.ndarray, gw: np.ndarray, kinds: list[str]) -> dict:
 
 def _markdown(r: dict) -> str:
     kinds = np.array(r["kinds"])
+    split = len(r.get("lds_queries", [])) > 8  # LDS on the 8 test queries, then the drawn and off-distribution ones
     lines = [f"# Precomputed representations against exact MAGIC on `{r['preset']}`", "",
              f"`{r['command']}` at commit {r['commit']}; {len(r['queries'])} queries: "
              f"{(kinds == 'test').sum()} test digits, {(kinds == 'drawn').sum()} drawn, "
              f"{(kinds == 'off-distribution').sum()} off-distribution (rotated, averaged, noise). "
-             f"LDS: protocol A on the committed bank's {len(r['bank_queries'])} queries (50 drop-sets of 1%).", "",
+             f"LDS: protocol A on the committed bank's retrains (50 drop-sets of 1%), for "
+             f"{len(r.get('lds_queries', r['bank_queries']))} queries: "
+             f"{', '.join(r.get('lds_queries', [f'test:{q}' for q in r['bank_queries']]))}.", "",
              "| scores | Spearman with exact: test / drawn / off-dist. (min) | top-16 proponents shared (min) | "
-             "top-16 opponents shared (min) | LDS mean (min) |", "|---|---|---|---|---|"]
+             "top-16 opponents shared (min) | LDS mean (min)" + (": test / drawn and off-dist." if split else "") + " |",
+             "|---|---|---|---|---|"]
     for row in r["rows"]:
         rho = np.array(row["spearman_with_exact"])
         parts = " / ".join(f"{rho[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
         p, o = np.array(row["top_proponents_shared"]), np.array(row["top_opponents_shared"])
         l = np.array(row["lds"])
+        ld = (f"{l[:8].mean():.3f} ({l[:8].min():.3f}) / {l[8:].mean():.3f} ({l[8:].min():.3f})" if split
+              else f"{l.mean():.3f} ({l.min():.3f})")
         lines.append(f"| {row['scores']} | {parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | "
-                     f"{o.mean():.1f} ({o.min()}) | {l.mean():.3f} ({l.min():.3f}) |")
+                     f"{o.mean():.1f} ({o.min()}) | {ld} |")
     return "\n".join(lines) + "\n"
 
 

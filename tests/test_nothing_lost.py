@@ -67,3 +67,22 @@ def test_a_stale_or_unreadable_result_is_recomputed_with_a_reason(tmp_path, capl
     notes = [r.getMessage() for r in caplog.records]
     assert notes == ["computing thing (not computed yet)", "computing thing (r.npz was made for another run digest)",
                      "computing thing (r.npz is unreadable (BadZipFile))"]
+
+
+def test_the_bank_takes_any_image_beside_test_digits_and_asks_only_what_it_lacks(run, tmp_path):
+    from engine.executor import LocalExecutor
+    from engine.experiments import bank
+    rot = data.rotate(data.load_test()[0][5], 90)
+    k = bank.image_key(rot)
+    drops = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    kw = dict(protocol="A", settings={"frac": 0.1, "seed": 0}, executor=LocalExecutor(1))
+    first = bank.retrained(run, tmp_path, [3], drops, 1, **kw)
+    calls = []
+    both = bank.retrained(run, tmp_path, [3, k], drops, 1, images={k: rot}, **kw,
+                          callback=lambda i: calls.append(i["i"]))
+    assert calls == [0, 1, 2]  # both retrains lacked the image and were redone for it alone
+    np.testing.assert_array_equal(both[:, :1], first)  # the test digit's values kept, not recomputed
+    want = bank.retrain_bpd(TINY, run.seed, drops[1], rot[None])
+    np.testing.assert_allclose(both[0, 1, 1], want[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="no image given"):
+        bank.retrained(run, tmp_path, ["img:0000"], drops, 1, **kw)

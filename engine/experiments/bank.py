@@ -4,7 +4,10 @@ training images, kept on disk and shared by every method, protocol and later run
 A retrained model is determined by (the run's config digest, the retraining seed, the dropped
 indices), so each retrain's result lives in one file named by a digest of exactly that:
 
-    OUT/bank/<digest>.json   {"run_digest", "seed", "drop", "bpd": {test index: BPD}}
+    OUT/bank/<digest>.json   {"run_digest", "seed", "drop", "bpd": {query: BPD}}
+
+A query is a test index (its key is the index as text) or any image (its key is "img:" and a
+digest of its pixels, `image_key`), so drawn, rotated or averaged images join the same bank.
 
 Asking for queries a file lacks retrains once more and adds them to the file; nothing is ever
 deleted, whatever the queries, protocol or sets asked for next. Each retrain is an independent
@@ -56,9 +59,22 @@ def _read(path: Path) -> Optional[dict]:
         return None  # absent, or torn by a crash of an older writer: retrained
 
 
-def _retrain_job(preset_dict: dict, run_digest: str, seed: int, drop: np.ndarray, queries: list[int], path: str) -> str:
-    """One retrain in a worker process: BPD of `queries` (test indices), merged into the file at `path`."""
-    x = data.load_test()[0][queries]
+def image_key(x: torch.Tensor) -> str:
+    """The bank's key of an image (1, 28, 28) that is not a test digit: a digest of its float32 pixels."""
+    return "img:" + hashlib.sha256(np.ascontiguousarray(x.detach().cpu().numpy(), np.float32).tobytes()).hexdigest()[:16]
+
+
+def _images_of(queries: list, images: dict) -> torch.Tensor:
+    """(Q, 1, 28, 28): test digits for integer queries, the given image for an "img:" key."""
+    test_x = data.load_test()[0]
+    return torch.stack([torch.as_tensor(images[q]) if isinstance(q, str) else test_x[int(q)] for q in queries])
+
+
+def _retrain_job(preset_dict: dict, run_digest: str, seed: int, drop: np.ndarray, queries: list, path: str,
+                 images: Optional[dict] = None) -> str:
+    """One retrain in a worker process: BPD of `queries` (test indices or image keys of `images`),
+    merged into the file at `path`."""
+    x = _images_of(queries, images or {})
     bpd = retrain_bpd(preset_from_dict(preset_dict), seed, drop, x)
     old = _read(Path(path)) or {}
     merged = {**old.get("bpd", {}), **{str(q): float(b) for q, b in zip(queries, bpd)}}
@@ -85,13 +101,20 @@ def _legacy(out: Path, run: Run, queries: list[int], protocol: str, settings: di
     return {str(q): float(b) for q, b in zip(queries, r["bpd"])}
 
 
-def retrained(run: Run, out: Path, queries: Sequence[int], drops: np.ndarray, seeds: int, *, protocol: str,
-              settings: dict, executor, callback: Optional[Callable[[dict], None]] = None) -> np.ndarray:
-    """Retrained BPD (S, Q, K) of the queries (test indices) without each drop (K, m), for the
-    seeds run.seed + s, s < `seeds`; retrains only what no file holds yet.
+def retrained(run: Run, out: Path, queries: Sequence, drops: np.ndarray, seeds: int, *, protocol: str,
+              settings: dict, executor, callback: Optional[Callable[[dict], None]] = None,
+              images: Optional[dict] = None) -> np.ndarray:
+    """Retrained BPD (S, Q, K) of the queries without each drop (K, m), for the seeds run.seed + s,
+    s < `seeds`; retrains only what no file holds yet. A query is a test index, or an image key
+    (`image_key`) whose image (1, 28, 28) `images` maps it to.
 
     callback gets {"stage": "retrain", "i", "n"} as retrains finish (first with what is done)."""
-    queries = [int(q) for q in queries]
+    images = {k: np.asarray(v, np.float32) for k, v in (images or {}).items()}
+    queries = [q if isinstance(q, str) else int(q) for q in queries]
+    missing = [q for q in queries if isinstance(q, str) and q not in images]
+    if missing:
+        raise ValueError(f"no image given for the bank queries {missing}")
+    tests = [q for q in queries if not isinstance(q, str)]  # what a legacy bank can know
     folder = Path(out) / "bank"
     cb = callback or (lambda info: None)
     pairs = [(j, s) for j in range(len(drops)) for s in range(seeds)]
@@ -102,7 +125,7 @@ def retrained(run: Run, out: Path, queries: Sequence[int], drops: np.ndarray, se
     def known(j: int, s: int) -> dict[str, float]:
         r = _read(path(j, s)) or {}
         ok = r.get("drop") == drops[j].tolist() and r.get("seed") == run.seed + s and r.get("run_digest") == run.digest
-        return {**_legacy(Path(out), run, queries, protocol, settings, j, s, drops[j]), **(r.get("bpd", {}) if ok else {})}
+        return {**_legacy(Path(out), run, tests, protocol, settings, j, s, drops[j]), **(r.get("bpd", {}) if ok else {})}
 
     values = {p: known(*p) for p in pairs}
     todo = [p for p in pairs if any(str(q) not in values[p] for q in queries)]
@@ -110,8 +133,11 @@ def retrained(run: Run, out: Path, queries: Sequence[int], drops: np.ndarray, se
     cb({"stage": "retrain", "i": done, "n": len(pairs)})
     if todo:
         # queries a file (of either layout) already answers are not asked again; the rest are retrained
-        jobs = [(run.preset.to_dict(), run.digest, run.seed + s, drops[j],
-                 [q for q in queries if str(q) not in values[(j, s)]], str(path(j, s))) for j, s in todo]
+        def job(j: int, s: int) -> tuple:
+            ask = [q for q in queries if str(q) not in values[(j, s)]]
+            return (run.preset.to_dict(), run.digest, run.seed + s, drops[j], ask, str(path(j, s)),
+                    {q: images[q] for q in ask if isinstance(q, str)})
+        jobs = [job(j, s) for j, s in todo]
         for _ in executor.run(_retrain_job, jobs):
             done += 1
             cb({"stage": "retrain", "i": done, "n": len(pairs)})
