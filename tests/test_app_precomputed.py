@@ -55,7 +55,7 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
 
 
 def test_the_first_visit_makes_the_precomputed_replay_in_the_background(app_run, monkeypatch):
-    # a run without a representation: the first visit starts making one (rank 4 here), the sidebar
+    # a run without a representation: the first visit starts making one (a query basis of 4 images here), the sidebar
     # says how far it is, and once it is written the Draw page answers from it without a button
     from engine.precompute import representation as R
     from webapp import replays, service
@@ -68,12 +68,12 @@ def test_the_first_visit_makes_the_precomputed_replay_in_the_background(app_run,
         job = service.jobs().peek(key)
         assert job is not None and job.label == "precomputed replay"
         assert service.jobs().wait_all(600)
-        assert R.available(app_run) == ["lowrank4"] and service.precomputed(app_run)[0] == "lowrank4"
+        assert R.available(app_run) == ["basis4"] and service.precomputed(app_run)[0] == "basis4"
         assert replays.job(app_run) is None  # nothing more to make
         at = _new()
         at.run()
         at.session_state["test_canvas"] = _stroke_canvas()
-        at = _until(at, lambda a: any("precomputed replay `lowrank4`" in c.value for c in a.caption))
+        at = _until(at, lambda a: any("precomputed replay `basis4`" in c.value for c in a.caption))
         assert not any(b.key == "attribute" for b in at.button)
     finally:
-        (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)
+        (R.folder(app_run) / "basis4.npz").unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The app's own precomputed replay: made in the background from the first start, with progress.
 
-APP_PRECOMPUTE_RANK (default 0: off) is the rank of the low-rank representation
-(engine.precompute) made for the app's run when it has none that passes its checks. Off by default:
+APP_PRECOMPUTE_RANK (default 0: off) is the size K of the representation (engine.precompute) made
+for the app's run when it has none that passes its checks, and APP_PRECOMPUTE_METHOD its method:
+"basis" (K replayed images, the default) or "lowrank" (a rank-K range finder). Off by default:
 on `small` a rank-64 Gaussian range finder measured Spearman 0.31 with exact MAGIC
 (results/precompute/fidelity.md), hours of background compute on 2 cores for a weak preview. It runs as
 one background job in chunks that survive a restart (a stopped server resumes with the next
@@ -24,6 +25,12 @@ def rank() -> int:
     return int(os.environ.get("APP_PRECOMPUTE_RANK", "0"))
 
 
+def method() -> str:
+    """APP_PRECOMPUTE_METHOD: "basis" (a query basis of K images, the default) or "lowrank"."""
+    m = os.environ.get("APP_PRECOMPUTE_METHOD", "basis")
+    return m if m in ("basis", "lowrank") else "basis"
+
+
 def _state(run: Run) -> list:
     """What the run's representation folder holds (names and mtimes): a job's key, so that a
     removed representation is made again rather than found in the memo."""
@@ -32,19 +39,20 @@ def _state(run: Run) -> list:
     return sorted([str(p.relative_to(folder)), p.stat().st_mtime_ns] for p in folder.glob("*.npz")) if folder.is_dir() else []
 
 
-def _precompute(run: Run, k: int, cb: Callback) -> dict:
+def _precompute(run: Run, k: int, cb: Callback, how: str = "lowrank") -> dict:
     from engine.precompute.build import precompute
-    chunks = -(-k // 8)  # per stage, at the default chunk of 8 directions
+    chunks = -(-k // 8)  # per stage, at the default chunk of 8 directions or images
 
-    def progress(info: dict) -> None:  # forward then reverse chunks, as one count
+    def progress(info: dict) -> None:  # the first stage's chunks (forward or gradients), then reverse, as one count
         done = info["i"] + (chunks if info["stage"] == "reverse" else 0)
         cb({"stage": "making the precomputed replay", "i": done, "n": 2 * chunks})
-    info = precompute(run, method="lowrank", rank=min(k, run.preset.n_train), callback=progress)
+    k = min(k, run.preset.n_train) if how == "lowrank" else k
+    info = precompute(run, method=how, rank=k, callback=progress)
     return {k2: v for k2, v in info.items() if isinstance(v, (int, float, str))}
 
 
 def job_key(run: Run) -> str:
-    return make_key("precompute", run.digest, None, {"rank": rank(), "files": _state(run)})
+    return make_key("precompute", run.digest, None, {"rank": rank(), "method": method(), "files": _state(run)})
 
 
 def job(run: Run):
@@ -53,7 +61,7 @@ def job(run: Run):
     k = rank()
     if k <= 0 or precomputed(run)[0] is not None:
         return None
-    return jobs().submit(job_key(run), functools.partial(_precompute, run, k), label="precomputed replay")
+    return jobs().submit(job_key(run), functools.partial(_precompute, run, k, how=method()), label="precomputed replay")
 
 
 def time_left(j) -> Optional[str]:

@@ -51,7 +51,7 @@ def train_classifier(recipe: dict = RECIPE, callback: Optional[Callable[[dict], 
             loss.backward()
             opt.step()
         if callback is not None:
-            callback({"epoch": epoch + 1, "epochs": recipe["epochs"], "loss": float(loss)})
+            callback({"epoch": epoch + 1, "epochs": recipe["epochs"], "loss": float(loss.detach())})
     return net.eval()
 
 
