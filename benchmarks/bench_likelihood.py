@@ -98,7 +98,6 @@ def main() -> None:
     lines += [f"{k:42s} {v:10.2f} {v / base:16.2f} {v / one:13.2f}" for k, v in rows.items()]
     print("\n".join(lines))
     if a.out:
-        from engine import provenance
         provenance.save_table(lines, a.out)
 
 

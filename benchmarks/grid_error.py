@@ -53,7 +53,6 @@ def main() -> None:
                 say(f"  RK4 {n:3d} steps: {b.numpy().round(4).tolist()}  max |error| {err:.4f} bits/dim  "
                     f"({(time.perf_counter() - t0) / len(xs):.1f} s/image)")
     if a.out:
-        from engine import provenance
         provenance.save_table(lines, a.out)
 
 

@@ -14,14 +14,10 @@ that the evaluations use as queries (data.query_indices seeds 0 and 99, query-ag
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from engine import atomic, data
-from engine.store import load_run
+from engine import data
 
 SEED = 2024
 # share of each kind, in the order the basis cycles through them (so any prefix is a mix)
@@ -60,18 +56,6 @@ def images(k: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
             out.append(data.uniform_noise(1, gen)[0])
             names.append("noise")
     return torch.stack(out), names
-
-
-def gradient_job(run_path: str, x: np.ndarray, path: str, st: dict) -> str:
-    """Exact BPD gradients of the images x (k, 1, 28, 28): writes g (k, P) flat, atomically."""
-    from engine.bpd import run_bpd
-    from engine.precompute.tangents import flatten
-    run = load_run(run_path)
-    t0 = time.perf_counter()
-    _, grads = run_bpd(run, torch.from_numpy(x), grad=True)
-    g = torch.stack([flatten(d) for d in grads]).numpy()
-    atomic.save_npz(Path(path), g=g, seconds=np.array(time.perf_counter() - t0), **{k: np.array(v) for k, v in st.items()})
-    return path
 
 
 def ridge_inverse(g: np.ndarray, rel: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
