@@ -148,3 +148,36 @@ def test_the_default_representation_and_names_by_init(tmp_path):
         for n in names:
             (folder / f"{n}.npz").write_bytes(b"")
         assert R.default(run) == want
+
+
+def test_cached_scores_follow_the_representation_they_came_from(tmp_path):
+    # compare's cached scores (engine.experiments.lds) carry the method's cache_key: scores made from
+    # one representation are recomputed when the run's default representation becomes another
+    from types import SimpleNamespace
+    from engine import methods
+    from engine.experiments import lds
+    from engine.methods.base import Scores
+    run = SimpleNamespace(path=tmp_path, digest="d" * 64)
+    R.folder(run).mkdir()
+    m = methods.get("magic_precomputed")
+    calls = []
+
+    class Counting(type(m)):
+        def prepare(self, run, callback=None):
+            pass
+
+        def score(self, run, x, callback=None):
+            calls.append(R.default(run))
+            return Scores(np.full((len(x), 3), float(len(calls))))
+
+    method, x = Counting(), torch.zeros(2, 1, 28, 28)
+    (R.folder(run) / "lowrank64.npz").write_bytes(b"range finder")
+    first = lds.method_scores(run, tmp_path / "out", method, [0, 1], x)["scores"]
+    again = lds.method_scores(run, tmp_path / "out", method, [0, 1], x)["scores"]
+    (R.folder(run) / "basis64.npz").write_bytes(b"query basis")       # now the default
+    third = lds.method_scores(run, tmp_path / "out", method, [0, 1], x)["scores"]
+    (R.folder(run) / "basis64.npz").write_bytes(b"query basis, remade")  # same name, new content
+    fourth = lds.method_scores(run, tmp_path / "out", method, [0, 1], x)["scores"]
+    assert calls == ["lowrank64", "basis64", "basis64"]
+    np.testing.assert_array_equal(first, again)
+    assert third[0, 0] == 2 and fourth[0, 0] == 3

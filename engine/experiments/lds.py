@@ -31,15 +31,16 @@ from engine.store import Run
 def method_scores(run: Run, out: Path, method: methods.Method, queries: list[int], x: torch.Tensor,
                   callback=None) -> dict:
     """{"scores" (Q, n), "seconds", and "bpd" (Q,) if the method gives it}, from
-    out/scores/<name>.npz when it was made for this run and these queries."""
+    out/scores/<name>.npz when it was made for this run, these queries and the method's cache_key."""
     def compute() -> dict:
         t0 = time.perf_counter()
         method.prepare(run, callback=callback)
         s = method.score(run, x, callback=callback)
         extra = {} if s.bpd is None else {"bpd": s.bpd}
         return {"scores": s.scores, "seconds": time.perf_counter() - t0, **extra}
-    return load_or_compute(Path(out) / "scores" / f"{method.name}.npz", {"run_digest": run.digest, "queries": queries},
-                           compute, what=f"{method.name} scores of {len(queries)} queries")
+    key = {"run_digest": run.digest, "queries": queries, **method.cache_key(run)}
+    return load_or_compute(Path(out) / "scores" / f"{method.name}.npz", key, compute,
+                           what=f"{method.name} scores of {len(queries)} queries")
 
 
 def reference_bpd(run: Run, out: Path, queries: list[int], x: torch.Tensor, known: Optional[np.ndarray] = None

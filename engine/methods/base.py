@@ -49,5 +49,10 @@ class Method:
     def score(self, run, x: torch.Tensor, callback: Callback = None) -> Scores:
         raise NotImplementedError
 
+    def cache_key(self, run) -> dict:
+        """What, besides the run and the queries, decides this method's scores (it joins the
+        stamp of cached scores, so a change recomputes them); the default: nothing."""
+        return {}
+
     def __repr__(self) -> str:
         return f"<method {self.name}>"

@@ -18,6 +18,17 @@ class MagicPrecomputed(Method):
         if representation.default(run) is None:
             build.precompute(run, callback=callback)
 
+    def cache_key(self, run) -> dict:
+        """The representation that scores would come from (its name and file checksum), so that
+        cached scores of another representation are never reused."""
+        import hashlib
+        from engine.precompute import representation
+        name = representation.default(run)
+        if name is None:
+            return {"representation": ""}
+        h = hashlib.sha256((representation.folder(run) / f"{name}.npz").read_bytes()).hexdigest()
+        return {"representation": name, "representation_sha256": h}
+
     def score(self, run, x, callback=None) -> Scores:
         from engine.attribution import attribute_precomputed
         from engine.precompute import representation
