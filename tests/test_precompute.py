@@ -85,6 +85,12 @@ def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
     assert info["name"] == "basis4" and rep.a.shape == (TINY.n_train, 4) and rep.b.shape[0] == 4
     _, names = basis.images(8, run.seed)
     assert names[2].startswith("rotated") and names[4].startswith("average") and names[7] == "noise"
+    # the file names its images; a plain test digit's column of A is that digit's exact attribution
+    assert rep.info["images"] == names[:4] and basis.digit_columns(rep) == [0, 1, 3]
+    x0 = basis.images(1, run.seed)[0]
+    from engine.attribution import attribute
+    want0, _ = attribute(run, x0)
+    assert np.linalg.norm(rep.a[:, 0] - want0[0]) / np.linalg.norm(want0[0]) <= 1e-4
     parts = R.folder(run) / "basis4.parts"
     with np.load(parts / "grad_0001.npz") as f:
         g = f["g"]  # the BPD gradients of basis images 2 and 3

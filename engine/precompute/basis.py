@@ -74,3 +74,9 @@ def truncate(rep, k: int):
     g = (rep.extra["gram"] @ rep.b.astype(np.float64))[:k]
     b, m = ridge_inverse(g)
     return Representation(f"{rep.name}[:{k}]", rep.method, rep.a[:, :k], b.astype(np.float32), rep.info, {"gram": m})
+
+
+def digit_columns(rep) -> list[int]:
+    """The columns of a query basis's A that are plain test digits' exact attributions (their
+    mean is a query-agnostic attribution, what 'particular to this image' is measured against)."""
+    return [j for j, n in enumerate((rep.info or {}).get("images", [])) if str(n).startswith("test:")]

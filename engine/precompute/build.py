@@ -165,10 +165,11 @@ def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str =
 
 
 def _save(run: Run, name: str, method: str, b: np.ndarray, a: Optional[np.ndarray], st: dict, seconds: float,
-          chunks: int, extra: Optional[dict] = None) -> dict:
+          chunks: int, extra: Optional[dict] = None, more: Optional[dict] = None) -> dict:
     train_s = run.train_seconds()
     info = {"rank": int(b.shape[0]), "init": st["init"], "seconds": seconds, "chunks": chunks,
-            "train_seconds": train_s, "times_training": seconds / train_s if train_s == train_s and train_s > 0 else None}
+            "train_seconds": train_s, "times_training": seconds / train_s if train_s == train_s and train_s > 0 else None,
+            **(more or {})}
     path = R.save(run, name, method, b, a, {k: v for k, v in info.items() if v is not None}, extra)
     return {"name": name, "method": method, **info, "bytes": path.stat().st_size, "path": str(path)}
 
@@ -176,7 +177,7 @@ def _save(run: Run, name: str, method: str, b: np.ndarray, a: Optional[np.ndarra
 def _basis(run: Run, name: str, k: int, chunk: int, parts: Path, st: dict, executor, cb) -> dict:
     """The query-basis representation: gradients of the basis images, then their replays."""
     from engine.precompute import basis
-    x, _ = basis.images(k, run.seed)
+    x, names = basis.images(k, run.seed)
     xs = x.numpy()
     st["images_sha256"] = hashlib.sha256(np.ascontiguousarray(xs).tobytes()).hexdigest()
     blocks = [xs[i: i + chunk] for i in range(0, k, chunk)]
@@ -187,4 +188,6 @@ def _basis(run: Run, name: str, k: int, chunk: int, parts: Path, st: dict, execu
     a = np.concatenate([r["v"] for r in rev]).T                                    # (n, K)
     seconds = float(sum(f["seconds"] for f in grads) + sum(r["seconds"] for r in rev))
     b, gram = basis.ridge_inverse(g)
-    return _save(run, name, "basis", b, a, st, seconds, len(blocks), {"gram": gram})
+    # the images' names: a plain test digit's column of A is its exact attribution (the app's
+    # query-agnostic mean comes from them)
+    return _save(run, name, "basis", b, a, st, seconds, len(blocks), {"gram": gram}, {"images": names})
