@@ -18,6 +18,8 @@ page = st.navigation([
 ])
 service.warm_workers()
 run = service.load_run()
+if run is not None:
+    service.install_shipped(run)  # the default model's representation ships with the repository
 if run is not None and os.environ.get("APP_PRECOMPUTE", "1") != "0" and not st.session_state.get("_galleries_started"):
     # in the background from the first visit on, one after the other: the precomputed replay
     # (when the run has none), then the galleries (from it)

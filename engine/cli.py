@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lowrank: Gaussian directions, or the MAGIC attributions of fixed test digits")
     pc.add_argument("--chunk", type=int, default=8, help="directions per job (one resumable chunk each)")
     pc.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core, or per GPU)")
+    pc.add_argument("--ship", action="store_true",
+                    help="then copy it to shipped/<preset>/ in the repository, for the app's first start")
 
     ld = sub.add_parser("lds", help="predicted BPD changes of an attribution method against actual retraining")
     ld.add_argument("--method", default="magic",
@@ -155,7 +157,8 @@ def _human(cmd: str, result) -> str:
     if cmd == "precompute":
         return (f"wrote {result['path']}: {result['method']} representation of rank {result['rank']}, "
                 f"{result['bytes'] / 2**20:.1f} MiB; {result['seconds']:.0f} s of compute in {result['chunks']} chunks"
-                + (f" ({result['times_training']:.1f}x training)" if result.get("times_training") else ""))
+                + (f" ({result['times_training']:.1f}x training)" if result.get("times_training") else "")
+                + (f"; shipped as {result['shipped']}" if result.get("shipped") else ""))
     if cmd == "attribute":
         lines = [f"wrote {result['out']} ({result['method']})"]
         for q in result["queries"]:

@@ -185,4 +185,7 @@ def cmd_precompute(a) -> dict:
     info = precompute(run, method=a.method, rank=a.rank, init=a.init, chunk=a.chunk,
                       executor=make_executor(a.executor, jobs=a.jobs, address=a.address), callback=cb)
     bar.close()
+    if getattr(a, "ship", False):
+        from engine.precompute import shipped
+        info["shipped"] = str(shipped.ship(run, info["name"]))
     return info

@@ -2,10 +2,12 @@
 with confidence >= 0.9 (engine.experiments.sample_quality), with the classifier's test accuracy.
 
     python experiments/sample_quality.py --run runs/cpu [--run runs/other ...] [--n 64] [--seed 0]
-        [--steps 500] [--out results/sample_quality]
+        [--steps 500] [--samplers sde,pc,ode] [--out results/sample_quality]
 
-Writes sample_quality.{json,md} and one labelled grid per run (<run name>.png); each run's row
-carries its config digest. Samples: the reverse-diffusion SDE sampler (the app's "Generate").
+Writes sample_quality.{json,md} and one labelled grid per run and sampler (<run name>_<sampler>.png);
+each row carries its run's config digest. Samplers (engine.sampling): "sde" the reverse-diffusion
+predictor, "pc" the same with one Langevin corrector step per step (snr 0.16), both --steps steps
+from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's "Generate" used).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True, help="a trained run folder (repeatable)")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=500, help="SDE sampler steps")
+    ap.add_argument("--steps", type=int, default=500, help="SDE and PC sampler steps")
+    ap.add_argument("--samplers", default="sde", help="comma-separated: sde, pc, ode")
     ap.add_argument("--out", default="results/sample_quality")
     a = ap.parse_args()
     provenance.start()
@@ -68,32 +71,38 @@ def main() -> None:
     # the ceiling: real test digits, as many as the samples, through the same threshold
     ref = sq.confident_share(net, data.load_test()[0][data.query_indices(a.n, 7)])
     print(f"{a.n} MNIST test digits: {ref['share']:.0%} confident", flush=True)
+    samplers = a.samplers.split(",")
+    if not set(samplers) <= {"sde", "pc", "ode"}:
+        sys.exit("error: --samplers takes sde, pc and ode")
     rows = []
     for run in runs:
         p = run.preset
-        t1 = time.perf_counter()
-        x = sample(run.model(), (a.n, 1, 28, 28), method="sde", n_steps=a.steps, seed=a.seed,
-                   sigma=p.sigma, eps=p.t_eps)
-        r = sq.confident_share(net, x)
-        name = Path(run.path).name
-        _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}.png",
-              f"{name} ({p.name}): {r['share']:.0%} labelled with confidence >= 0.9")
-        rows.append({"run": str(run.path), "preset": p.name, "run_digest": run.digest, "share": r["share"],
-                     "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
-                     "labels": r["labels"], "confidence": r["confidence"],
-                     "sample_seconds": time.perf_counter() - t1})
-        print(f"{run.path}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.0%}); per class {r['histogram']}",
-              flush=True)
+        for how in samplers:
+            t1 = time.perf_counter()
+            x = sample(run.model(), (a.n, 1, 28, 28), method=how, n_steps=None if how == "ode" else a.steps,
+                       seed=a.seed, sigma=p.sigma, eps=p.t_eps)
+            r = sq.confident_share(net, x)
+            name = Path(run.path).name
+            _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
+                  f"{name} ({p.name}), {how} sampler: {r['share']:.0%} labelled with confidence >= 0.9")
+            rows.append({"run": str(run.path), "preset": p.name, "run_digest": run.digest, "sampler": how,
+                         "share": r["share"], "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
+                         "labels": r["labels"], "confidence": r["confidence"],
+                         "sample_seconds": time.perf_counter() - t1})
+            print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.0%}); "
+                  f"per class {r['histogram']}; {rows[-1]['sample_seconds']:.0f} s", flush=True)
     st = provenance.stamp()
     atomic.save_json({**st, "classifier": {"recipe": sq.RECIPE, "test_accuracy": acc},
                       "test_digits": {"share": ref["share"], "histogram": ref["histogram"]}, "n": a.n, "seed": a.seed,
                       "steps": a.steps, "threshold": 0.9, "runs": rows}, Path(a.out) / "sample_quality.json")
     md = [f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
-          f"{acc:.2%} on the 10,000 MNIST test digits. {a.n} SDE samples ({a.steps} steps, seed {a.seed}) per run. "
+          f"{acc:.2%} on the 10,000 MNIST test digits. {a.n} samples per run and sampler (seed {a.seed}; sde and pc "
+          f"{a.steps} steps, ode 32 RK4 steps). "
           f"The same threshold on {a.n} real test digits: {ref['share']:.0%} confident (the ceiling).", "",
-          "| run | preset | digest | confident (>= 0.9) | confident per class 0-9 |", "|---|---|---|---|---|"]
-    md += [f"| {r['run']} | {r['preset']} | {r['run_digest'][:8]} | {r['confident']}/{a.n} ({r['share']:.0%}) | "
-           f"{' '.join(map(str, r['histogram']))} |" for r in rows]
+          "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | seconds |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['run']} | {r['preset']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
+           f"({r['share']:.0%}) | {' '.join(map(str, r['histogram']))} | {r['sample_seconds']:.0f} |" for r in rows]
     atomic.save_text("\n".join(md) + "\n", Path(a.out) / "sample_quality.md")
     print(f"wrote {a.out}/sample_quality.md")
 

@@ -5,7 +5,7 @@ import streamlit as st
 import torch
 
 from engine.errors import UserError
-from webapp import service, widgets as W
+from webapp import replays, service, widgets as W
 
 st.title("Draw & attribute")
 run = W.require_run()
@@ -53,11 +53,14 @@ c1, c2, c3 = st.columns([1, 1, 2])
 if preview is not None:
     c1.image(preview, caption="your image", width=168, clamp=True)
 c2.image(W.big(x), caption="model input (28x28, as MNIST was made)", width=168)
+name, problem = service.precomputed(run)
 with c3:
-    job = service.bpd_job(run, x)
+    # with a representation one job gives both, in seconds (the BPD is on its gradient's way);
+    # without, the BPD alone first, the replay on request
+    job = service.attribution_job(run, x) if name is not None else service.bpd_job(run, x)
     old = st.session_state.get("bpd_key")
     if source == "Draw" and old and old != job.key:
-        service.jobs().cancel(old)  # the drawing changed: its previous BPD is no longer wanted
+        service.jobs().cancel(old)  # the drawing changed: its previous computation is no longer wanted
     st.session_state["bpd_key"] = job.key
     res = W.wait_for(job)
     if res:
@@ -67,16 +70,14 @@ st.subheader("The training images behind it")
 st.caption("MAGIC: the exact derivative of this image's bits/dim with respect to each training image's weight, "
            "through the whole training run. **Proponents** make the image more likely (removing one raises its "
            "bits/dim); **opponents** make it less likely.")
-name, problem = service.precomputed(run)
 if problem:
-    st.warning(problem)
-job = service.jobs().peek(service.attribution_key(run, x))
-if job is None and name is not None:  # a precomputed replay answers at once: no button
-    job = service.attribution_job(run, x)
+    st.warning(problem + ("; it is being made again in the background (progress in the sidebar)"
+                          if replays.rank() > 0 else ""))
+job = job if name is not None else service.jobs().peek(service.attribution_key(run, x))
 if job is None and st.button(f"Find them (one backward pass through training: a few minutes on the "
                              f"`{run.preset.name}` model)", key="attribute"):
     job = service.attribution_job(run, x)
-if job is not None:
+if job is not None and (name is None or job.done):  # (a running precomputed job shows its progress above)
     res = W.wait_for(job)
     if res:
         gw, method = np.asarray(res["grad_w"]), res.get("method", "replay")

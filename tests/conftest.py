@@ -67,7 +67,7 @@ def app_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     train.train(PRESETS["tiny"], seed=0, out=root / "run")
     env = {"APP_RUN": str(root / "run"), "APP_CACHE": str(root / "cache"), "APP_PRESET": "tiny",
-           "APP_GALLERY_QUERIES": "2", "APP_PRECOMPUTE_RANK": "0"}
+           "APP_GALLERY_QUERIES": "2", "APP_PRECOMPUTE_RANK": "0", "APP_SHIPPED": str(root / "shipped")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     service.jobs.cache_clear()

@@ -77,3 +77,53 @@ def test_the_first_visit_makes_the_precomputed_replay_in_the_background(app_run,
         assert not any(b.key == "attribute" for b in at.button)
     finally:
         (R.folder(app_run) / "basis4.npz").unlink(missing_ok=True)
+
+
+def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_made_again(app_run, monkeypatch,
+                                                                                          tmp_path):
+    # the repository ships the default model's representation: the first visit installs it and a
+    # drawing's influences come from it with no button and no precompute; a shipped file made for
+    # other weights is refused with one line, and the app makes the representation again itself
+    from engine.precompute import build, representation as R, shipped
+    from webapp import replays, service
+    monkeypatch.setenv("APP_PRECOMPUTE_RANK", "4")
+    monkeypatch.setenv("APP_SHIPPED", str(tmp_path / "shipped"))
+    build.precompute(app_run, method="basis", rank=4, chunk=4)
+    path = R.folder(app_run) / "basis4.npz"
+    good = path.read_bytes()
+    shipped.ship(app_run, "basis4", tmp_path / "shipped")
+    path.unlink()
+    service._install.cache_clear()
+    try:
+        at = _new()
+        at.run()
+        assert path.read_bytes() == good and service.precomputed(app_run)[0] == "basis4"
+        assert replays.job(app_run) is None  # nothing to make
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: any(m.value.startswith("**Top 16 proponents**") for m in a.markdown))
+        assert len(at.button) == 0 and _bpd_shown(at) is not None
+        assert any("precomputed replay `basis4`" in c.value for c in at.caption)
+        # what is particular to the image needs no galleries: the basis's own test digits give the mean
+        rep = R.load(app_run, "basis4")
+        m, count = service._basis_mean(str(app_run.path), "basis4", path.stat().st_mtime_ns)
+        np.testing.assert_allclose(m, rep.a[:, [0, 1, 3]].mean(1))
+        assert count == 3
+        # a shipped file stamped with other weights
+        with np.load(tmp_path / "shipped" / "tiny" / "basis4.npz") as f:
+            d = {k: f[k] for k in f.files}
+        d["weights_sha256"] = np.array("0" * 64)
+        np.savez(tmp_path / "shipped" / "tiny" / "basis4.npz", **d)
+        path.unlink()
+        service._install.cache_clear()
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: len(a.warning) > 0)
+        assert len(at.warning) == 1 and "other final weights" in at.warning[0].value
+        assert "made again in the background" in at.warning[0].value
+        assert service.jobs().wait_all(600)
+        assert path.read_bytes() != (tmp_path / "shipped" / "tiny" / "basis4.npz").read_bytes()
+        assert service.precomputed(app_run)[0] == "basis4"  # the remade one passes its checks
+        np.testing.assert_array_equal(R.load(app_run, "basis4").a, rep.a)
+    finally:
+        path.unlink(missing_ok=True)

@@ -187,3 +187,24 @@ def test_cached_scores_follow_the_representation_they_came_from(tmp_path):
     assert calls == ["lowrank64", "basis64", "basis64"]
     np.testing.assert_array_equal(first, again)
     assert third[0, 0] == 2 and fourth[0, 0] == 3
+
+
+def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path):
+    # shipped/<preset>/ holds a representation made by `precompute --ship`; a fresh clone trains
+    # the same config again, bit for bit, and the shipped file then passes every check at load
+    from engine.precompute import shipped
+    root = tmp_path / "shipped"
+    assert shipped.ship(run, "exact", root) == root / "tiny" / "exact.npz"
+    train.train(TINY, seed=0, out=tmp_path / "fresh")
+    fresh = load_run(tmp_path / "fresh")
+    assert shipped.install(fresh, root) == ["exact"]
+    np.testing.assert_array_equal(R.load(fresh, "exact").b, R.load(run, "exact").b)
+    assert shipped.install(fresh, root) == []  # it has one of that name now
+    # another config of the same preset (seed 1): left alone
+    train.train(TINY, seed=1, out=tmp_path / "other")
+    assert shipped.install(load_run(tmp_path / "other"), root) == [] and not R.available(load_run(tmp_path / "other"))
+    # a damaged run representation is never shipped
+    (R.folder(fresh) / "exact.npz").write_bytes(b"half a file")
+    with pytest.raises(UserError, match="corrupt"):
+        shipped.ship(fresh, "exact", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()

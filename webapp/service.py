@@ -2,7 +2,7 @@
 
 Configuration by environment: APP_RUN (run folder, default runs/cpu), APP_PRESET (preset to
 train there if it is missing, default cpu), APP_CACHE (memo folder, default runs/cache),
-APP_CACHE_GB (memo size limit, default 2), APP_GALLERY_QUERIES (curated test queries whose
+APP_CACHE_GB (memo size limit, default 2), APP_SHIPPED (the shipped representations, default shipped/), APP_GALLERY_QUERIES (curated test queries whose
 attributions are precomputed, default 64), APP_WORKERS (worker processes per lane of jobs, default 1:
 one for a page's short jobs, one for long ones, see webapp.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
 the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
@@ -144,6 +144,20 @@ def bpd_job(run: Run, x: torch.Tensor):
                          functools.partial(_bpd, run, x), label="bits/dim", lane="interactive")
 
 
+def install_shipped(run: Run) -> list[str]:
+    """Copy the representations shipped in the repository for this run's config into its folder
+    (engine.precompute.shipped), once per server process; their weights are checked at load."""
+    return _install(str(run.path), run.digest)
+
+
+@functools.lru_cache(maxsize=4)
+def _install(run_path: str, run_digest: str) -> list[str]:
+    from engine.precompute import shipped
+    from engine.store import load_run as _load
+    root = os.environ.get("APP_SHIPPED")  # the folder of shipped representations (default: shipped/)
+    return shipped.install(_load(run_path), Path(root) if root else None)
+
+
 def precomputed(run: Run) -> tuple[Optional[str], Optional[str]]:
     """(the run's precomputed representation that passed its checks, or None; a one-line reason
     when one exists but is refused, else None). Checked once per file version."""
@@ -185,8 +199,11 @@ def attribution_job(run: Run, x: torch.Tensor):
     """MAGIC scores grad_w (n,), the BPD of one image (1, 28, 28) and how they were made: from
     the run's precomputed replay when it has a valid one, else by a replay of training."""
     name, _ = precomputed(run)
+    # from a representation it is one BPD with its gradient (seconds): the interactive lane, never
+    # queued behind the galleries or a replay
     return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x, name is None),
-                         label="attribution" if name is None else "attribution (precomputed replay)")
+                         label="attribution" if name is None else "bits/dim and influences (precomputed replay)",
+                         lane="background" if name is None else "interactive")
 
 
 def replay_key(run: Run, x: torch.Tensor) -> str:
@@ -233,10 +250,28 @@ def galleries_job(run: Run):
 
 
 def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
-    """(mean grad_w over the gallery's test digits (n,), their count) once the galleries are
-    computed, else None (nothing is started here)."""
+    """(mean grad_w over many test digits (n,), their count): the gallery's digits once they are
+    computed, before that the plain test digits of the run's query basis (their columns of A are
+    their exact attributions, so they come with the representation); else None. Starts nothing."""
     job = jobs().peek(make_key("galleries", run.digest, np.array(gallery_queries()), run.preset.likelihood_kwargs))
-    if job is None or not job.done or job.error:
+    if job is not None and job.done and not job.error:
+        gw = np.asarray(job.result["grad_w"])
+        return gw.mean(0), len(gw)
+    name, _ = precomputed(run)
+    if name is None or not name.startswith("basis"):
         return None
-    gw = np.asarray(job.result["grad_w"])
-    return gw.mean(0), len(gw)
+    return _basis_mean(str(run.path), name, _mtime(run, name))
+
+
+def _mtime(run: Run, name: str) -> int:
+    from engine.precompute import representation
+    return (representation.folder(run) / f"{name}.npz").stat().st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _basis_mean(run_path: str, name: str, mtime_ns: int) -> Optional[tuple[np.ndarray, int]]:
+    from engine.precompute import basis, representation
+    from engine.store import load_run as _load
+    rep = representation.load(_load(run_path), name)
+    cols = basis.digit_columns(rep)
+    return (rep.a[:, cols].mean(1), len(cols)) if cols else None

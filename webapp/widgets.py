@@ -98,11 +98,21 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
             f"likely{ref}.")
 
 
-def _fidelity(run: Run, name: str) -> Optional[dict]:
-    """The row of results/precompute/fidelity.json for representation `name`, if that report was
-    made on this very run."""
+def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
+    """(the row of results/precompute/fidelity.json for representation `name`, and the preset it
+    was measured on when that is not this very run's config, else None)."""
+    import json
     r = run_report(run, "precompute/fidelity.json")
-    return None if r is None else next((row for row in r.get("rows", []) if row.get("scores") == name), None)
+    other = None
+    if r is None:  # the study on another preset (it says which) is still the best evidence there is
+        path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
+        try:
+            r = json.loads((path / "precompute/fidelity.json").read_text())
+        except (OSError, ValueError):
+            return None, None
+        other = str(r.get("preset", "another"))
+    row = next((row for row in r.get("rows", []) if row.get("scores") == name), None)
+    return row, (other if row is not None else None)
 
 
 def method_words(method: str, run: Optional[Run] = None) -> str:
@@ -112,9 +122,10 @@ def method_words(method: str, run: Optional[Run] = None) -> str:
     name = method.split(":", 1)[1]
     if name == "exact":
         return "Computed from the precomputed replay `exact` (J itself: equal to exact MAGIC up to rounding)."
-    row = _fidelity(run, name) if run is not None else None
+    row, other = _fidelity(run, name) if run is not None else (None, None)
+    where = "images of this model" if other is None else f"images of the `{other}` model, with the same method"
     measured = ("its measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays'" if row is None else
-                f"measured on {len(row['spearman_with_exact'])} images of this model: Spearman "
+                f"measured on {len(row['spearman_with_exact'])} {where}: Spearman "
                 f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
                 f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
                 f"{np.mean(row['lds']):.2f}")
