@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/cpu
 
-.PHONY: setup app report test bench results clean
+.PHONY: setup app report test bench results ship clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ app: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	APP_RUN=$(RUN) $(BIN)/python -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
 
+# The default model's representation shipped in shipped/cpu/ (a 64-image query basis; about 1.5 h
+# on 2 cores, resumable): the app installs it at start and checks it against the trained weights.
+ship: setup
+	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
+
 # The Figure 2 report on the `cpu` preset (34 min on 2 cores, measured; resumable).
 report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
@@ -42,7 +48,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt
 	$(BIN)/python benchmarks/bench_pullback.py --out results/bench_pullback.txt
 	$(BIN)/python benchmarks/bench_app.py --run $(RUN) --out results/bench_app.txt
-	$(BIN)/python benchmarks/bench_app_browser.py --run $(RUN) --out results/bench_app_browser.txt
+	$(BIN)/python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app
+	$(BIN)/python benchmarks/bench_precompute.py --run $(RUN) --out results/bench_precompute_cpu.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
@@ -61,7 +68,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
-	$(BIN)/python experiments/sample_quality.py --run $(RUN) --out results/sample_quality
+	$(BIN)/python experiments/sample_quality.py --run $(RUN) --samplers sde,pc,ode --out results/sample_quality
 	$(MAKE) bench
 	$(BIN)/python scripts/results_md.py --out RESULTS.md
 

@@ -1,19 +1,26 @@
-"""A new image's bits/dim as a user sees it: the app served by `streamlit run`, driven by
-headless Chromium (Playwright), against the engine's own BPD time in this process.
+"""The app as a visitor meets it on a fresh clone: `make app`'s training, the server's start, then
+drawings whose influences must appear on their own. Driven by headless Chromium (Playwright)
+against `streamlit run`.
 
-    python benchmarks/bench_app_browser.py [--run runs/cpu] [--n 3] [--out results/bench_app_browser.txt]
+    python benchmarks/bench_app_browser.py [--preset cpu] [--run DIR] [--strokes 3] [--uploads 2]
+        [--out results/bench_app_browser.txt] [--shots results/app]
 
-Uploads n PNGs of test digits the cache has never seen, one after another, and times each from
-the upload until its bits/dim is on the page; then uploads the first again (a memo hit). The
-server starts with an empty cache and without the gallery precompute, so nothing else competes.
-Unlike benchmarks/bench_app.py (AppTest, which reruns the whole page on every poll), only the
-progress fragment reruns here, as in a real browser.
+Without --run it does what `make app` does on a fresh clone, after the install: trains the preset
+into an empty folder (`python -m engine train`, timed), then serves the app on it with its defaults
+(the shipped representation installed at start and checked against the new weights; the galleries
+computed in the background). With --run it serves a copy of that run without its representations.
+Then: seconds from the end of each stroke on the canvas until the new drawing's top proponents and
+opponents are on the page (each stroke makes a new image), which computation made them (the
+caption), and seconds from each upload of an unseen test digit until its bits/dim is on the page
+(then one upload again: a memo hit); screenshots of every page go to --shots. Ratios are against
+the engine's own BPD with its gradient in this process (the floor of a precomputed attribution).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,54 +35,87 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+TOP = re.compile(r"Top 16 proponents \(removing them")
+
 
 def engine_seconds(run_dir: str, x) -> tuple[float, float]:
-    """(seconds, bits/dim) of one image's exact BPD in this process on all cores."""
-    import torch
-    from engine.likelihood import bits_per_dim
+    """(seconds, bits/dim) of one image's exact BPD with its gradient in this process."""
+    from engine.bpd import run_bpd
     from engine.store import load_run
     run = load_run(run_dir)
-    model, p = run.model(), run.preset
     t0 = time.perf_counter()
-    with torch.no_grad():
-        v = float(bits_per_dim(model, x[None], **p.likelihood_kwargs)[0])
-    return time.perf_counter() - t0, v
+    b, _ = run_bpd(run, x[None], grad=True)
+    return time.perf_counter() - t0, float(b[0])
+
+
+def _stroke(page, i: int) -> None:
+    """The i-th stroke of a drawing: a '7' first, then a crossbar, then a foot."""
+    box = page.locator("canvas.upper-canvas").first.bounding_box()
+    x0, y0 = box["x"], box["y"]
+    paths = [[(70 + 7 * j, 60) for j in range(21)] + [(210 - 4 * j, 60 + 7 * j) for j in range(1, 26)],
+             [(110 + 6 * j, 150) for j in range(15)],
+             [(90 + 5 * j, 235) for j in range(12)]]
+    pts = paths[i % len(paths)]
+    page.mouse.move(x0 + pts[0][0], y0 + pts[0][1])
+    page.mouse.down()
+    for x, y in pts[1:]:
+        page.mouse.move(x0 + x, y0 + y, steps=2)
+    page.mouse.up()
+
+
+def _top_text(page) -> str:
+    loc = page.get_by_text(TOP)
+    return loc.first.inner_text() if loc.count() else ""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/cpu")
-    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--run", help="serve a copy of this finished run instead of training the preset afresh")
+    ap.add_argument("--strokes", type=int, default=3)
+    ap.add_argument("--uploads", type=int, default=2)
     ap.add_argument("--first-index", type=int, default=4321)
     ap.add_argument("--out")
+    ap.add_argument("--shots", default="results/app")
     a = ap.parse_args()
     from PIL import Image
     from playwright.sync_api import sync_playwright
-    from engine import data, images
+    from engine import data, images, provenance
+    provenance.start()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     tmp = Path(tempfile.mkdtemp())
+    run_dir = tmp / "run"
+    rows = []
+    t0 = time.perf_counter()
+    if a.run:
+        shutil.copytree(a.run, run_dir, ignore=shutil.ignore_patterns("precomputed", "fidelity", "methods"))
+        train_s = None
+    else:  # make app's first command on a fresh clone
+        subprocess.run([sys.executable, "-m", "engine", "train", "--preset", a.preset, "--out", str(run_dir)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        train_s = time.perf_counter() - t0
+        rows.append(("training the model (make app's first step)", f"{train_s:7.1f}"))
     test_x = data.load_test()[0]
-    idx = [a.first_index + 7 * i for i in range(a.n)]
-    pngs = []
+    idx = [a.first_index + 7 * i for i in range(a.uploads)]
+    pngs, want, eng = [], [], []
     for i in idx:
         pngs.append(tmp / f"test_{i}.png")
         Image.fromarray((test_x[i][0].numpy() * 255).round().astype(np.uint8)).save(pngs[-1])
-    # The engine's own BPD of each image, as the app preprocesses it: the value to wait for on the
-    # page, and the floor for the app's latency (measured before the server starts).
-    eng, want = [], []
-    for f in pngs:
-        t, v = engine_seconds(a.run, images.preprocess_image(f.read_bytes(), f.name))
+        t, v = engine_seconds(str(run_dir), images.preprocess_image(pngs[-1].read_bytes(), pngs[-1].name))
         eng.append(t)
         want.append(v)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "APP_RUN": a.run, "APP_CACHE": str(tmp / "cache"), "APP_PRECOMPUTE": "0"}
+    env = {**os.environ, "APP_RUN": str(run_dir), "APP_CACHE": str(tmp / "cache")}
+    t_serve = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
                              "--server.port", str(port), "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=open(tmp / "streamlit.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    times = []
+    shots = Path(a.shots)
+    shots.mkdir(parents=True, exist_ok=True)
+    made_by = []
     try:
         for _ in range(240):
             try:
@@ -85,35 +125,66 @@ def main() -> None:
                 time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(300_000)
+            page = browser.new_page(viewport={"width": 1400, "height": 2800})  # tall: streamlit scrolls inside the page
+            page.set_default_timeout(600_000)
             page.goto(url)
-            page.get_by_role("heading", name="Draw & attribute").wait_for()
+            page.locator("canvas.upper-canvas").first.wait_for()
+            rows.append(("server start until the canvas is on the page", f"{time.perf_counter() - t_serve:7.1f}"))
+            first = None
+            for i in range(a.strokes):
+                old = _top_text(page)
+                _stroke(page, i)
+                t1 = time.perf_counter()
+                while True:  # the new drawing's lists: a different 'Top 16 proponents' line
+                    now = _top_text(page)
+                    if now and now != old:
+                        break
+                    if time.perf_counter() - t1 > 900:
+                        page.screenshot(path=str(tmp / "timeout.png"), full_page=True)
+                        raise RuntimeError(f"no influences 900 s after stroke {i + 1} (screenshot: {tmp / 'timeout.png'})")
+                    time.sleep(0.1)
+                dt = time.perf_counter() - t1
+                first = first if first is not None else time.perf_counter() - t0
+                cap = page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text()
+                made_by.append(cap.split(" (")[0].split(";")[0])
+                rows.append((f"stroke {i + 1}: end of stroke until its influences", f"{dt:7.1f}"))
+                print(f"stroke {i + 1}: {dt:.1f} s ({made_by[-1]})", flush=True)
+                if i == 0:
+                    page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
+            if first is not None:
+                rows.append(((("start of training" if train_s is not None else "server start")
+                              + " until the first drawing's influences"), f"{first:7.1f}"))
             page.get_by_text("Upload", exact=True).click()
-            time.sleep(5)  # let the server finish starting its worker processes
+            times = []
             for f, v in zip(pngs + pngs[:1], want + want[:1]):
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 page.locator('input[type="file"]').set_input_files(str(f))
-                # The value itself identifies this image's result (the previous image's text
-                # may stay on the page while the new one is computed).
-                try:
-                    page.get_by_text(f"{v:.3f} bits/dim").wait_for()
-                except Exception:
-                    page.screenshot(path=str(tmp / "timeout.png"), full_page=True)
-                    raise RuntimeError(f"no bits/dim for {f.name} (screenshot: {tmp / 'timeout.png'})")
-                times.append(time.perf_counter() - t0)
-                print(f"{f.name}: {times[-1]:.2f} s", flush=True)
+                page.get_by_text(f"{v:.3f} bits/dim").wait_for()
+                times.append(time.perf_counter() - t1)
+            for j, (i, t) in enumerate(zip(idx, times)):
+                rows.append((f"upload {j + 1} (test {i}): until its bits/dim", f"{t:7.1f}"))
+            if times:
+                rows.append(("upload 1 again (memo hit)", f"{times[-1]:7.2f}"))
+            page.screenshot(path=str(shots / "2_upload.png"), full_page=True)
+            for k, name in enumerate(["Compare likelihoods", "Galleries", "Verify"]):
+                page.get_by_role("link", name=name).click()
+                page.get_by_role("heading", name=re.compile(name.split()[0])).first.wait_for()
+                time.sleep(8)  # what a visitor sees after a few seconds (the galleries may still be computing)
+                page.screenshot(path=str(shots / f"{3 + k}_{name.split()[0].lower()}.png"), full_page=True)
             browser.close()
     finally:
         proc.terminate()
         proc.wait(30)
-    eng = float(np.mean(eng[1:] if len(eng) > 1 else eng))  # the first call pays one-time costs
-    lines = [f"# bench_app_browser: {a.run}, streamlit + headless Chromium, seconds from upload to bits/dim on the page"]
-    rows = [(f"new image {i + 1} (test {j})", f"{t:7.2f}") for i, (j, t) in enumerate(zip(idx, times))]
-    rows += [("first image again (memo hit)", f"{times[-1]:7.2f}"),
-             ("engine alone, mean per image, in-process", f"{eng:7.2f}"),
-             ("app / engine (new images, mean)", f"{np.mean(times[:-1]) / eng:7.2f}x")]
-    lines += [f"{label:42s}{value}" for label, value in rows]
+    e = float(np.mean(eng[1:] if len(eng) > 1 else eng))  # the first call pays one-time costs
+    strokes = [float(v) for label, v in rows if label.startswith("stroke")]
+    rows.append(("engine alone: BPD with its gradient, in-process", f"{e:7.1f}"))
+    if strokes:
+        rows.append(("app / engine (strokes, mean)", f"{np.mean(strokes) / e:7.2f}x"))
+    st = provenance.stamp()
+    lines = [f"# {' '.join(['python', *sys.argv])} (commit {st['commit']})",
+             f"# the {a.preset} preset " + ("trained afresh" if not a.run else f"from a copy of {a.run}")
+             + f"; influences made by: {', '.join(sorted(set(made_by))) or 'none'}; seconds"]
+    lines += [f"{label:58s}{value}" for label, value in rows]
     text = "\n".join(lines)
     print(text)
     if a.out:
