@@ -178,3 +178,44 @@ def test_sigterm_stops_the_server_within_5_s_while_a_job_runs(app_run, page, tmp
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_a_drawing_s_influences_come_on_their_own_from_a_shipped_representation(app_run, page, tmp_path):
+    # a fresh server whose run gets its representation from the shipped folder at start: a stroke's
+    # top proponents and opponents appear with no click, from the representation, and the
+    # galleries page fills from it in the background
+    from engine.precompute import build, representation as R, shipped
+    build.precompute(app_run, method="basis", rank=4, chunk=4)
+    shipped.ship(app_run, "basis4", tmp_path / "shipped")
+    path = R.folder(app_run) / "basis4.npz"
+    path.unlink()
+    log = open(tmp_path / "streamlit.log", "w")
+    proc, url = _serve({"APP_SHIPPED": str(tmp_path / "shipped"), "APP_PRECOMPUTE_RANK": "4",
+                        "APP_CACHE": str(tmp_path / "cache")}, log)
+    try:
+        ctx = page.context.browser.new_context(viewport={"width": 1400, "height": 2800})
+        pg = ctx.new_page()
+        pg.set_default_timeout(300_000)
+        pg.goto(url)
+        canvas = pg.locator("canvas.upper-canvas").first
+        canvas.wait_for()
+        box = canvas.bounding_box()
+        pg.mouse.move(box["x"] + 140, box["y"] + 40)
+        pg.mouse.down()
+        for i in range(1, 30):
+            pg.mouse.move(box["x"] + 140, box["y"] + 40 + 7 * i, steps=2)
+        pg.mouse.up()
+        pg.get_by_text(re.compile("Top 16 proponents")).wait_for()
+        pg.get_by_text(re.compile("Top 16 opponents")).wait_for()
+        assert pg.get_by_text(re.compile("precomputed replay basis4")).count() >= 1
+        assert pg.get_by_role("button", name=re.compile("Find them")).count() == 0
+        assert path.is_file()  # installed from the shipped folder
+        pg.screenshot(path=str(SHOTS / "9_draw_from_representation.png"), full_page=True)
+        pg.get_by_role("link", name="Galleries").click()
+        pg.get_by_text(re.compile("distinct images fill")).first.wait_for()
+        assert pg.get_by_text("Traceback").count() == 0
+        ctx.close()
+    finally:
+        proc.kill()
+        log.close()
+        path.unlink(missing_ok=True)
