@@ -126,16 +126,19 @@ def main() -> None:
               f"8 forward tangents {fwd8 * 1e3:.1f} ms ({fwd8 / step:.1f} steps); 8 reverse adjoints {rev8 * 1e3:.1f} ms "
               f"({rev8 / step:.1f} steps). So, in multiples of training:"]
     lines.append(f"{'preset':8s} {'n':>6s} {'P':>9s} {'exact: x training':>18s} {'exact GB':>9s} "
-                 f"{'lowrank64: x training':>22s} {'lowrank64 MB':>13s}")
+                 f"{'lowrank64: x training':>22s} {'lowrank64 MB':>13s} {'basis64: x training':>20s} {'basis64 MB':>11s}")
     from engine.presets import PRESETS
     for name in (p.name, "gpu"):
         pp = PRESETS[name]
         pn = n_p if name == p.name else sum(t.numel() for t in make_model(pp, 0).parameters())
         exact_x = pp.n_train / 8 * fwd8 / step
         low_x = 64 / 8 * (fwd8 + rev8) / step
+        basis_x = 64 / 8 * rev8 / step  # the replays; the 64 BPD gradients come on top (below)
         lines.append(f"{name:8s} {pp.n_train:6d} {pn:9d} {exact_x:18.0f} {pp.n_train * pn * 4 / 1e9:9.2f} "
-                     f"{low_x:22.0f} {(pp.n_train + pn) * 64 * 4 / 2**20:13.1f}")
-    lines.append(f"(`{p.name}` as measured here; `gpu` on paper, if its step ratios were those measured here)")
+                     f"{low_x:22.0f} {(pp.n_train + pn) * 64 * 4 / 2**20:13.1f} {basis_x:20.0f} "
+                     f"{(pp.n_train + pn) * 64 * 4 / 2**20:11.1f}")
+    lines.append(f"(`{p.name}` as measured here; `gpu` on paper, if its step ratios were those measured here; basis64 "
+                 f"adds 64 BPD gradients, {64 * t_grad / t_train:.0f}x training here, independent of training length)")
     print("\n".join(lines))
     if a.out:
         provenance.save_table(lines, a.out)
