@@ -7,7 +7,7 @@ from engine.methods.base import Method, Scores
 
 class MagicPrecomputed(Method):
     name = "magic_precomputed"
-    description = "MAGIC through the run's precomputed replay (exact J, or a rank-K range finder of it)"
+    description = "MAGIC through the run's precomputed replay (exact J, a query basis of K replayed images, or a rank-K range finder)"
     cost = "once per run: the precompute; per query: its BPD gradient and two small products"
     units = "bits/dim"
     order = 1
