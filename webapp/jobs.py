@@ -29,6 +29,16 @@ from engine.executor import neutral_main as _neutral_main
 from engine.executor import set_threads as _set_threads
 
 
+def _lane_init(threads: int, nice: int) -> None:
+    """A worker process's start: its torch threads, and for the background lane a lower CPU
+    priority, so that a drawing's job (interactive) is not slowed down by the galleries or a
+    replay that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
+    own time while the galleries ran at equal priority)."""
+    _set_threads(threads)
+    if nice:
+        os.nice(nice)
+
+
 class Cancelled(Exception):
     """Raised inside a job's callback once the job is cancelled: the engine unwinds cleanly."""
 
@@ -169,8 +179,8 @@ class Jobs:
                 # nothing (the memo writes whole results) and is computed again when next asked.
                 threading._register_atexit(self.shutdown)
             if lane not in self._pools:
-                self._pools[lane] = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_set_threads,
-                                                           initargs=(self.lanes[lane],))
+                self._pools[lane] = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_lane_init,
+                                                           initargs=(self.lanes[lane], 0 if lane == "interactive" else 19))
             return self._pools[lane]
 
     def warm(self, fn: Callable[[], None]) -> None:
