@@ -150,6 +150,7 @@ def main() -> None:
                 rows.append((f"stroke {i + 1}: end of stroke until its influences", f"{dt:7.1f}"))
                 print(f"stroke {i + 1}: {dt:.1f} s ({made_by[-1]})", flush=True)
                 if i == 0:
+                    time.sleep(3)  # the galleries' images load after the text (not part of the time above)
                     page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
             if first is not None:
                 rows.append(((("start of training" if train_s is not None else "server start")

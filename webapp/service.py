@@ -228,7 +228,9 @@ def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
     x = torch.from_numpy(test_set()[0][q])
     if precomputed(run)[0] is not None:  # from the representation: no replay at all
         from engine.attribution import attribute_auto
-        gw, bpd, _ = attribute_auto(run, x, callback=cb)
+        # progress in digits done (each is one BPD with its gradient), not ODE steps of the current one
+        gw, bpd, _ = attribute_auto(run, x, callback=lambda i: cb({"stage": "test digits done", "i": i.get("query", 0),
+                                                                   "n": len(q)}))
     elif os.environ.get("APP_EXECUTOR", "local") == "local":
         gw, bpd = attribute(run, x, callback=cb)  # one batched sweep in this worker
     else:  # chunks of queries as jobs on a cluster; finished chunks survive a restart
