@@ -33,7 +33,7 @@ def sample(score_fn: ScoreFn, shape: tuple, *, method: str = "sde", n_steps: Opt
     """
     if method not in ("ode", "sde", "pc"):
         raise ValueError(f"method must be 'ode', 'sde' or 'pc', not {method!r}")
-    n_steps = n_steps or (500 if method == "sde" else 32)
+    n_steps = n_steps or (32 if method == "ode" else 500)
     g = torch.Generator(device=device).manual_seed(seed)
     s = torch.exp(sde.log_std_grid(n_steps, eps, sigma)).flip(0).to(device=device, dtype=torch.float32)
     x = torch.randn(shape, generator=g, device=device) * s[0]
@@ -49,17 +49,16 @@ def sample(score_fn: ScoreFn, shape: tuple, *, method: str = "sde", n_steps: Opt
             return -st**2 * score_fn(xt, sde.time_of_std(st, sigma).expand(b))
 
         return odeint(drift, x, torch.log(s), method="rk4")[-1]
-    dims = tuple(range(1, len(shape)))
     for i in range(n_steps):
         t = sde.time_of_std(s[i], sigma).expand(b)
         for _ in range(corrector if method == "pc" else 0):
             grad = score_fn(x, t)
             z = torch.randn(shape, generator=g, device=device)
             ratio = snr * z.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-            e = (2 * ratio**2).reshape(b, *([1] * len(dims)))
+            e = (2 * ratio**2).reshape(b, *([1] * (len(shape) - 1)))
             x = x + e * grad + torch.sqrt(2 * e) * z
         var = s[i] ** 2 - s[i + 1] ** 2
-        x = x + var * score_fn(x, sde.time_of_std(s[i], sigma).expand(b))
+        x = x + var * score_fn(x, t)
         if i < n_steps - 1:
             x = x + torch.sqrt(var) * torch.randn(shape, generator=g, device=device)
         if callback is not None:

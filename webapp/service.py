@@ -158,6 +158,12 @@ def _install(run_path: str, run_digest: str) -> list[str]:
     return shipped.install(_load(run_path), Path(root) if root else None)
 
 
+def _mtime(run: Run, name: str) -> int:
+    """The representation file's version (what its per-file memos are keyed by)."""
+    from engine.precompute import representation
+    return (representation.folder(run) / f"{name}.npz").stat().st_mtime_ns
+
+
 def precomputed(run: Run) -> tuple[Optional[str], Optional[str]]:
     """(the run's precomputed representation that passed its checks, or None; a one-line reason
     when one exists but is refused, else None). Checked once per file version."""
@@ -165,8 +171,7 @@ def precomputed(run: Run) -> tuple[Optional[str], Optional[str]]:
     name = representation.default(run)
     if name is None:
         return None, None
-    path = representation.folder(run) / f"{name}.npz"
-    return _checked(str(run.path), name, path.stat().st_mtime_ns)
+    return _checked(str(run.path), name, _mtime(run, name))
 
 
 @functools.lru_cache(maxsize=8)
@@ -265,9 +270,6 @@ def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
     return _basis_mean(str(run.path), name, _mtime(run, name))
 
 
-def _mtime(run: Run, name: str) -> int:
-    from engine.precompute import representation
-    return (representation.folder(run) / f"{name}.npz").stat().st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)

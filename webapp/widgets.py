@@ -72,15 +72,20 @@ def big(x, size: int = 168) -> np.ndarray:
     return np.kron(to_image(x), np.ones((r, r), np.uint8))
 
 
-def run_report(run: Run, relpath: str) -> Optional[dict]:
-    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run."""
+def _report(relpath: str) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), or None."""
     import json
     path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / relpath
     try:
-        r = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return r if r.get("run_digest") == run.digest else None
+
+
+def run_report(run: Run, relpath: str) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run."""
+    r = _report(relpath)
+    return r if r is not None and r.get("run_digest") == run.digest else None
 
 
 def figure2_means(run: Run) -> Optional[dict]:
@@ -101,14 +106,10 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
 def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
     """(the row of results/precompute/fidelity.json for representation `name`, and the preset it
     was measured on when that is not this very run's config, else None)."""
-    import json
-    r = run_report(run, "precompute/fidelity.json")
-    other = None
+    r, other = run_report(run, "precompute/fidelity.json"), None
     if r is None:  # the study on another preset (it says which) is still the best evidence there is
-        path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
-        try:
-            r = json.loads((path / "precompute/fidelity.json").read_text())
-        except (OSError, ValueError):
+        r = _report("precompute/fidelity.json")
+        if r is None:
             return None, None
         other = str(r.get("preset", "another"))
     row = next((row for row in r.get("rows", []) if row.get("scores") == name), None)

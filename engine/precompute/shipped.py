@@ -58,11 +58,11 @@ def install(run: Run, root: Optional[Path] = None) -> list[str]:
 def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
     """Copy the run's representation `name`, checked against the run, to shipped/<preset>/
     (atomically); what `python -m engine precompute ... --ship` does once the precompute is done."""
-    R.load(run, name)  # refuses a foreign, stale or damaged file with one line
-    dest = folder(run.preset.name, root) / f"{name}.npz"
-    if dest.exists() and dest.read_bytes() == (R.folder(run) / f"{name}.npz").read_bytes():
-        return dest
     if not run.preset.device.startswith("cpu"):
         raise UserError("only CPU runs are shipped: training elsewhere is not bit-for-bit reproducible")
-    atomic.save_bytes((R.folder(run) / f"{name}.npz").read_bytes(), dest)
+    R.load(run, name)  # refuses a foreign, stale or damaged file with one line
+    dest = folder(run.preset.name, root) / f"{name}.npz"
+    blob = (R.folder(run) / f"{name}.npz").read_bytes()
+    if not (dest.exists() and dest.read_bytes() == blob):
+        atomic.save_bytes(blob, dest)
     return dest
