@@ -10,6 +10,10 @@ from webapp import replays, service, widgets as W
 st.title("Draw & attribute")
 run = W.require_run()
 train_x, train_y = service.train_set(run.preset.n_train, run.preset.source)
+name, problem = service.precomputed(run)
+if problem:  # said on arrival, before any drawing: the influences will come from a replay meanwhile
+    st.warning(problem + ("; it is being made again in the background (progress in the sidebar)"
+                          if replays.rank() > 0 else ""))
 
 source = st.radio("Input", ["Draw", "Upload", "MNIST test image", "Generate a sample"], horizontal=True, key="source")
 x, preview = None, None
@@ -53,7 +57,6 @@ c1, c2, c3 = st.columns([1, 1, 2])
 if preview is not None:
     c1.image(preview, caption="your image", width=168, clamp=True)
 c2.image(W.big(x), caption="model input (28x28, as MNIST was made)", width=168)
-name, problem = service.precomputed(run)
 with c3:
     # with a representation one job gives both, in seconds (the BPD is on its gradient's way);
     # without, the BPD alone first, the replay on request
@@ -70,9 +73,6 @@ st.subheader("The training images behind it")
 st.caption("MAGIC: the exact derivative of this image's bits/dim with respect to each training image's weight, "
            "through the whole training run. **Proponents** make the image more likely (removing one raises its "
            "bits/dim); **opponents** make it less likely.")
-if problem:
-    st.warning(problem + ("; it is being made again in the background (progress in the sidebar)"
-                          if replays.rank() > 0 else ""))
 job = job if name is not None else service.jobs().peek(service.attribution_key(run, x))
 if job is None and st.button(f"Find them (one backward pass through training: a few minutes on the "
                              f"`{run.preset.name}` model)", key="attribute"):
