@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import concurrent.futures.process  # noqa: F401  (its exit hook must be registered before ours, see _start_pool)
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -33,7 +34,8 @@ def _lane_init(threads: int, nice: int) -> None:
     """A worker process's start: its torch threads, and for the background lane a lower CPU
     priority, so that a drawing's job (interactive) is not slowed down by the galleries or a
     replay that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
-    own time while the galleries ran at equal priority)."""
+    own time while the galleries ran at equal priority). While an interactive job computes, the
+    background lane is moreover paused outright (Jobs._pause_background)."""
     _set_threads(threads)
     if nice:
         os.nice(nice)
@@ -104,6 +106,7 @@ class Jobs:
         self._threads: list[threading.Thread] = []  # cancelled jobs leave the table, not this list
         self._manager = None
         self._shared = None  # the manager's dict: progress and cancel flags between processes
+        self._interactive = 0  # interactive process jobs computing now; the background lane is paused while > 0
 
     def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "",
                lane: str = "background") -> Job:
@@ -193,8 +196,34 @@ class Jobs:
                     for _ in range(self.workers):
                         pool.submit(fn)
 
+    def _signal_background(self, sig) -> None:
+        pool = self._pools.get("background")
+        for p in list(getattr(pool, "_processes", {}).values()) if pool is not None else []:
+            try:
+                os.kill(p.pid, sig)
+            except (ProcessLookupError, TypeError):  # exited, or not started yet
+                pass
+
+    def _pause_background(self, on: bool) -> None:
+        """Pause the background lane's workers (SIGSTOP) while an interactive job computes, and
+        resume them (SIGCONT) when the last one ends. At nice 19 they still cost a drawing's job
+        memory bandwidth and cache on a small machine; paused, they cost nothing, and they lose
+        nothing either (their jobs continue where they stopped). POSIX only; elsewhere a no-op."""
+        if not hasattr(signal, "SIGSTOP"):
+            return
+        with self._lock:
+            self._interactive += 1 if on else -1
+            if (on and self._interactive == 1) or (not on and self._interactive == 0):
+                self._signal_background(signal.SIGSTOP if on else signal.SIGCONT)
+
+    def background_paused(self) -> bool:
+        """Whether the background lane is paused now (an interactive job is computing)."""
+        return self._interactive > 0
+
     def shutdown(self) -> None:
         """Stop the worker processes (running jobs are lost; their keys simply start again later)."""
+        if hasattr(signal, "SIGCONT"):
+            self._signal_background(signal.SIGCONT)  # a stopped process would not act on SIGTERM
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             for p in list(getattr(pool, "_processes", {}).values()):
@@ -210,8 +239,15 @@ class Jobs:
             return fn(job.update)
         pool = self._start_pool(lane)
         shared = self._shared
+        pause = lane == "interactive"
+        if pause:
+            self._pause_background(True)
         with _neutral_main():  # processes start on submit
             future = pool.submit(_in_worker, fn, job.token, shared)
+        if not pause and hasattr(signal, "SIGSTOP"):
+            with self._lock:  # a worker the pool started just now, while an interactive job computes
+                if self._interactive > 0:
+                    self._signal_background(signal.SIGSTOP)
         try:
             while True:
                 try:
@@ -237,6 +273,8 @@ class Jobs:
                     del self._pools[lane]
             raise RuntimeError("the worker process running this job died; ask again to retry") from None
         finally:
+            if pause:
+                self._pause_background(False)
             shared.pop(job.token, None)
 
     def _run(self, job: Job, fn, lane: str) -> None:
