@@ -115,29 +115,36 @@ def test_process_jobs_run_elsewhere_report_progress_cancel_and_errors(tmp_path):
         jobs.shutdown()
 
 
-def test_the_background_lane_pauses_while_an_interactive_job_computes(tmp_path):
-    # a drawing's job has the cores to itself: the galleries' worker is stopped (not slowed) while
-    # it computes, and goes on where it stopped afterwards, losing nothing
+def test_a_visitor_s_job_is_not_queued_behind_the_background_and_both_pause_for_an_interactive_one(tmp_path):
+    # a visitor's replay (lane "requested") starts while the galleries (lane "background") run; a
+    # drawing's job (lane "interactive") then has the cores to itself: both other workers are
+    # stopped (not slowed) while it computes, and go on where they stopped afterwards, losing nothing
     import functools
     jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
     lines = lambda p: len(p.read_text().split()) if p.exists() else 0  # noqa: E731
     try:
-        bg_log, it_log = tmp_path / "bg.txt", tmp_path / "it.txt"
-        bg = jobs.submit("bg", functools.partial(_slow_in_worker, 300, str(bg_log)), "bg", lane="background")
+        bg_log, rq_log, it_log = tmp_path / "bg.txt", tmp_path / "rq.txt", tmp_path / "it.txt"
+        bg = jobs.submit("bg", functools.partial(_slow_in_worker, 400, str(bg_log)), "bg", lane="background")
         while not (bg.i and bg.i >= 3):
             time.sleep(0.05)
+        rq = jobs.submit("rq", functools.partial(_slow_in_worker, 300, str(rq_log)), "rq", lane="requested")
+        while not (rq.i and rq.i >= 3):
+            time.sleep(0.05)
+        assert not bg.done  # it started beside the background job, not after it
         it = jobs.submit("it", functools.partial(_slow_in_worker, 100, str(it_log)), "it", lane="interactive")
         while not (it.i and it.i >= 5):
             time.sleep(0.05)
         assert jobs.background_paused()
-        n = lines(bg_log)
+        n, m = lines(bg_log), lines(rq_log)
         time.sleep(0.5)
-        assert lines(bg_log) == n < 300 and not it.done  # stopped, while the interactive one goes on
+        assert lines(bg_log) == n < 400 and lines(rq_log) == m < 300 and not it.done  # stopped; it goes on
         while not it.done:
             time.sleep(0.05)
         assert it.error is None and lines(it_log) == 100 and not jobs.background_paused()
-        assert jobs.wait_all(60) and bg.error is None and int(bg.result["n"]) == 300
-        assert bg_log.read_text().split() == [str(i) for i in range(300)]  # resumed: every step once, in order
+        assert jobs.wait_all(60) and bg.error is None and rq.error is None
+        # resumed: every step once, in order
+        assert bg_log.read_text().split() == [str(i) for i in range(400)]
+        assert rq_log.read_text().split() == [str(i) for i in range(300)]
     finally:
         jobs.shutdown()
 

@@ -40,4 +40,4 @@ def retrain_job(run: Run, x: torch.Tensor, drop: np.ndarray, label: str):
     """Retrain the run without `drop` (same seed) and measure the BPD of x (1, 28, 28)."""
     key = retrain_key(run, x, drop)
     drop = np.unique(np.asarray(drop, np.int64))
-    return jobs().submit(key, functools.partial(_retrain, run, x, drop), label=label)
+    return jobs().submit(key, functools.partial(_retrain, run, x, drop), label=label, lane="requested")

@@ -32,10 +32,10 @@ from engine.executor import set_threads as _set_threads
 
 def _lane_init(threads: int, nice: int) -> None:
     """A worker process's start: its torch threads, and for the background lane a lower CPU
-    priority, so that a drawing's job (interactive) is not slowed down by the galleries or a
-    replay that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
+    priority, so that a drawing's job (interactive) or a visitor's replay is not slowed down by
+    the galleries that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
     own time while the galleries ran at equal priority). While an interactive job computes, the
-    background lane is moreover paused outright (Jobs._pause_background)."""
+    other lanes are moreover paused outright (Jobs._pause_background)."""
     _set_threads(threads)
     if nice:
         os.nice(nice)
@@ -84,11 +84,14 @@ def _in_worker(fn: Callable, key: str, shared) -> dict:
 class Jobs:
     """Starts `fn(callback) -> dict` in the background unless its key is memoized or already running.
 
-    Process jobs go to one of two lanes, each its own pool: "interactive" (short jobs a page
-    waits on, e.g. a new image's BPD; torch uses every core) and "background" (attributions,
-    retrains; half the cores). A BPD therefore never queues behind a minutes-long attribution,
-    and the two together oversubscribe the cores only mildly: several processes each spinning
-    a full set of torch threads on the same cores run many times slower.
+    Process jobs go to one of three lanes, each its own pool: "interactive" (short jobs a page
+    waits on, e.g. a new image's BPD; torch uses every core), "requested" (minutes-long jobs a
+    visitor asked for: an image's exact replay, a retrain on Verify; half the cores) and
+    "background" (what the app makes on its own: the galleries, a representation; half the
+    cores, nice 19). A BPD therefore never queues behind a minutes-long attribution, a visitor's
+    replay never behind the galleries, and while an interactive job computes the other lanes
+    are paused, so that several processes never spin full sets of torch threads on the same
+    cores (that runs many times slower).
 
     Args:
         memo: where results are kept (and found: a memoized key starts no job).
@@ -99,19 +102,21 @@ class Jobs:
         self.memo = memo
         self.workers = workers
         cores = os.cpu_count() or 1
-        self.lanes = {"interactive": cores, "background": max(1, cores // 2)}  # lane -> torch threads
+        half = max(1, cores // 2)
+        self.lanes = {"interactive": cores, "requested": half, "background": half}  # lane -> torch threads
         self._pools: dict[str, cf.ProcessPoolExecutor] = {}
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # cancelled jobs leave the table, not this list
         self._manager = None
         self._shared = None  # the manager's dict: progress and cancel flags between processes
-        self._interactive = 0  # interactive process jobs computing now; the background lane is paused while > 0
+        self._interactive = 0  # interactive process jobs computing now; the other lanes are paused while > 0
 
     def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "",
                lane: str = "background") -> Job:
         """Start fn(callback) -> dict for `key` unless memoized or running; `lane` picks the
-        worker pool ("interactive" for short jobs a page waits on, "background" for the rest)."""
+        worker pool ("interactive" for short jobs a page waits on, "requested" for long ones a
+        visitor asked for, "background" for the rest)."""
         if lane not in self.lanes:
             raise ValueError(f"unknown lane {lane!r}")
         with self._lock:
@@ -183,7 +188,7 @@ class Jobs:
                 threading._register_atexit(self.shutdown)
             if lane not in self._pools:
                 self._pools[lane] = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_lane_init,
-                                                           initargs=(self.lanes[lane], 0 if lane == "interactive" else 19))
+                                                           initargs=(self.lanes[lane], 19 if lane == "background" else 0))
             return self._pools[lane]
 
     def warm(self, fn: Callable[[], None]) -> None:
@@ -197,15 +202,18 @@ class Jobs:
                         pool.submit(fn)
 
     def _signal_background(self, sig) -> None:
-        pool = self._pools.get("background")
-        for p in list(getattr(pool, "_processes", {}).values()) if pool is not None else []:
-            try:
-                os.kill(p.pid, sig)
-            except (ProcessLookupError, TypeError):  # exited, or not started yet
-                pass
+        """Send sig to every worker of the lanes that an interactive job pauses."""
+        for lane, pool in list(self._pools.items()):
+            if lane == "interactive":
+                continue
+            for p in list(getattr(pool, "_processes", {}).values()):
+                try:
+                    os.kill(p.pid, sig)
+                except (ProcessLookupError, TypeError):  # exited, or not started yet
+                    pass
 
     def _pause_background(self, on: bool) -> None:
-        """Pause the background lane's workers (SIGSTOP) while an interactive job computes, and
+        """Pause the other lanes' workers (SIGSTOP) while an interactive job computes, and
         resume them (SIGCONT) when the last one ends. At nice 19 they still cost a drawing's job
         memory bandwidth and cache on a small machine; paused, they cost nothing, and they lose
         nothing either (their jobs continue where they stopped). POSIX only; elsewhere a no-op."""
@@ -217,7 +225,7 @@ class Jobs:
                 self._signal_background(signal.SIGSTOP if on else signal.SIGCONT)
 
     def background_paused(self) -> bool:
-        """Whether the background lane is paused now (an interactive job is computing)."""
+        """Whether the non-interactive lanes are paused now (an interactive job is computing)."""
         return self._interactive > 0
 
     def shutdown(self) -> None:

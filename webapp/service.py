@@ -205,10 +205,11 @@ def attribution_job(run: Run, x: torch.Tensor):
     the run's precomputed replay when it has a valid one, else by a replay of training."""
     name, _ = precomputed(run)
     # from a representation it is one BPD with its gradient (seconds): the interactive lane, never
-    # queued behind the galleries or a replay
+    # queued behind the galleries or a replay; a replay (minutes) is the visitor's own, never queued
+    # behind the galleries either
     return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x, name is None),
                          label="attribution" if name is None else "bits/dim and influences (precomputed replay)",
-                         lane="background" if name is None else "interactive")
+                         lane="requested" if name is None else "interactive")
 
 
 def replay_key(run: Run, x: torch.Tensor) -> str:
@@ -219,7 +220,7 @@ def replay_job(run: Run, x: torch.Tensor):
     """Exact MAGIC of one image by a replay of training, whatever representation the run has: what
     replaces an approximate representation's preview when it lands."""
     return jobs().submit(replay_key(run, x), functools.partial(_attribution, run, x, True),
-                         label="exact replay (it will replace the preview)")
+                         label="exact replay (it will replace the preview)", lane="requested")
 
 
 def gallery_queries() -> list[int]:
