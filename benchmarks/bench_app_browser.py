@@ -3,7 +3,7 @@ drawings whose influences must appear on their own. Driven by headless Chromium 
 against `streamlit run`.
 
     python benchmarks/bench_app_browser.py [--preset cpu] [--run DIR] [--strokes 3] [--uploads 2]
-        [--out results/bench_app_browser.txt] [--shots results/app]
+        [--out results/bench_app_browser.txt] [--shots results/app] [--no-exact]
 
 Without --run it does what `make app` does on a fresh clone, after the install: trains the preset
 into an empty folder (`python -m engine train`, timed), then serves the app on it with its defaults
@@ -11,7 +11,8 @@ into an empty folder (`python -m engine train`, timed), then serves the app on i
 computed in the background). With --run it serves a copy of that run without its representations.
 Then: seconds from the end of each stroke on the canvas until the new drawing's top proponents and
 opponents are on the page (each stroke makes a new image), which computation made them (the
-caption), and seconds from each upload of an unseen test digit until its bits/dim is on the page
+caption), seconds from the last stroke until its exact replay has replaced that preview (the
+galleries still computing beside it on a fresh start), and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit); screenshots of every page go to --shots. Ratios are against
 the engine's own BPD with its gradient in this process (the floor of a precomputed attribution).
 """
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--first-index", type=int, default=4321)
     ap.add_argument("--out")
     ap.add_argument("--shots", default="results/app")
+    ap.add_argument("--no-exact", dest="exact", action="store_false",
+                    help="do not wait for the last drawing's exact replay (it runs beside the galleries)")
     a = ap.parse_args()
     from PIL import Image
     from playwright.sync_api import sync_playwright
@@ -157,6 +160,12 @@ def main() -> None:
                 if i == 0:
                     time.sleep(3)  # the galleries' images load after the text (not part of the time above)
                     page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
+            if a.strokes and a.exact:  # progressive: the last drawing's exact replay replaces its preview
+                page.get_by_text("The exact replay has replaced that preview").first.wait_for(timeout=1_800_000)
+                dt = time.perf_counter() - t1
+                rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
+                print(f"exact replay in place {dt:.1f} s after the last stroke", flush=True)
+                page.screenshot(path=str(shots / "1b_draw_exact.png"), full_page=True)
             if first is not None:
                 rows.append(((("start of training" if train_s is not None else "server start")
                               + " until the first drawing's influences"), f"{first:7.1f}"))
