@@ -216,6 +216,10 @@ def test_a_drawing_s_influences_come_on_their_own_from_a_shipped_representation(
         assert pg.get_by_text("Traceback").count() == 0
         ctx.close()
     finally:
-        proc.kill()
+        proc.terminate()  # as a server is stopped; its workers go with it
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         log.close()
         path.unlink(missing_ok=True)

@@ -149,6 +149,38 @@ def test_a_visitor_s_job_is_not_queued_behind_the_background_and_both_pause_for_
         jobs.shutdown()
 
 
+def _tensor_sum_in_worker(x, cb) -> dict:
+    return {"sum": float(x.sum()), "back": (x * 2).numpy()}
+
+
+def test_a_job_s_tensors_do_not_wait_on_a_paused_process(tmp_path):
+    # a job's arguments and result travel as plain pickles: with multiprocessing's pickler a torch
+    # tensor goes as a file descriptor that the worker fetches from this process's resource
+    # sharer, one connection at a time; a paused worker caught in that handshake held it, and
+    # every later job's worker waited on it forever. Here a connection that never answers (what a
+    # stopped worker looks like to the sharer) holds it while jobs with tensors come and go.
+    import functools
+    import os
+    import socket
+    import torch
+    from multiprocessing import resource_sharer
+    r, w = os.pipe()
+    resource_sharer.DupFd(r)  # starts the sharer (as a tensor sent the old way did)
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.connect(resource_sharer._resource_sharer._address)
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+    try:
+        x = torch.arange(6.0).reshape(1, 2, 3)
+        a = jobs.submit("t", functools.partial(_tensor_sum_in_worker, x), "t", lane="interactive")
+        assert jobs.wait_all(60), "the job waited on the resource sharer"
+        assert a.error is None and a.result["sum"] == 15.0
+        np.testing.assert_array_equal(a.result["back"], (x * 2).numpy())
+    finally:
+        jobs.shutdown()
+        stuck.close()
+        os.close(w)
+
+
 _SERVER = """
 import sys, time
 sys.path.insert(0, {root!r})
@@ -187,3 +219,52 @@ def test_a_process_with_a_running_job_exits_at_once(tmp_path):
     assert m.get("slow") is None
     with m.lock("slow"):  # not held by the dead worker
         pass
+
+
+_KILLED_SERVER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from cache import Memo
+from webapp.jobs import Jobs
+from tests.test_jobs import _pid_job
+jobs = Jobs(Memo({memo!r}), workers=1)
+job = jobs.submit("pid", _pid_job, label="pid")
+while job.stage != "working":
+    time.sleep(0.05)
+print(job.i, jobs._manager._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _pid_job(cb):
+    import os
+    for _ in range(1200):
+        cb({"stage": "working", "i": os.getpid(), "n": None})
+        time.sleep(0.5)
+    return {}
+
+
+def test_a_killed_server_leaves_no_worker_behind(tmp_path):
+    # a server killed outright (SIGKILL: no exit hook runs) takes its worker and manager
+    # processes with it within seconds, instead of leaving orphans that hold a gigabyte each
+    import os
+    import signal
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SERVER.format(root=str(root), memo=str(tmp_path / "memo"))],
+                            stdout=subprocess.PIPE, text=True, cwd=root)
+    worker, manager = (int(v) for v in proc.stdout.readline().split())
+
+    def alive(pid: int) -> bool:  # running, stopped or sleeping; not gone, not a zombie awaiting its reaper
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    assert alive(worker) and alive(manager) and worker != proc.pid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    end = time.time() + 15
+    while (alive(worker) or alive(manager)) and time.time() < end:
+        time.sleep(0.2)
+    assert not alive(worker) and not alive(manager)

@@ -16,12 +16,14 @@ import concurrent.futures as cf
 import concurrent.futures.process  # noqa: F401  (its exit hook must be registered before ours, see _start_pool)
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from multiprocessing.managers import SyncManager
 from typing import Callable, Optional
 
 from cache.memo import Memo
@@ -30,12 +32,30 @@ from engine.executor import neutral_main as _neutral_main
 from engine.executor import set_threads as _set_threads
 
 
+def _exit_with_parent() -> None:
+    """In a worker or the manager: exit once the server that started it is gone. A server killed
+    outright (SIGKILL, out of memory) runs no exit hook, and a pool's workers, blocked on their
+    call queue, would otherwise live on as orphans holding a gigabyte each. (prctl's
+    PR_SET_PDEATHSIG does not fit: it fires when the *thread* that started the process ends,
+    and a pool's workers are started by short-lived job threads. A worker paused by SIGSTOP when
+    its server dies cannot watch; the pause lasts one interactive job.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:  # re-parented: the server is dead
+                os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="exit with parent").start()
+
+
 def _lane_init(threads: int, nice: int) -> None:
     """A worker process's start: its torch threads, and for the background lane a lower CPU
     priority, so that a drawing's job (interactive) or a visitor's replay is not slowed down by
     the galleries that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
     own time while the galleries ran at equal priority). While an interactive job computes, the
     other lanes are moreover paused outright (Jobs._pause_background)."""
+    _exit_with_parent()
     _set_threads(threads)
     if nice:
         os.nice(nice)
@@ -71,14 +91,21 @@ class Job:
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
 
 
-def _in_worker(fn: Callable, key: str, shared) -> dict:
-    """A process job: fn's progress goes to shared[key]; shared[("cancel", key)] stops it
-    (key is the job's token, unique to this attempt)."""
+def _in_worker(blob: bytes, key: str, shared) -> bytes:
+    """A process job: fn = pickle.loads(blob); its progress goes to shared[key];
+    shared[("cancel", key)] stops it (key is the job's token, unique to this attempt). The
+    function and its result cross the process boundary as plain pickles, never through
+    multiprocessing's own pickler: with torch imported, that one sends a tensor as a file
+    descriptor fetched from the sending process's resource sharer, a single thread that serves
+    one connection at a time; a paused worker (SIGSTOP) caught in that handshake held it, and the
+    next drawing's job waited on it forever (measured in the browser benchmark)."""
+    fn = pickle.loads(blob)
+
     def callback(info: dict) -> None:
         if shared.pop(("cancel", key), None):
             raise Cancelled(key)
         shared[key] = dict(info)
-    return fn(callback)
+    return pickle.dumps(fn(callback), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class Jobs:
@@ -178,7 +205,8 @@ class Jobs:
             ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threads and torch's pools
             if self._manager is None:
                 with _neutral_main():
-                    self._manager = ctx.Manager()
+                    self._manager = SyncManager(ctx=ctx)
+                    self._manager.start(_exit_with_parent)
                 self._shared = self._manager.dict()
                 # At interpreter exit (the server stopped by SIGTERM or Ctrl-C), concurrent.futures
                 # joins its pools' manager threads, which wait for running jobs to finish: minutes.
@@ -251,7 +279,7 @@ class Jobs:
         if pause:
             self._pause_background(True)
         with _neutral_main():  # processes start on submit
-            future = pool.submit(_in_worker, fn, job.token, shared)
+            future = pool.submit(_in_worker, pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), job.token, shared)
         if not pause and hasattr(signal, "SIGSTOP"):
             with self._lock:  # a worker the pool started just now, while an interactive job computes
                 if self._interactive > 0:
@@ -259,7 +287,7 @@ class Jobs:
         try:
             while True:
                 try:
-                    result = future.result(timeout=0.2)
+                    result = pickle.loads(future.result(timeout=0.2))
                     info = shared.get(job.token)
                     if info:
                         job.update(info)  # the last report, which polling may have missed
