@@ -186,14 +186,26 @@ import sys, time
 sys.path.insert(0, {root!r})
 from cache import Memo
 from webapp.jobs import Jobs
-from tests.test_jobs import _slow_job
+from tests.test_jobs import {fn}
 jobs = Jobs(Memo({memo!r}), workers=1)
-job = jobs.submit("slow", _slow_job, label="slow")
+job = jobs.submit("slow", {fn}, label="slow")
 while job.stage != "working":
     time.sleep(0.05)
-print("running", flush=True)
+print(job.i, jobs._manager._process.pid, flush=True)
+time.sleep({linger})
 # the main thread ends here, as a stopped server's does: the interpreter must not wait for the job
 """
+
+
+def _server(tmp_path: Path, fn: str, linger: float):
+    """A server process whose job `fn` is running (a line with the job's last progress `i` and the
+    manager's pid is on its stdout by then); its main thread ends after `linger` seconds."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen([sys.executable, "-c", _SERVER.format(root=str(root), memo=str(tmp_path / "memo"), fn=fn,
+                                                                  linger=linger)],
+                            stdout=subprocess.PIPE, text=True, cwd=root)
 
 
 def _slow_job(cb):
@@ -206,12 +218,8 @@ def _slow_job(cb):
 def test_a_process_with_a_running_job_exits_at_once(tmp_path):
     # a server stopped mid-job (SIGTERM to `streamlit run` ends its main thread) exits within
     # seconds instead of waiting minutes for the job; the job's key is free and unmemoized
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER.format(root=str(root), memo=str(tmp_path / "memo"))],
-                            stdout=subprocess.PIPE, text=True, cwd=root)
-    assert proc.stdout.readline().strip() == "running"
+    proc = _server(tmp_path, "_slow_job", 0)
+    assert proc.stdout.readline().strip()
     t0 = time.time()
     proc.wait(60)
     assert time.time() - t0 < 5, time.time() - t0
@@ -219,21 +227,6 @@ def test_a_process_with_a_running_job_exits_at_once(tmp_path):
     assert m.get("slow") is None
     with m.lock("slow"):  # not held by the dead worker
         pass
-
-
-_KILLED_SERVER = """
-import os, sys, time
-sys.path.insert(0, {root!r})
-from cache import Memo
-from webapp.jobs import Jobs
-from tests.test_jobs import _pid_job
-jobs = Jobs(Memo({memo!r}), workers=1)
-job = jobs.submit("pid", _pid_job, label="pid")
-while job.stage != "working":
-    time.sleep(0.05)
-print(job.i, jobs._manager._process.pid, flush=True)
-time.sleep(600)
-"""
 
 
 def _pid_job(cb):
@@ -249,11 +242,7 @@ def test_a_killed_server_leaves_no_worker_behind(tmp_path):
     # processes with it within seconds, instead of leaving orphans that hold a gigabyte each
     import os
     import signal
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SERVER.format(root=str(root), memo=str(tmp_path / "memo"))],
-                            stdout=subprocess.PIPE, text=True, cwd=root)
+    proc = _server(tmp_path, "_pid_job", 600)
     worker, manager = (int(v) for v in proc.stdout.readline().split())
 
     def alive(pid: int) -> bool:  # running, stopped or sleeping; not gone, not a zombie awaiting its reaper
