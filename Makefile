@@ -64,7 +64,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small
 	$(BIN)/python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2
 	$(BIN)/python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2
-	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64 --out results/precompute
+	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64 --lds-images --jobs 2 --out results/precompute
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
