@@ -16,8 +16,16 @@ st.caption(f"MAGIC attributions of {len(service.gallery_queries())} test digits 
            "in the background and kept.")
 res = W.wait_for(service.galleries_job(run))
 if not res:
-    st.stop()
-gw, bpd, queries = np.asarray(res["grad_w"]), np.asarray(res["bpd"]), [int(q) for q in res["queries"]]
+    # meanwhile, the plain test digits of the query basis: their attributions are exact and came
+    # with the representation, so the page is never empty while the galleries compute
+    early = service.basis_digits(run)
+    if early is None:
+        st.stop()
+    st.info(f"Meanwhile: the {len(early[1])} test digits of the precomputed replay's basis, whose exact "
+            "attributions came with it. The full galleries replace them when they are computed.")
+    res = {"grad_w": early[0], "bpd": None, "queries": early[1]}
+gw, queries = np.asarray(res["grad_w"]), [int(q) for q in res["queries"]]
+bpd = None if res["bpd"] is None else np.asarray(res["bpd"])
 k = st.slider("Top k", 4, 32, 16, key="gal_k")
 rep = figure4.analyse(gw, queries, train_x.reshape(len(train_x), -1), train_y,
                       test_x.reshape(len(test_x), -1), test_y, k=k)
@@ -33,7 +41,8 @@ if cls != "all":  # the class's mean influence: which training images its digits
     W.gallery(tm["proponents"], m, train_x, train_y)
     W.gallery(tm["opponents"], m, train_x, train_y)
 pick = st.selectbox("Query", shown, key="gal_query",
-                    format_func=lambda j: f"test {queries[j]} (a {test_y[queries[j]]}): {bpd[j]:.3f} bits/dim")
+                    format_func=lambda j: f"test {queries[j]} (a {test_y[queries[j]]})"
+                    + ("" if bpd is None else f": {bpd[j]:.3f} bits/dim"))
 c1, c2 = st.columns([1, 3])
 c1.image(W.big(test_x[queries[pick]]), caption=f"test {queries[pick]}", width=168)
 tk = top_k(gw[pick], k)

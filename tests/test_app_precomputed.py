@@ -105,9 +105,11 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
         assert any("precomputed replay `basis4`" in c.value for c in at.caption)
         # what is particular to the image needs no galleries: the basis's own test digits give the mean
         rep = R.load(app_run, "basis4")
-        m, count = service._basis_mean(str(app_run.path), "basis4", path.stat().st_mtime_ns)
-        np.testing.assert_allclose(m, rep.a[:, [0, 1, 3]].mean(1))
-        assert count == 3
+        from engine.precompute import basis
+        gw_b, idx = service.basis_digits(app_run)
+        names = basis.images(4, app_run.seed)[1]
+        assert [f"test:{i}" for i in idx] == [names[j] for j in (0, 1, 3)]  # the plain test digits, in order
+        np.testing.assert_allclose(gw_b, rep.a[:, [0, 1, 3]].T)
         # a shipped file stamped with other weights
         with np.load(tmp_path / "shipped" / "tiny" / "basis4.npz") as f:
             d = {k: f[k] for k in f.files}
@@ -125,3 +127,29 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
         np.testing.assert_array_equal(R.load(app_run, "basis4").a, rep.a)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(app_run, monkeypatch):
+    # never an empty page: with a query basis, its plain test digits (exact attributions, shipped
+    # with the representation) fill the galleries until the galleries' own digits are computed
+    from cache import make_key
+    from engine.precompute import basis, build, representation as R
+    from webapp import service
+    monkeypatch.setenv("APP_GALLERY_QUERIES", "48")  # a gallery not made yet: it computes for a while
+    build.precompute(app_run, method="basis", rank=4, chunk=4)
+    key = make_key("galleries", app_run.digest, np.array(service.gallery_queries()), app_run.preset.likelihood_kwargs)
+    try:
+        at = _new()
+        at.run()
+        at.switch_page("pages/galleries.py").run()
+        assert not at.exception, at.exception
+        job = service.jobs().peek(key)
+        assert job is not None and not job.done
+        assert any("Meanwhile: the 3 test digits" in i.value for i in at.info)
+        idx = [int(n.split(":")[1]) for n in basis.images(4, app_run.seed)[1] if n.startswith("test:")]
+        y = service.test_set()[1]
+        assert at.selectbox[0].options == [f"test {i} (a {y[i]})" for i in idx]
+        assert any("distinct images fill" in m.value for m in at.markdown)
+    finally:
+        service.jobs().cancel(key)
+        (R.folder(app_run) / "basis4.npz").unlink(missing_ok=True)

@@ -265,18 +265,26 @@ def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
     if job is not None and job.done and not job.error:
         gw = np.asarray(job.result["grad_w"])
         return gw.mean(0), len(gw)
+    digits = basis_digits(run)
+    return None if digits is None else (digits[0].mean(0), len(digits[1]))
+
+
+def basis_digits(run: Run) -> Optional[tuple[np.ndarray, list[int]]]:
+    """(grad_w (m, n), their test indices): the plain test digits of the run's query basis, whose
+    columns of A are their exact attributions, so they come with the representation (what the
+    Galleries page shows until its own digits are computed); None without a basis."""
     name, _ = precomputed(run)
     if name is None or not name.startswith("basis"):
         return None
-    return _basis_mean(str(run.path), name, _mtime(run, name))
-
-
+    return _basis_digits(str(run.path), name, _mtime(run, name))
 
 
 @functools.lru_cache(maxsize=4)
-def _basis_mean(run_path: str, name: str, mtime_ns: int) -> Optional[tuple[np.ndarray, int]]:
+def _basis_digits(run_path: str, name: str, mtime_ns: int) -> Optional[tuple[np.ndarray, list[int]]]:
     from engine.precompute import basis, representation
     from engine.store import load_run as _load
     rep = representation.load(_load(run_path), name)
     cols = basis.digit_columns(rep)
-    return (rep.a[:, cols].mean(1), len(cols)) if cols else None
+    if not cols:
+        return None
+    return np.ascontiguousarray(rep.a[:, cols].T), [int(str(rep.info["images"][j]).split(":")[1]) for j in cols]
