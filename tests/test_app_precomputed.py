@@ -132,12 +132,11 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
 def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(app_run, monkeypatch):
     # never an empty page: with a query basis, its plain test digits (exact attributions, shipped
     # with the representation) fill the galleries until the galleries' own digits are computed
-    from cache import make_key
     from engine.precompute import basis, build, representation as R
     from webapp import service
     monkeypatch.setenv("APP_GALLERY_QUERIES", "48")  # a gallery not made yet: it computes for a while
     build.precompute(app_run, method="basis", rank=4, chunk=4)
-    key = make_key("galleries", app_run.digest, np.array(service.gallery_queries()), app_run.preset.likelihood_kwargs)
+    key = service.galleries_key(app_run)
     try:
         at = _new()
         at.run()

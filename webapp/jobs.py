@@ -32,6 +32,9 @@ from engine.executor import neutral_main as _neutral_main
 from engine.executor import set_threads as _set_threads
 
 
+_CAN_PAUSE = hasattr(signal, "SIGSTOP")  # POSIX: the other lanes pause while an interactive job computes
+
+
 def _exit_with_parent() -> None:
     """In a worker or the manager: exit once the server that started it is gone. A server killed
     outright (SIGKILL, out of memory) runs no exit hook, and a pool's workers, blocked on their
@@ -229,14 +232,17 @@ class Jobs:
                     for _ in range(self.workers):
                         pool.submit(fn)
 
-    def _signal_background(self, sig) -> None:
-        """Send sig to every worker of the lanes that an interactive job pauses."""
+    def _signal_background(self, sig: str) -> None:
+        """Send signal `sig` ("SIGSTOP", "SIGCONT") to every worker of the lanes that an
+        interactive job pauses (nothing where pausing is not possible)."""
+        if not _CAN_PAUSE:
+            return
         for lane, pool in list(self._pools.items()):
             if lane == "interactive":
                 continue
             for p in list(getattr(pool, "_processes", {}).values()):
                 try:
-                    os.kill(p.pid, sig)
+                    os.kill(p.pid, getattr(signal, sig))
                 except (ProcessLookupError, TypeError):  # exited, or not started yet
                     pass
 
@@ -245,12 +251,12 @@ class Jobs:
         resume them (SIGCONT) when the last one ends. At nice 19 they still cost a drawing's job
         memory bandwidth and cache on a small machine; paused, they cost nothing, and they lose
         nothing either (their jobs continue where they stopped). POSIX only; elsewhere a no-op."""
-        if not hasattr(signal, "SIGSTOP"):
+        if not _CAN_PAUSE:
             return
         with self._lock:
             self._interactive += 1 if on else -1
             if (on and self._interactive == 1) or (not on and self._interactive == 0):
-                self._signal_background(signal.SIGSTOP if on else signal.SIGCONT)
+                self._signal_background("SIGSTOP" if on else "SIGCONT")
 
     def background_paused(self) -> bool:
         """Whether the non-interactive lanes are paused now (an interactive job is computing)."""
@@ -258,8 +264,7 @@ class Jobs:
 
     def shutdown(self) -> None:
         """Stop the worker processes (running jobs are lost; their keys simply start again later)."""
-        if hasattr(signal, "SIGCONT"):
-            self._signal_background(signal.SIGCONT)  # a stopped process would not act on SIGTERM
+        self._signal_background("SIGCONT")  # a stopped process would not act on SIGTERM
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             for p in list(getattr(pool, "_processes", {}).values()):
@@ -280,10 +285,10 @@ class Jobs:
             self._pause_background(True)
         with _neutral_main():  # processes start on submit
             future = pool.submit(_in_worker, pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), job.token, shared)
-        if not pause and hasattr(signal, "SIGSTOP"):
+        if not pause:
             with self._lock:  # a worker the pool started just now, while an interactive job computes
                 if self._interactive > 0:
-                    self._signal_background(signal.SIGSTOP)
+                    self._signal_background("SIGSTOP")
         try:
             while True:
                 try:

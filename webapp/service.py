@@ -250,18 +250,22 @@ def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
     return {"grad_w": gw, "bpd": bpd, "queries": q}
 
 
+def galleries_key(run: Run) -> str:
+    """The galleries job's key: the run, the curated queries and the likelihood settings."""
+    return make_key("galleries", run.digest, np.array(gallery_queries()), run.preset.likelihood_kwargs)
+
+
 def galleries_job(run: Run):
     """grad_w (Q, n) and BPD (Q,) of the curated test queries, in one batched sweep."""
-    q = gallery_queries()
-    return jobs().submit(make_key("galleries", run.digest, np.array(q), run.preset.likelihood_kwargs),
-                         functools.partial(_galleries, run, q), label="precomputing the galleries")
+    return jobs().submit(galleries_key(run), functools.partial(_galleries, run, gallery_queries()),
+                         label="precomputing the galleries")
 
 
 def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
     """(mean grad_w over many test digits (n,), their count): the gallery's digits once they are
     computed, before that the plain test digits of the run's query basis (their columns of A are
     their exact attributions, so they come with the representation); else None. Starts nothing."""
-    job = jobs().peek(make_key("galleries", run.digest, np.array(gallery_queries()), run.preset.likelihood_kwargs))
+    job = jobs().peek(galleries_key(run))
     if job is not None and job.done and not job.error:
         gw = np.asarray(job.result["grad_w"])
         return gw.mean(0), len(gw)
