@@ -54,9 +54,9 @@ bench: setup
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
-# cores, with the committed retraining banks: about 4 hours (the comparison's MAGIC, query-agnostic
-# MAGIC and TRAK ensembles, the precompute, Figure 2); from an empty results/ folder the banks add
-# about 4 hours.
+# cores, with the committed retraining banks: about 7 hours (the comparison's MAGIC, query-agnostic
+# MAGIC and TRAK ensembles, the precomputes, of which the exact J of `small` is about 3.2 h, Figure 2);
+# from an empty results/ folder the banks add about 4 hours.
 results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine train --preset small --out runs/small
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
@@ -64,7 +64,8 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small
 	$(BIN)/python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2
 	$(BIN)/python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2
-	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64 --lds-images --jobs 2 --out results/precompute
+	$(BIN)/python -m engine precompute --run runs/small --method exact --jobs 2
+	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2 --out results/precompute
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
