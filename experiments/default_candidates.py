@@ -1,0 +1,168 @@
+"""Which training makes a default model worth exploring? A screen of candidates around `cpu`.
+
+    python experiments/default_candidates.py [--only "A;B"] [--n 8] [--samples 64] [--drop-sets 12]
+        [--jobs 2] [--base cpu] [--out results/default_candidates]
+
+Each candidate is the base preset with the changes its name says. For each, cheapest first:
+- training (stored in runs/candidates/<name>; resumes), its time and final loss;
+- sample quality: reverse-SDE samples (500 steps, seed 0) and the share that the classifier of
+  experiments/sample_quality.py labels with confidence >= 0.9, with the count per class (a
+  collapse onto one class shows there, and a share alone would hide it);
+- Figure 2 on n hidden test digits (the report's own inputs, seed 0): the means of the originals,
+  their 90-degree rotations, averages of 4 and uniform noise, and the rotation gap that the
+  seed's Figure 2 is about (seed: 3.5 / 3.8 / 5.32 / 9.12, gap 0.3);
+- smoothness, the screen that chose lr 5e-4 on `small` (experiments/grid_smoothness.py): Spearman
+  between the metagradient's predicted and the actual change of a proxy query (a denoising loss)
+  over 1% drop-set retrains. A candidate that wins here still needs LDS protocol A with the
+  exact BPD (python -m engine lds) before it becomes the default.
+
+Every stage of every candidate is stored as it finishes (candidates.json), so the screen resumes
+after an interruption; candidates.md is rewritten each time. On 2 cores a 3,000-step candidate
+costs about 40 min, two thirds of it the retrains of the smoothness stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import atomic, data, provenance, training as train  # noqa: E402
+from engine.bpd import run_bpd  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.experiments import sample_quality as sq  # noqa: E402
+from engine.experiments.figure2 import GROUPS, WRITEUP_VALUES, figure2_inputs  # noqa: E402
+from engine.presets import PRESETS  # noqa: E402
+from engine.sampling import sample  # noqa: E402
+from engine.store import load_run  # noqa: E402
+
+CANDIDATES: dict[str, dict] = {
+    # Names say the full difference from the base preset (`cpu`: 2,000 images, 600 steps, lr 5e-4).
+    "600 steps (today)": {},
+    "3000 steps": {"steps": 3000},
+    "3000 steps + lr 1e-3": {"steps": 3000, "lr": 1e-3},
+    "3000 steps + 5000 images": {"steps": 3000, "n_train": 5000},
+    # with --only when there is time
+    "1500 steps": {"steps": 1500},
+    "3000 steps + lr 2e-3": {"steps": 3000, "lr": 2e-3},
+    "6000 steps": {"steps": 6000},
+    "3000 steps + batch 128": {"steps": 3000, "batch_size": 128},
+}
+DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images"]
+STAGES = ("training", "samples", "figure2", "smoothness")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def stage_training(run) -> dict:
+    return {"train_seconds": run.train_seconds(), "final_loss": float(np.mean(run.losses()[-20:])),
+            "run_digest": run.digest}
+
+
+def stage_samples(run, n: int, classifier) -> dict:
+    p = run.preset
+    t0 = time.perf_counter()
+    x = sample(run.model(), (n, 1, 28, 28), method="sde", n_steps=500, seed=0, sigma=p.sigma, eps=p.t_eps)
+    r = sq.confident_share(classifier, x)
+    return {"confident": int(round(r["share"] * n)), "n": n, "histogram": r["histogram"],
+            "seconds": time.perf_counter() - t0}
+
+
+def stage_figure2(run, n: int) -> dict:
+    inputs = figure2_inputs(n, 90.0, 4, 0)
+    t0 = time.perf_counter()
+    means = {g: float(np.mean(run_bpd(run, inputs[g])[0])) for g in GROUPS}
+    return {**means, "gap": means["rotated"] - means["original"], "n": n, "seconds": time.perf_counter() - t0}
+
+
+def stage_smoothness(run, runs: Path, queries: int, drop_sets: int, jobs: int) -> dict:
+    from grid_smoothness import evaluate  # the same screen, on this candidate
+    r = evaluate(run.preset, runs, data.query_indices(queries, seed=1), drop_sets, jobs)
+    return {k: r[k] for k in ("spearman", "spearman_mean", "metagradient_seconds")}
+
+
+def table(results: dict) -> str:
+    lines = ["| candidate | train s | final loss | samples confident (per class 0-9) | original / rotated / "
+             "averaged / noise (bits/dim) | rotation gap | smoothness (Spearman) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        t, s, f, m = (r.get(k) for k in STAGES)
+        cells = [name,
+                 f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
+                 f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})" if s else "…",
+                 " / ".join(f"{f[g]:.2f}" for g in GROUPS) if f else "…", f"{f['gap']:+.2f}" if f else "…",
+                 f"{m['spearman_mean']:.3f} ({', '.join(f'{v:.2f}' for v in m['spearman'])})" if m else "…"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"| seed write-up | | | | {' / '.join(str(WRITEUP_VALUES[g]) for g in GROUPS)} | +0.30 | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/default_candidates")
+    ap.add_argument("--runs", default="runs/candidates")
+    ap.add_argument("--base", default="cpu", help="the preset the candidates change")
+    ap.add_argument("--only", help="semicolon-separated candidate names (names may hold commas)")
+    ap.add_argument("--n", type=int, default=8, help="test digits per Figure 2 group")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=2, help="proxy queries of the smoothness stage")
+    ap.add_argument("--drop-sets", type=int, default=12)
+    ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel")
+    a = ap.parse_args()
+    names = [n.strip() for n in a.only.split(";")] if a.only else DEFAULT
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or a.base not in PRESETS:
+        sys.exit(f"error: unknown {'candidate ' + repr(unknown[0]) if unknown else 'preset ' + repr(a.base)}; "
+                 f"candidates: {'; '.join(CANDIDATES)}")
+    if a.n < 1 or a.samples < 1 or a.drop_sets < 2 or a.queries < 1 or a.jobs < 1:
+        sys.exit("error: --n, --samples, --queries and --jobs must be >= 1 and --drop-sets >= 2")
+    provenance.start()
+    out = Path(a.out)
+    path = out / "candidates.json"
+    try:
+        results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    except (ValueError, KeyError):
+        sys.exit(f"error: {path} is not a candidates report; move it away to start afresh")
+    classifier = None
+    settings = {"base": a.base, "n": a.n, "samples": a.samples, "queries": a.queries, "drop_sets": a.drop_sets}
+    for i, name in enumerate(names):
+        preset = dataclasses.replace(PRESETS[a.base], **CANDIDATES[name])
+        r = results.setdefault(name, {})
+        if r.get("settings") != settings or r.get("preset") != preset.to_dict():
+            r.clear()  # other settings or another base: nothing of it is reused
+            r.update(settings=settings, preset=preset.to_dict())
+        folder = Path(a.runs) / a.base / slug(name)
+        for stage in STAGES:
+            if stage in r:
+                continue
+            print(f"[{i + 1}/{len(names)}] {name}: {stage}", flush=True)
+            try:
+                train.train(preset, seed=0, out=folder / "run")
+                run = load_run(folder / "run")
+                if stage == "training":
+                    r[stage] = stage_training(run)
+                elif stage == "samples":
+                    classifier = classifier or sq.load_classifier()
+                    r[stage] = stage_samples(run, a.samples, classifier)
+                elif stage == "figure2":
+                    r[stage] = stage_figure2(run, a.n)
+                else:
+                    r[stage] = stage_smoothness(run, folder / "run", a.queries, a.drop_sets, a.jobs)
+            except UserError as e:
+                sys.exit(f"error: {e}")
+            atomic.save_json({**provenance.stamp(), "candidates": CANDIDATES, "results": results}, path)
+            atomic.save_text(table(results) + "\n", out / "candidates.md")  # the json names the command and commit
+    print(table({n: results[n] for n in names}))
+
+
+if __name__ == "__main__":
+    main()
