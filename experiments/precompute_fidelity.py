@@ -162,7 +162,7 @@ def main() -> None:
                  "lds": L(s)})
     report = {**provenance.stamp(), "run": str(run.path), "preset": run.preset.name,
               "run_digest": run.digest, "queries": names, "kinds": kinds, "bpd": bpd.tolist(),
-              "exact_seconds": float(ex["seconds"]), "bank_queries": bank_q, "lds_queries": [names[i] for i in sel],
+              "exact_seconds": float(ex["seconds"]), "train_seconds": run.train_seconds(), "bank_queries": bank_q, "lds_queries": [names[i] for i in sel],
               "rows": rows}
     out = Path(a.out)
     atomic.save_json(report, out / "fidelity.json")
@@ -190,8 +190,9 @@ def _markdown(r: dict) -> str:
              f"{len(r.get('lds_queries', r['bank_queries']))} queries: "
              f"{', '.join(r.get('lds_queries', [f'test:{q}' for q in r['bank_queries']]))}.", "",
              "| scores | Spearman with exact: test / drawn / off-dist. (min) | top-16 proponents shared (min) | "
-             "top-16 opponents shared (min) | LDS mean (min)" + (": test / drawn and off-dist." if split else "") + " |",
-             "|---|---|---|---|---|"]
+             "top-16 opponents shared (min) | LDS mean (min)" + (": test / drawn and off-dist." if split else "") +
+             " | precompute: compute, size |",
+             "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         rho = np.array(row["spearman_with_exact"])
         parts = " / ".join(f"{rho[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
@@ -199,8 +200,16 @@ def _markdown(r: dict) -> str:
         l = np.array(row["lds"])
         ld = (f"{l[:8].mean():.3f} ({l[:8].min():.3f}) / {l[8:].mean():.3f} ({l[8:].min():.3f})" if split
               else f"{l.mean():.3f} ({l.min():.3f})")
+        cost = ""
+        if row["scores"] == "exact MAGIC (replay)":
+            cost = f"none (the replay: {r['exact_seconds']:,.0f} s for these {len(r['queries'])} queries at once)"
+        elif row.get("precompute_seconds") and row["scores"] == row.get("rep"):  # a truncation costs what its whole did
+            sec = row["precompute_seconds"]
+            ts = r.get("train_seconds") or float("nan")
+            times = f" ({sec / ts:,.0f}x training)" if np.isfinite(ts) else ""
+            cost = f"{sec:,.0f} s{times}, {row['bytes_full'] / 2**20:.1f} MiB"
         lines.append(f"| {row['scores']} | {parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | "
-                     f"{o.mean():.1f} ({o.min()}) | {ld} |")
+                     f"{o.mean():.1f} ({o.min()}) | {ld} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
