@@ -22,7 +22,8 @@ SECTIONS = [
      ["results/precompute/fidelity.png"],
      "python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2 && "
      "python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2 && "
-     "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64"),
+     "python -m engine precompute --run runs/small --method exact --jobs 2 && "
+     "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2"),
     ("A new image's attribution: precomputed against replay", "results/bench_precompute.txt", None, [],
      "python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt"),
     ("The app's default model: its shipped representation's cost", "results/bench_precompute_cpu.txt", None, [],
