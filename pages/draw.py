@@ -80,7 +80,7 @@ if job is None and st.button(f"Find them (one backward pass through training: a 
 if job is not None and (name is None or job.done):  # (a running precomputed job shows its progress above)
     res = W.wait_for(job)
     if res:
-        gw, method = np.asarray(res["grad_w"]), res.get("method", "replay")
+        gw, method, took = np.asarray(res["grad_w"]), res.get("method", "replay"), res.get("seconds")
         k = st.slider("How many of each", 4, 32, 16, key="k")
         if method.startswith("precomputed:") and method != "precomputed:exact":
             # progressive: the approximate preview now, the exact replay in the background
@@ -91,13 +91,13 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
             st.session_state["exact_key"] = exact.key
             done = W.wait_for(exact)
             if done:
-                st.caption(W.method_words(method, run) + " " + W.replaced_words(gw, np.asarray(done["grad_w"])))
+                st.caption(W.method_words(method, run, took) + " " + W.replaced_words(gw, np.asarray(done["grad_w"])))
                 gw, method = np.asarray(done["grad_w"]), "replay"
             else:
-                st.caption(W.method_words(method, run) + " A preview: the exact replay is running (above) "
+                st.caption(W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
                            "and replaces it when it lands.")
         else:
-            st.caption(W.method_words(method, run))
+            st.caption(W.method_words(method, run, took))
         W.influences(gw, k, train_x, train_y)
         W.particular(gw, k, service.gallery_mean(run), train_x, train_y)
         st.caption("Check a prediction by retraining on the **Verify** page.")

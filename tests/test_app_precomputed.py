@@ -1,5 +1,7 @@
 """The Draw page with a precomputed replay (engine.precompute) for the app's run, through AppTest."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -18,13 +20,19 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         at = _new()
         at.run()
         at.session_state["test_canvas"] = _stroke_canvas()
+        t0 = time.perf_counter()
         at = _until(at, lambda a: any(m.value.startswith("**Top 16 proponents**") for m in a.markdown))
+        waited = time.perf_counter() - t0
         assert len(at.button) == 0  # no button: the influences came on their own
         assert any("precomputed replay `lowrank4`" in c.value for c in at.caption)
         x = service.from_canvas(_stroke_canvas())
         from engine.attribution import attribute_precomputed
         want, _ = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), x[None])
-        got = service.jobs().peek(service.attribution_key(app_run, x)).result["grad_w"]
+        res = service.jobs().peek(service.attribution_key(app_run, x)).result
+        got = res["grad_w"]
+        # the page says how long the computation itself took (part of the wait, measured in the worker)
+        assert 0 < res["seconds"] <= waited
+        assert any(f"Computing it took {res['seconds']:.1f} s." in c.value for c in at.caption)
         # the worker runs torch with another thread count, so the BPD gradient may round differently
         assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
         # progressive: the exact replay runs in the background and replaces the preview, saying

@@ -116,13 +116,15 @@ def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
     return row, (other if row is not None else None)
 
 
-def method_words(method: str, run: Optional[Run] = None) -> str:
-    """How an attribution was computed, for the page, with the representation's measured fidelity."""
+def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
+    """How an attribution was computed, for the page, with the representation's measured fidelity
+    and, when known, how long the computation itself took."""
+    took = "" if seconds is None else f" Computing it took {seconds:.1f} s."
     if method == "replay":
-        return "Computed by replaying training backwards for this image (exact MAGIC)."
+        return "Computed by replaying training backwards for this image (exact MAGIC)." + took
     name = method.split(":", 1)[1]
     if name == "exact":
-        return "Computed from the precomputed replay `exact` (J itself: equal to exact MAGIC up to rounding)."
+        return "Computed from the precomputed replay `exact` (J itself: equal to exact MAGIC up to rounding)." + took
     row, other = _fidelity(run, name) if run is not None else (None, None)
     where = "images of this model" if other is None else f"images of the `{other}` model, with the same method"
     measured = ("its measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays'" if row is None else
@@ -132,7 +134,7 @@ def method_words(method: str, run: Optional[Run] = None) -> str:
                 f"{np.mean(row['lds']):.2f}")
     what = ("exact MAGIC of the query's part in a basis of replayed images" if name.startswith("basis")
             else "a low-rank approximation of exact MAGIC")
-    return f"Computed from the precomputed replay `{name}` ({what}; {measured})."
+    return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + took
 
 
 def replaced_words(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> str:
