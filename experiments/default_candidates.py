@@ -1,7 +1,7 @@
 """Which training makes a default model worth exploring? A screen of candidates around `cpu`.
 
     python experiments/default_candidates.py [--only "A;B"] [--n 8] [--samples 64] [--drop-sets 12]
-        [--jobs 2] [--base cpu] [--out results/default_candidates]
+        [--jobs 2] [--stages training,samples,figure2,smoothness] [--base cpu] [--out results/default_candidates]
 
 Each candidate is the base preset with the changes its name says. For each, cheapest first:
 - training (stored in runs/candidates/<name>; resumes), its time and final loss;
@@ -16,7 +16,8 @@ Each candidate is the base preset with the changes its name says. For each, chea
   over 1% drop-set retrains. A candidate that wins here still needs LDS protocol A with the
   exact BPD (python -m engine lds) before it becomes the default.
 
-Every stage of every candidate is stored as it finishes (candidates.json), so the screen resumes
+Stages run across all candidates before the next (--stages picks some), and every stage of
+every candidate is stored as it finishes (candidates.json), so the screen resumes
 after an interruption; candidates.md is rewritten each time. On 2 cores a 3,000-step candidate
 costs about 40 min, two thirds of it the retrains of the smoothness stage.
 """
@@ -49,13 +50,13 @@ CANDIDATES: dict[str, dict] = {
     "3000 steps": {"steps": 3000},
     "3000 steps + lr 1e-3": {"steps": 3000, "lr": 1e-3},
     "3000 steps + 5000 images": {"steps": 3000, "n_train": 5000},
+    "6000 steps": {"steps": 6000},
     # with --only when there is time
     "1500 steps": {"steps": 1500},
     "3000 steps + lr 2e-3": {"steps": 3000, "lr": 2e-3},
-    "6000 steps": {"steps": 6000},
     "3000 steps + batch 128": {"steps": 3000, "batch_size": 128},
 }
-DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images"]
+DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
 STAGES = ("training", "samples", "figure2", "smoothness")
 
 
@@ -117,9 +118,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2, help="proxy queries of the smoothness stage")
     ap.add_argument("--drop-sets", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     a = ap.parse_args()
     names = [n.strip() for n in a.only.split(";")] if a.only else DEFAULT
     unknown = [n for n in names if n not in CANDIDATES]
+    stages = [st.strip() for st in a.stages.split(",")]
+    if any(st not in STAGES for st in stages):
+        sys.exit(f"error: unknown stage in {a.stages!r}; stages: {', '.join(STAGES)}")
     if unknown or a.base not in PRESETS:
         sys.exit(f"error: unknown {'candidate ' + repr(unknown[0]) if unknown else 'preset ' + repr(a.base)}; "
                  f"candidates: {'; '.join(CANDIDATES)}")
@@ -134,14 +139,18 @@ def main() -> None:
         sys.exit(f"error: {path} is not a candidates report; move it away to start afresh")
     classifier = None
     settings = {"base": a.base, "n": a.n, "samples": a.samples, "queries": a.queries, "drop_sets": a.drop_sets}
-    for i, name in enumerate(names):
-        preset = dataclasses.replace(PRESETS[a.base], **CANDIDATES[name])
+    presets = {name: dataclasses.replace(PRESETS[a.base], **CANDIDATES[name]) for name in names}
+    for name, preset in presets.items():
         r = results.setdefault(name, {})
         if r.get("settings") != settings or r.get("preset") != preset.to_dict():
             r.clear()  # other settings or another base: nothing of it is reused
             r.update(settings=settings, preset=preset.to_dict())
-        folder = Path(a.runs) / a.base / slug(name)
-        for stage in STAGES:
+    # Stage by stage across the candidates, not candidate by candidate: the cheap stages of
+    # every candidate come first, so the screen can be read (and cut short) before the retrains.
+    for stage in stages:
+        for i, (name, preset) in enumerate(presets.items()):
+            r = results[name]
+            folder = Path(a.runs) / a.base / slug(name)
             if stage in r:
                 continue
             print(f"[{i + 1}/{len(names)}] {name}: {stage}", flush=True)
