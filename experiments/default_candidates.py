@@ -101,7 +101,9 @@ def table(results: dict) -> str:
     lines = ["| candidate | train s | final loss | samples confident (per class 0-9) | original / rotated / "
              "averaged / noise (bits/dim) | rotation gap | s per BPD | smoothness (Spearman) |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
+    order = list(CANDIDATES) + sorted(set(results) - set(CANDIDATES))  # the json's keys come back sorted
+    for name in sorted(results, key=order.index):
+        r = results[name]
         t, s, f, m = (r.get(k) for k in STAGES)
         cells = [name,
                  f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
