@@ -11,6 +11,7 @@ Each candidate is the base preset with the changes its name says. For each, chea
 - Figure 2 on n hidden test digits (the report's own inputs, seed 0): the means of the originals,
   their 90-degree rotations, averages of 4 and uniform noise, and the rotation gap that the
   seed's Figure 2 is about (seed: 3.5 / 3.8 / 5.32 / 9.12, gap 0.3);
+- the rotation gap alone on the Figure 2 report's 50 originals (--gap-n), with its standard error;
 - smoothness, the screen that chose lr 5e-4 on `small` (experiments/grid_smoothness.py): Spearman
   between the metagradient's predicted and the actual change of a proxy query (a denoising loss)
   over 1% drop-set retrains. A candidate that wins here still needs LDS protocol A with the
@@ -63,7 +64,7 @@ CANDIDATES: dict[str, dict] = {
     "3000 steps + batch 128": {"steps": 3000, "batch_size": 128},
 }
 DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
-STAGES = ("training", "samples", "figure2", "smoothness")
+STAGES = ("training", "samples", "figure2", "rotation", "smoothness")
 
 
 def slug(name: str) -> str:
@@ -91,6 +92,18 @@ def stage_figure2(run, n: int) -> dict:
     return {**means, "gap": means["rotated"] - means["original"], "n": n, "seconds": time.perf_counter() - t0}
 
 
+def stage_rotation(run, n: int) -> dict:
+    """The rotation gap on the n originals of the Figure 2 report (`engine figure2 --n n`): at n = 8
+    its standard error (~0.08 bits/dim) is as large as the differences between candidates."""
+    inputs = figure2_inputs(n, 90.0, 4, 0)
+    t0 = time.perf_counter()
+    b = {g: np.asarray(run_bpd(run, inputs[g])[0], dtype=float) for g in ("original", "rotated")}
+    d = b["rotated"] - b["original"]
+    return {"original": float(b["original"].mean()), "rotated": float(b["rotated"].mean()), "gap": float(d.mean()),
+            "gap_se": float(d.std(ddof=1) / np.sqrt(n)), "gap_per_digit": d.tolist(), "n": n,
+            "seconds": time.perf_counter() - t0}
+
+
 def stage_smoothness(run, runs: Path, queries: int, drop_sets: int, jobs: int) -> dict:
     from grid_smoothness import evaluate  # the same screen, on this candidate
     r = evaluate(run.preset, runs, data.query_indices(queries, seed=1), drop_sets, jobs)
@@ -99,20 +112,22 @@ def stage_smoothness(run, runs: Path, queries: int, drop_sets: int, jobs: int) -
 
 def table(results: dict) -> str:
     lines = ["| candidate | train s | final loss | samples confident (per class 0-9) | original / rotated / "
-             "averaged / noise (bits/dim) | rotation gap | s per BPD | smoothness (Spearman) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "averaged / noise (bits/dim) | rotation gap | s per BPD | rotation gap on the report's digits (± SE) "
+             "| smoothness (Spearman) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     order = list(CANDIDATES) + sorted(set(results) - set(CANDIDATES))  # the json's keys come back sorted
     for name in sorted(results, key=order.index):
         r = results[name]
-        t, s, f, m = (r.get(k) for k in STAGES)
+        t, s, f, g, m = (r.get(k) for k in STAGES)
         cells = [name,
                  f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
                  f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})" if s else "…",
                  " / ".join(f"{f[g]:.2f}" for g in GROUPS) if f else "…", f"{f['gap']:+.2f}" if f else "…",
                  f"{f['seconds'] / (4 * f['n']):.1f}" if f else "…",
+                 f"{g['gap']:+.3f} ± {g['gap_se']:.3f} (n {g['n']})" if g else "…",
                  f"{m['spearman_mean']:.3f} ({', '.join(f'{v:.2f}' for v in m['spearman'])})" if m else "…"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| seed write-up | | | | {' / '.join(str(WRITEUP_VALUES[g]) for g in GROUPS)} | +0.30 | | |")
+    lines.append(f"| seed write-up | | | | {' / '.join(str(WRITEUP_VALUES[g]) for g in GROUPS)} | +0.30 | | | |")
     return "\n".join(lines)
 
 
@@ -123,6 +138,7 @@ def main() -> None:
     ap.add_argument("--base", default="cpu", help="the preset the candidates change")
     ap.add_argument("--only", help="semicolon-separated candidate names (names may hold commas)")
     ap.add_argument("--n", type=int, default=8, help="test digits per Figure 2 group")
+    ap.add_argument("--gap-n", type=int, default=50, help="originals of the rotation stage (the report's n)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--queries", type=int, default=2, help="proxy queries of the smoothness stage")
     ap.add_argument("--drop-sets", type=int, default=12)
@@ -137,8 +153,8 @@ def main() -> None:
     if unknown or a.base not in PRESETS:
         sys.exit(f"error: unknown {'candidate ' + repr(unknown[0]) if unknown else 'preset ' + repr(a.base)}; "
                  f"candidates: {'; '.join(CANDIDATES)}")
-    if a.n < 1 or a.samples < 1 or a.drop_sets < 2 or a.queries < 1 or a.jobs < 1:
-        sys.exit("error: --n, --samples, --queries and --jobs must be >= 1 and --drop-sets >= 2")
+    if a.n < 1 or a.gap_n < 2 or a.samples < 1 or a.drop_sets < 2 or a.queries < 1 or a.jobs < 1:
+        sys.exit("error: --n, --samples, --queries and --jobs must be >= 1, --gap-n and --drop-sets >= 2")
     provenance.start()
     out = Path(a.out)
     path = out / "candidates.json"
@@ -148,6 +164,8 @@ def main() -> None:
         sys.exit(f"error: {path} is not a candidates report; move it away to start afresh")
     classifier = None
     settings = {"base": a.base, "n": a.n, "samples": a.samples, "queries": a.queries, "drop_sets": a.drop_sets}
+    if a.gap_n != 50:  # a key only when it differs, so that the stages stored before it are kept
+        settings["gap_n"] = a.gap_n
     presets = {name: dataclasses.replace(PRESETS[a.base], **CANDIDATES[name]) for name in names}
     for name, preset in presets.items():
         r = results.setdefault(name, {})
@@ -173,6 +191,8 @@ def main() -> None:
                     r[stage] = stage_samples(run, a.samples, classifier)
                 elif stage == "figure2":
                     r[stage] = stage_figure2(run, a.n)
+                elif stage == "rotation":
+                    r[stage] = stage_rotation(run, a.gap_n)
                 else:
                     r[stage] = stage_smoothness(run, folder / "run", a.queries, a.drop_sets, a.jobs)
             except UserError as e:
