@@ -197,6 +197,9 @@ def main() -> None:
                     r[stage] = stage_smoothness(run, folder / "run", a.queries, a.drop_sets, a.jobs)
             except UserError as e:
                 sys.exit(f"error: {e}")
+            # one candidate's stages come from several invocations (resumes, --stages): each
+            # stage says which command and checkout made it
+            r[stage]["by"] = provenance.stamp()
             atomic.save_json({**provenance.stamp(), "candidates": CANDIDATES, "results": results}, path)
             atomic.save_text(table(results) + "\n", out / "candidates.md")  # the json names the command and commit
     print(table({n: results[n] for n in names}))
