@@ -118,13 +118,13 @@ def table(results: dict) -> str:
     order = list(CANDIDATES) + sorted(set(results) - set(CANDIDATES))  # the json's keys come back sorted
     for name in sorted(results, key=order.index):
         r = results[name]
-        t, s, f, g, m = (r.get(k) for k in STAGES)
+        t, s, f, rot, m = (r.get(k) for k in STAGES)
         cells = [name,
                  f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
                  f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})" if s else "…",
                  " / ".join(f"{f[g]:.2f}" for g in GROUPS) if f else "…", f"{f['gap']:+.2f}" if f else "…",
                  f"{f['seconds'] / (4 * f['n']):.1f}" if f else "…",
-                 f"{g['gap']:+.3f} ± {g['gap_se']:.3f} (n {g['n']})" if g else "…",
+                 f"{rot['gap']:+.3f} ± {rot['gap_se']:.3f} (n {rot['n']})" if rot else "…",
                  f"{m['spearman_mean']:.3f} ({', '.join(f'{v:.2f}' for v in m['spearman'])})" if m else "…"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"| seed write-up | | | | {' / '.join(str(WRITEUP_VALUES[g]) for g in GROUPS)} | +0.30 | | | |")
