@@ -121,6 +121,26 @@ def _cpu(state: TrainState) -> TrainState:
     return state.map(lambda x: x.detach().cpu())
 
 
+def config_difference(stored: dict, wanted: dict) -> str:
+    """What tells two run configs apart, in words: e.g. "preset cpu with steps 600, not 3000"
+    (a preset's settings change between versions, and a user's old run then stops matching)."""
+    a, b = stored.get("preset", {}), wanted.get("preset", {})
+    fields = [k for k in sorted(set(a) | set(b)) if k != "name" and a.get(k) != b.get(k)]
+    said = [f"{k} {_show(a.get(k))}, not {_show(b.get(k))}" for k in fields]
+    if stored.get("seed") != wanted.get("seed"):
+        said.append(f"seed {stored.get('seed')}, not {wanted.get('seed')}")
+    if stored.get("weights_sha256") != wanted.get("weights_sha256"):
+        said.append("other per-example weights")
+    if stored.get("format") != wanted.get("format"):
+        said.append(f"format {stored.get('format')}, not {wanted.get('format')}")
+    name = a.get("name") if a.get("name") == b.get("name") else f"{a.get('name')}, not {b.get('name')}"
+    return f"preset {name}" + (" with " + "; ".join(said) if said else "")
+
+
+def _show(v) -> str:
+    return "(" + ", ".join(map(str, v)) + ")" if isinstance(v, (list, tuple)) else str(v)
+
+
 def open_for_training(path: Path, preset: Preset, seed: int, weights: np.ndarray, n_params: int) -> Run:
     """Create RUN for this config, or reopen it to resume; refuse a directory of another config."""
     cfg = _config(preset, seed, weights)
@@ -130,8 +150,8 @@ def open_for_training(path: Path, preset: Preset, seed: int, weights: np.ndarray
     if (path / "config.json").exists():
         run = _read_config(path)
         if run.digest != dig:
-            raise UserError(f"{path} holds a run of another config (preset {run.config['preset'].get('name')}, "
-                            f"seed {run.config.get('seed')}); choose another --out or delete it")
+            raise UserError(f"{path} holds a run of another config ({config_difference(run.config, cfg)}); "
+                            "choose another --out or delete it")
         return run
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"{path} exists, is not empty and is not a run directory; choose another --out")

@@ -1,5 +1,6 @@
 """Training is a pure, replayable function of (seed, weights); runs resume bit-identically."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -109,8 +110,11 @@ def test_a_fresh_process_replays_a_stored_segment_bit_for_bit(tmp_path):
 
 def test_run_directory_of_another_config_is_refused(tmp_path):
     train.train(TINY, seed=0, out=tmp_path / "r")
-    with pytest.raises(UserError, match="another config"):
+    with pytest.raises(UserError, match=r"another config \(preset tiny with seed 0, not 1\)"):
         train.train(TINY, seed=1, out=tmp_path / "r")
+    # a preset whose settings changed since the run was made (a new version's default) says which
+    with pytest.raises(UserError, match=r"\(preset tiny with steps 24, not 30\); choose another --out"):
+        train.train(dataclasses.replace(TINY, steps=30), seed=0, out=tmp_path / "r")
     # a checkpoint copied in from another config is detected too
     train.train(TINY, seed=2, out=tmp_path / "s")
     shutil.copy(tmp_path / "s" / "final.pt", tmp_path / "r" / "final.pt")
