@@ -102,7 +102,7 @@ def main() -> None:
         rows.append(("training (baseline)", m))
         run = load_run(Path(tmp) / "run")
         g = torch.Generator().manual_seed(0)
-        final = run.load_final().params
+        final = run.load_final().model_params
         qs = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in final.items()} for _ in range(a.queries)]
         # segment1 first: RSS peaks miss memory the allocator kept from an earlier stage
         for name, label, kw, q in (

@@ -71,7 +71,7 @@ def main() -> None:
     provenance.start()
     run = load_run(a.run)
     p = run.preset
-    model = model_for(p, run.seed, run.load_final().params)
+    model = model_for(p, run.seed, run.load_final().model_params)
     params = list(model.parameters())
     x = data.load_test()[0][a.query: a.query + 1].to(next(model.parameters()).device, p.torch_dtype)
     kw = p.likelihood_kwargs
@@ -107,7 +107,7 @@ def main() -> None:
     omega = torch.randn(8, p.n_train, generator=torch.Generator().manual_seed(0))
     q = torch.randn(8, flat.shape[1], generator=torch.Generator().manual_seed(1))
     fwd8 = per_step(lambda cb: forward_tangents(run, images, omega, callback=cb))
-    rev8 = per_step(lambda cb: metagradient(run, images, flat_to_dicts(q, run.load_final().params), callback=cb))
+    rev8 = per_step(lambda cb: metagradient(run, images, flat_to_dicts(q, run.load_final().model_params), callback=cb))
     step = t_train / p.steps
     dev = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"Per-query cost on {dev}; run {a.run} (preset {p.name}, n = {p.n_train}, {p.steps} steps, "

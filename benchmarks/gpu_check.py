@@ -81,7 +81,7 @@ def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
 
     # exact BPD per image (RK4 on the preset's grid, exact divergence)
     model = train.make_model(p, 0).to(dev)
-    model.load_state_dict(a.params)
+    model.load_state_dict(a.model_params)
     x = data.load_test()[0][:2 if dry_run else 4].to(dev)
     with torch.no_grad():
         bits_per_dim(model, x[:1], **p.likelihood_kwargs)  # warm-up (kernels, allocator)

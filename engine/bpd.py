@@ -61,4 +61,4 @@ def bpd(preset: Preset, seed: int, params: dict[str, torch.Tensor], x: torch.Ten
 
 def run_bpd(run, x: torch.Tensor, **kwargs) -> tuple[np.ndarray, Optional[list[dict[str, torch.Tensor]]]]:
     """`bpd` under a finished run's final model (engine.store.Run)."""
-    return bpd(run.preset, run.seed, run.load_final().params, x, **kwargs)
+    return bpd(run.preset, run.seed, run.load_final().model_params, x, **kwargs)

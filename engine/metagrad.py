@@ -101,7 +101,11 @@ class _Sweep:
         self.names = list(query_grads[0])
         # adjoint of s_T: dPhi/dtheta on the parameters, nothing on the moments; (Q, ...) each
         g = [torch.stack([q[n].detach().to(self.dev, p.torch_dtype) for q in query_grads]) for n in self.names]
-        self.adj = g + [torch.zeros_like(x) for x in g] * 2
+        # The model's weights are sum_k c_k theta_k (the last iterate, or the moving average):
+        # the adjoint of s_T gets c_T g, and each pullback that lands on s_k adds c_k g.
+        self.g, self.c = (g, p.ema_weights().tolist()) if p.ema else (None, None)
+        self.adj = [x * self.c[-1] for x in g] if p.ema else list(g)
+        self.adj += [torch.zeros_like(x) for x in g] * 2
         self.grad_w = torch.zeros(len(query_grads), self.w.shape[0], dtype=p.torch_dtype, device=self.dev)
         self.done = 0
 
@@ -171,7 +175,7 @@ class _Sweep:
                         for gi, a in zip(g[:-1], self.adj)]
             if g[-1] is not None:
                 self.grad_w[0] += g[-1].detach()
-            self._tick()
+            self._landed(s.step)
         return new.map(lambda x: x.detach()), pull
 
     def _build_func(self, s: TrainState) -> tuple[TrainState, Callable[[], None]]:
@@ -187,12 +191,19 @@ class _Sweep:
             gp, gm, gv, gw = torch.func.vmap(vjp_fn)(cot)
             self.adj = [d[n] for d in (gp, gm, gv) for n in names]
             self.grad_w.index_add_(1, idx, gw)
-            self._tick()
+            self._landed(s.step)
         return TrainState(s.step + 1, p, m, v), pull
 
     def pullback(self, s: TrainState) -> None:
         """Adjoint of s_{k+1} -> adjoint of s_k, and step k's d Phi / d w terms, for all Q at once."""
         self.build(s)[1]()
+
+    def _landed(self, k: int) -> None:
+        """The adjoints now belong to s_k: add iterate k's share of the output, then report."""
+        if self.c is not None and k >= 1:
+            for a, g in zip(self.adj[:len(self.g)], self.g):  # the parameters' adjoints come first
+                a.add_(g, alpha=self.c[k - 1])
+        self._tick()
 
     def _tick(self) -> None:
         self.done += 1

@@ -37,6 +37,14 @@ class Preset:
     bpd_steps: int = 8      # RK4 steps, evenly spaced in log s(t)
     device: str = "cpu"
     dtype: str = "float32"  # float64 only for precision checks (finite differences in tests)
+    # Decay of an exponential moving average of the iterates theta_1..theta_T, whose normalized
+    # value is then the model's weights (0: the last iterate, as before). Linear in the iterates,
+    # so the metagradient carries it exactly (engine.metagrad, engine.precompute.tangents).
+    ema: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"ema must be in [0, 1), got {self.ema}")
 
     @property
     def ckpt_every(self) -> int:
@@ -53,7 +61,21 @@ class Preset:
         return {"sigma": self.sigma, "eps": self.t_eps, "n_steps": self.bpd_steps}
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The config as JSON types. `ema` appears only when used, so that runs made before it
+        existed keep their digest."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.ema:
+            del d["ema"]
+        return d
+
+    def ema_weights(self) -> torch.Tensor:
+        """c (T,) float64: the model's weights are sum_k c[k-1] theta_k over the iterates k = 1..T
+        (with ema = 0, c = (0, ..., 0, 1)). c_k = (1 - b) b^(T-k) / (1 - b^T): the normalized EMA."""
+        k = torch.arange(1, self.steps + 1, dtype=torch.float64)
+        if not self.ema:
+            return (k == self.steps).to(torch.float64)
+        b = self.ema
+        return (1 - b) * b ** (self.steps - k) / (1 - b ** self.steps)
 
 
 PRESETS: dict[str, Preset] = {

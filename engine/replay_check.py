@@ -3,7 +3,7 @@
     python -m engine.replay_check RUN START END    -> prints "bit-identical" or "DIFFERENT", exit 0/1
 
 Loads the stored state before step START, replays training to step END under engine.device's
-settings, and compares every tensor of (theta, m, v) with the stored state before END. The
+settings, and compares every tensor of (theta, m, v) and the moving average if kept, with the stored state before END. The
 metagradient's replay and the precompute's jobs run in other processes than training, on the
 same kernels only if this holds.
 """
@@ -28,6 +28,8 @@ def replays_bit_for_bit(run_path: str, start: int, end: int) -> bool:
         state = training.train_step(model, state, images, w, run.seed, p)[0]
     want = run.load_checkpoint(end)[0]
     pairs = ((state.params, want.params), (state.m, want.m), (state.v, want.v))
+    if want.ema is not None:
+        pairs += ((state.ema, want.ema),)
     return all(torch.equal(a.cpu(), b) for got, exp in pairs for a, b in zip(got.values(), exp.values()))
 
 

@@ -98,7 +98,7 @@ class Run:
         """The trained score network (final parameters), in eval mode, on `device` (default: the
         preset's, with engine.device's deterministic settings)."""
         from engine.bpd import model_for
-        m = model_for(self.preset, self.seed, self.load_final().params)
+        m = model_for(self.preset, self.seed, self.load_final().model_params)
         return m if device is None else m.to(device)
 
     def _load(self, path: Path, expect_step: int) -> dict:

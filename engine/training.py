@@ -31,22 +31,31 @@ from engine.presets import Preset
 
 @dataclass
 class TrainState:
-    """Adam's full state before step `step`: parameters and both moments, by parameter name."""
+    """Adam's full state before step `step`: parameters and both moments, by parameter name, and
+    the normalized moving average of the iterates when the preset keeps one (else None)."""
     step: int
     params: dict[str, torch.Tensor]
     m: dict[str, torch.Tensor]
     v: dict[str, torch.Tensor]
+    ema: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def model_params(self) -> dict[str, torch.Tensor]:
+        """The weights a model of this state uses: the moving average when kept, else theta."""
+        return self.params if self.ema is None else self.ema
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "params": self.params, "m": self.m, "v": self.v}
+        d = {"step": self.step, "params": self.params, "m": self.m, "v": self.v}
+        return d if self.ema is None else {**d, "ema": self.ema}
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TrainState":
         """The same state with `fn` applied to every tensor (detach, move, ...)."""
-        return TrainState(self.step, *({n: fn(x) for n, x in d.items()} for d in (self.params, self.m, self.v)))
+        p, m, v = ({n: fn(x) for n, x in d.items()} for d in (self.params, self.m, self.v))
+        return TrainState(self.step, p, m, v, None if self.ema is None else {n: fn(x) for n, x in self.ema.items()})
 
     @staticmethod
     def from_dict(d: dict) -> "TrainState":
-        return TrainState(int(d["step"]), d["params"], d["m"], d["v"])
+        return TrainState(int(d["step"]), d["params"], d["m"], d["v"], d.get("ema"))
 
 
 def derive_seed(seed: int, stream: int, k: int) -> int:
@@ -143,13 +152,25 @@ def train_step(model: ScoreNet, state: TrainState, images: torch.Tensor, weights
                       lr_at(k, preset), preset.betas, preset.eps_root)
     if not create_graph:
         new = new.map(torch.Tensor.detach)
+        if state.ema is not None:
+            new.ema = ema_update(state.ema, new.params, preset.ema, new.step)
     return new, float(loss.detach())
 
 
-def init_state(model: ScoreNet) -> TrainState:
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], beta: float, k: int
+               ) -> dict[str, torch.Tensor]:
+    """The normalized moving average after iterate k >= 1: e_k = e_(k-1) + (1-b)/(1-b^k) (theta_k - e_(k-1)),
+    which equals sum_(j<=k) (1-b) b^(k-j) theta_j / (1-b^k) (e_1 = theta_1, whatever e_0). Never
+    differentiated: it is linear in the iterates, and the metagradient adds its weights itself."""
+    a = (1 - beta) / (1 - beta ** k)
+    return {n: e + a * (params[n].detach() - e) for n, e in ema.items()}
+
+
+def init_state(model: ScoreNet, ema: bool = False) -> TrainState:
+    """The state before step 0; with `ema`, a moving average (its start value gets weight 0)."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     zeros = lambda: {n: torch.zeros_like(p) for n, p in params.items()}  # noqa: E731
-    return TrainState(0, params, zeros(), zeros())
+    return TrainState(0, params, zeros(), zeros(), zeros() if ema else None)
 
 
 def make_model(preset: Preset, seed: int) -> ScoreNet:
@@ -200,7 +221,7 @@ def train(preset: Preset, *, seed: int = 0, weights: Optional[np.ndarray] = None
         if resumed is not None:
             state, losses = resumed
     if state is None:
-        state = init_state(model)
+        state = init_state(model, ema=preset.ema > 0)
     state = state.map(lambda x: x.to(dev))
     images, w = images.to(dev, preset.torch_dtype), w.to(dev, preset.torch_dtype)
     t0 = time.time()

@@ -70,6 +70,12 @@ CANDIDATES: dict[str, dict] = {
     # larger eps, 25x the median second moment, recover the rest, and what does it cost the likelihood?
     "3000 steps + eps 1e-1": {"steps": 3000, "eps_root": 1e-1},
     "6000 steps + eps 1e-2": {"steps": 6000, "eps_root": 1e-2},
+    # The model's weights as a moving average of the last ~1,000 iterates (engine.presets: ema),
+    # carried exactly by the metagradient. Chaotic retraining differences change sign from step
+    # to step while a dropped set's effect persists, so the average should keep the systematic
+    # part and cancel some of the chaos; averages also usually give better samples.
+    "3000 steps + ema 0.999": {"steps": 3000, "ema": 0.999},
+    "3000 steps + eps 1e-2 + ema 0.999": {"steps": 3000, "eps_root": 1e-2, "ema": 0.999},
     "3000 steps + lr 2e-3": {"steps": 3000, "lr": 2e-3},
     "3000 steps + batch 128": {"steps": 3000, "batch_size": 128},
 }

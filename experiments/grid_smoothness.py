@@ -88,7 +88,7 @@ def _retrain(preset_dict: dict, drop: np.ndarray, queries: np.ndarray) -> list[f
     w[drop] = 0
     s = train.train(p, seed=0, weights=w)
     model = train.make_model(p, 0)
-    model.load_state_dict(s.params)
+    model.load_state_dict(s.model_params)
     with torch.no_grad():
         return proxy_loss(model, torch.from_numpy(queries)).tolist()
 

@@ -43,7 +43,7 @@ def retrain_bpd(preset: Preset, seed: int, drop: np.ndarray, queries: torch.Tens
     w = np.ones(images.shape[0], np.float32)
     w[np.asarray(drop, np.int64)] = 0.0
     state = train.train(preset, seed=seed, weights=w, images=images)
-    return bpd(preset, seed, state.params, queries)[0]
+    return bpd(preset, seed, state.model_params, queries)[0]
 
 
 def key(run_digest: str, seed: int, drop: np.ndarray) -> str:

@@ -58,7 +58,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
                     done = {g: z[g] for g in GROUPS if g in z}
         except (OSError, ValueError, KeyError):
             done = {}  # a damaged partial file only costs a recomputation
-    params = run.load_final().params
+    params = run.load_final().model_params
     total = n * len(GROUPS)
     step = 0
     for g in GROUPS:

@@ -45,7 +45,7 @@ class TrakEnsemble(Method):
                     state = None  # unreadable: trained again below
             if state is None:
                 final = train(run.preset, seed=seed, weights=run.weights())
-                state = {n: t.detach().cpu() for n, t in final.params.items()}
+                state = {n: t.detach().cpu() for n, t in final.model_params.items()}
                 atomic.save_torch({"stamp": stamp, "params": state}, path)
             m = make_model(run.preset, seed)
             m.load_state_dict(state)

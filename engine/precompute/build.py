@@ -55,7 +55,7 @@ def _reverse_job(run_path: str, q: np.ndarray, path: str, st: dict) -> str:
     from engine.precompute.tangents import flat_to_dicts
     run = load_run(run_path)
     t0 = time.perf_counter()
-    adj = flat_to_dicts(torch.from_numpy(q), run.load_final().params)
+    adj = flat_to_dicts(torch.from_numpy(q), run.load_final().model_params)
     v = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], adj)
     atomic.save_npz(Path(path), v=v.numpy(), seconds=np.array(time.perf_counter() - t0), **_arrays(st))
     return path

@@ -39,7 +39,7 @@ def weights_checksum(params: dict[str, torch.Tensor]) -> str:
 
 def stamp(run: Run) -> dict:
     """What a representation (and each of its chunks) must match to be used for `run`."""
-    return {"format": FORMAT, "run_digest": run.digest, "weights_sha256": weights_checksum(run.load_final().params)}
+    return {"format": FORMAT, "run_digest": run.digest, "weights_sha256": weights_checksum(run.load_final().model_params)}
 
 
 def folder(run: Run) -> Path:
@@ -99,7 +99,7 @@ def load(run: Run, name: str) -> Representation:
     if str(d["run_digest"]) != run.digest:
         raise UserError(f"{path} belongs to another run or config (digest {str(d['run_digest'])[:12]}, "
                         f"expected {run.digest[:12]})")
-    params = run.load_final().params
+    params = run.load_final().model_params
     if str(d["weights_sha256"]) != weights_checksum(params):
         raise UserError(f"{path} was made for other final weights than {run.path}/final.pt holds; rerun precompute")
     n, p = run.preset.n_train, sum(int(np.prod(t.shape)) for t in params.values())

@@ -9,7 +9,8 @@ one Jacobian-vector product of the step (a forward-over-reverse derivative, sinc
 contains a gradient) per direction, all K at once through torch.func.vmap of torch.func.jvp.
 The primal states come from train_step itself (the run's bit-exact training), not from the
 JVP, so the linearization points are exactly those of the reverse replay (engine.metagrad).
-After the last step, dtheta_T = J omega_k. Memory: 3 K P floats for the tangents plus one
+After the last step, dtheta_T = J omega_k (with a moving average of the iterates, the
+same average of their tangents). Memory: 3 K P floats for the tangents plus one
 step's graph for K tangents; cost about one Hessian-vector product per direction and step.
 """
 
@@ -42,6 +43,10 @@ def forward_tangents(run: Run, images: torch.Tensor, omega: torch.Tensor, *,
     k = omega.shape[0]
     tan = [{n: torch.zeros(k, *state.params[n].shape, dtype=p.torch_dtype, device=dev) for n in names}
            for _ in range(3)]  # d theta, d m, d v: (K, ...) each
+    # the model's weights are sum_k c_k theta_k (engine.presets.Preset.ema_weights): with a
+    # moving average their tangent is the same sum of the iterates' tangents
+    c = p.ema_weights().tolist() if p.ema else None
+    out = {n: torch.zeros_like(t) for n, t in tan[0].items()} if c else tan[0]
     for step in range(p.steps):
         idx, f = step_function(model, step, images, run.seed, p)
         idx = idx.to(dev)
@@ -52,9 +57,14 @@ def forward_tangents(run: Run, images: torch.Tensor, omega: torch.Tensor, *,
             return torch.func.jvp(f, primals, (dp, dm, dv, dw))[1]
         tan = list(torch.func.vmap(push)(tan[0], tan[1], tan[2], omega[:, idx]))
         state = train_step(model, state, images, w, run.seed, p)[0]
+        if c:
+            for n in names:
+                out[n].add_(tan[0][n], alpha=c[step])  # c[step] weighs theta_(step+1)
+        else:
+            out = tan[0]
         if callback is not None:
             callback({"i": step + 1, "n": p.steps})
-    return torch.cat([tan[0][n].reshape(k, -1) for n in names], dim=1)
+    return torch.cat([out[n].reshape(k, -1) for n in names], dim=1)
 
 
 def flat_to_dicts(vectors: torch.Tensor, like: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
