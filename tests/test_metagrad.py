@@ -69,21 +69,22 @@ def test_batched_queries_equal_one_at_a_time(setup):
         assert ((both[i] - one).norm() / one.norm()).item() <= 1e-6
 
 
-def test_matches_finite_differences_of_actual_retraining(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.8])  # the last iterate; a moving average of the iterates
+def test_matches_finite_differences_of_actual_retraining(tmp_path, ema):
     # float64 training: in float32 the retraining differences are dominated by round-off
     # (measured: central differences wandering between -0.20 and -0.43 as h went 0.2 -> 5e-4).
     import dataclasses
-    p64 = dataclasses.replace(TINY, dtype="float64")
+    p64 = dataclasses.replace(TINY, dtype="float64", ema=ema)
     train.train(p64, seed=0, out=tmp_path / "run64")
     run = load_run(tmp_path / "run64")
     images, _ = data.load_train(TINY.n_train)
     g = torch.Generator().manual_seed(0)
-    c = {n: torch.randn(x.shape, generator=g, dtype=torch.float64) for n, x in run.load_final().params.items()}
+    c = {n: torch.randn(x.shape, generator=g, dtype=torch.float64) for n, x in run.load_final().model_params.items()}
     grad = metagradient(run, images, [c])[0]
 
     def phi(w: torch.Tensor) -> float:
         s = train.train(p64, seed=0, weights=w.numpy(), images=images)
-        return sum((c[n] * s.params[n]).sum() for n in c).item()
+        return sum((c[n] * s.model_params[n]).sum() for n in c).item()
 
     for k in range(2):
         d = torch.randn(TINY.n_train, generator=torch.Generator().manual_seed(10 + k), dtype=torch.float64)
