@@ -3,9 +3,9 @@
     python -m engine.replay_check RUN START END    -> prints "bit-identical" or "DIFFERENT", exit 0/1
 
 Loads the stored state before step START, replays training to step END under engine.device's
-settings, and compares every tensor of (theta, m, v) and the moving average if kept, with the stored state before END. The
-metagradient's replay and the precompute's jobs run in other processes than training, on the
-same kernels only if this holds.
+settings, and compares every tensor of (theta, m, v), and of the moving average if the run keeps
+one, with the stored state before END. The metagradient's replay and the precompute's jobs run
+in other processes than training, on the same kernels only if this holds.
 """
 
 from __future__ import annotations

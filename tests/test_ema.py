@@ -5,14 +5,13 @@ test_metagrad.py)."""
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
 from engine import data, training as train
 from engine.errors import UserError
 from engine.metagrad import metagradient
-from engine.precompute.tangents import flat_to_dicts, flatten, forward_tangents
+from engine.precompute.tangents import flatten, forward_tangents
 from engine.presets import PRESETS, digest
 from engine.store import load_run
 
