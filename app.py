@@ -1,6 +1,8 @@
 """Which training images does a diffusion model owe an image to? `streamlit run app.py`.
 
-The router: every page lives in pages/; what they compute lives in webapp/ and engine/.
+The router: every page lives in views/; what they compute lives in webapp/ and engine/. (Not in
+pages/: Streamlit runs a file in a folder so named on its own when a link or a reload goes
+straight to it, without this router: no sidebar titles, no shipped representation, no workers.)
 """
 
 import os
@@ -11,10 +13,10 @@ from webapp import replays, service
 
 st.set_page_config(page_title="Which training images?", page_icon="🔢", layout="wide")
 page = st.navigation([
-    st.Page("pages/draw.py", title="Draw & attribute", default=True),
-    st.Page("pages/likelihoods.py", title="Compare likelihoods"),
-    st.Page("pages/galleries.py", title="Galleries"),
-    st.Page("pages/verify.py", title="Verify"),
+    st.Page("views/draw.py", title="Draw & attribute", default=True),
+    st.Page("views/likelihoods.py", title="Compare likelihoods"),
+    st.Page("views/galleries.py", title="Galleries"),
+    st.Page("views/verify.py", title="Verify"),
 ])
 service.warm_workers()
 run = service.load_run()

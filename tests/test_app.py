@@ -120,13 +120,13 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     monkeypatch.setenv("APP_RESULTS", str(tmp_path))
     at = _new()
     at.run()
-    at.switch_page("pages/likelihoods.py")
+    at.switch_page("views/likelihoods.py")
     at.run()
     assert len(at.get("vega_lite_chart")) == 0 and "No Figure 2 report for this model" in at.info[0].value
     figure2.run_figure2(app_run, tmp_path / "figure2", n=2)
     at = _new()
     at.run()
-    at.switch_page("pages/likelihoods.py")
+    at.switch_page("views/likelihoods.py")
     at = _until(at, lambda a: len(a.metric) == 4)
     from webapp import experiments, service
     x = torch.from_numpy(service.test_set()[0][0])
@@ -139,7 +139,7 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
 def test_galleries_page(app_run):
     at = _new()
     at.run()
-    at.switch_page("pages/galleries.py")
+    at.switch_page("views/galleries.py")
     at = _until(at, lambda a: len(a.selectbox) == 1, timeout=900)
     text = " ".join(m.value for m in at.markdown)
     assert "distinct images fill" in text
@@ -167,7 +167,7 @@ def test_verify_page_retrains_and_the_sign_holds(app_run, tmp_path, monkeypatch)
     monkeypatch.setenv("APP_RESULTS", str(tmp_path))
     at = _new()
     at.run()
-    at.switch_page("pages/verify.py")
+    at.switch_page("views/verify.py")
     at = _until(at, lambda a: len(a.radio) == 1, timeout=900)  # the gallery query's attribution is ready
     # the comparison with the baselines is charted, its table one click away
     assert len(at.get("vega_lite_chart")) == 1

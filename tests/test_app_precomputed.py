@@ -148,7 +148,7 @@ def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(ap
     try:
         at = _new()
         at.run()
-        at.switch_page("pages/galleries.py").run()
+        at.switch_page("views/galleries.py").run()
         assert not at.exception, at.exception
         job = service.jobs().peek(key)
         assert job is not None and not job.done

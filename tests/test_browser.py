@@ -130,6 +130,22 @@ def test_every_page_renders(page):
         page.screenshot(path=str(SHOTS / f"{5 + i}_{name.split()[0].lower()}.png"), full_page=True)
 
 
+def test_a_link_straight_to_a_page_gets_the_router(page, server):
+    """A bookmark or a reload of /galleries runs the router (app.py) first: its four titled pages
+    in the sidebar and the model caption. (With the pages in a folder named `pages/`, Streamlit
+    ran that file alone on such a link: the sidebar listed the files, app included, and nothing
+    of the router ran.)"""
+    for path, heading in [("galleries", "Galleries"), ("verify", "Verify"), ("likelihoods", "Compare likelihoods")]:
+        page.goto(f"{server}/{path}")
+        page.get_by_role("heading", name=heading).first.wait_for()
+        page.get_by_text(re.compile(r"^Model: ")).first.wait_for(timeout=30_000)
+        nav = page.get_by_test_id("stSidebarNav")
+        for title in ("Draw & attribute", "Compare likelihoods", "Galleries", "Verify"):
+            assert nav.get_by_role("link", name=title).count() == 1, (path, title)
+        assert nav.get_by_role("link", name="app").count() == 0
+    page.goto(server)
+
+
 def _held_locks(cache: Path) -> list[Path]:
     """Memo key locks (cache.memo: flock on DIR/locks/*.lock) that some process holds now."""
     import fcntl

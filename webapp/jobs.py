@@ -141,6 +141,7 @@ class Jobs:
         self._manager = None
         self._shared = None  # the manager's dict: progress and cancel flags between processes
         self._interactive = 0  # interactive process jobs computing now; the other lanes are paused while > 0
+        self._stopping = False  # set by shutdown(): a job that then loses its worker or manager was cut short
 
     def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "",
                lane: str = "background") -> Job:
@@ -264,6 +265,7 @@ class Jobs:
 
     def shutdown(self) -> None:
         """Stop the worker processes (running jobs are lost; their keys simply start again later)."""
+        self._stopping = True
         self._signal_background("SIGCONT")  # a stopped process would not act on SIGTERM
         pools, self._pools = self._pools, {}
         for pool in pools.values():
@@ -328,6 +330,9 @@ class Jobs:
         except UserError as e:
             job.error = str(e)
         except Exception as e:  # shown as one line in the app; the trace goes to the server log
+            if self._stopping:  # the server is stopping: its manager and workers are gone, no error of the job's
+                job.error = "stopped with the server"
+                return
             traceback.print_exc()
             job.error = f"{type(e).__name__}: {e}"
         finally:
