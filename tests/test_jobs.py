@@ -115,6 +115,22 @@ def test_process_jobs_run_elsewhere_report_progress_cancel_and_errors(tmp_path):
         jobs.shutdown()
 
 
+def test_after_a_shutdown_the_table_starts_again_and_reports_errors(tmp_path):
+    # a job cut short by shutdown() ends with one quiet line; a table used again afterwards
+    # (a fresh manager and pool) reports its jobs' own errors, not that line
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+    try:
+        a = jobs.submit("a", _slow_job, "a")
+        while a.stage != "working":
+            time.sleep(0.05)
+        jobs.shutdown()
+        assert jobs.wait_all(30) and a.error == "stopped with the server"
+        e = jobs.submit("dies", _dies_in_worker, "dies")
+        assert jobs.wait_all(60) and "died" in e.error, e.error
+    finally:
+        jobs.shutdown()
+
+
 def test_a_visitor_s_job_is_not_queued_behind_the_background_and_both_pause_for_an_interactive_one(tmp_path):
     # a visitor's replay (lane "requested") starts while the galleries (lane "background") run; a
     # drawing's job (lane "interactive") then has the cores to itself: both other workers are

@@ -208,6 +208,7 @@ class Jobs:
         with self._lock:
             ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threads and torch's pools
             if self._manager is None:
+                self._stopping = False  # started (again) after a shutdown: errors are the jobs' own again
                 with _neutral_main():
                     self._manager = SyncManager(ctx=ctx)
                     self._manager.start(_exit_with_parent)
