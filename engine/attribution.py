@@ -21,14 +21,15 @@ from engine.store import Run
 
 
 def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
-              scheme: str = "sqrt", k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+              scheme: str = "sqrt", k: int = 4, resume: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
     """grad_w (Q, n) and BPD (Q,) for queries x (Q, 1, 28, 28); all Q share one backward sweep.
 
-    callback gets {"stage": "bpd"|"training", "i", "n"}; scheme and k go to engine.metagrad.
+    callback gets {"stage": "bpd"|"training", "i", "n"}; scheme, k and resume (a file for the
+    sweep's state, to survive being killed) go to engine.metagrad.
     """
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
     bpd, qgrads = run_bpd(run, x, grad=True, callback=lambda i: callback and callback({"stage": "bpd", **i}))
-    gw = metagradient(run, images, qgrads, scheme=scheme, k=k,
+    gw = metagradient(run, images, qgrads, scheme=scheme, k=k, resume=resume,
                       callback=lambda i: callback and callback({"stage": "training", **i}))
     return gw.numpy().astype(np.float64), bpd
 
@@ -70,8 +71,13 @@ def top_k(grad_w: np.ndarray, k: int) -> dict[str, np.ndarray]:
 def _chunk_job(run_path: str, x: np.ndarray, path: str, scheme: str, k: int) -> str:
     """One chunk of queries in a worker; the result file is written atomically at the end."""
     from engine.store import load_run
-    gw, bpd = attribute(load_run(run_path), torch.from_numpy(x), scheme=scheme, k=k)
-    atomic.save_npz(Path(path), grad_w=gw, bpd=bpd, x=x)
+    p = Path(path)
+    # the sweep's state after each segment: a killed chunk resumes there (not the k-ary scheme)
+    sweep = p.with_name(p.stem + ".sweep.npz") if scheme != "kary" else None
+    gw, bpd = attribute(load_run(run_path), torch.from_numpy(x), scheme=scheme, k=k, resume=sweep)
+    atomic.save_npz(p, grad_w=gw, bpd=bpd, x=x)
+    if sweep is not None:
+        sweep.unlink(missing_ok=True)
     return path
 
 

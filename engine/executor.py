@@ -82,7 +82,8 @@ class LocalExecutor:
             # Interrupted (Ctrl-C, SIGTERM through the CLI, a failed job, the caller stopped
             # iterating): stop the workers now rather than let them finish their jobs
             # unobserved, which a plain `with` (shutdown(wait=True)) would wait for. A job cut
-            # short has written nothing (results are atomic), so a rerun redoes exactly it.
+            # short has written no result (results are atomic), so a rerun redoes exactly it
+            # (a replay from the last state it kept, engine.metagrad's resume).
             _stop(pool, futures)
             raise
         pool.shutdown(wait=True)

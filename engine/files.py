@@ -44,6 +44,11 @@ def _read(path: Path, stamp: dict) -> tuple[Optional[dict], Optional[str]]:
     return arrays, None
 
 
+def read_stamped(path: Path, stamp: dict) -> tuple[Optional[dict], Optional[str]]:
+    """(the arrays at `path`, None) if it holds a result stamped with `stamp`, else (None, why not)."""
+    return _read(Path(path), stamp)
+
+
 def why_stale(path: Path, stamp: dict) -> Optional[str]:
     """None if `path` holds a result stamped with `stamp`, else the reason it cannot be used."""
     return _read(path, stamp)[1]

@@ -23,6 +23,13 @@ segment's states from the torch.func step, whose gradient rounds differently fro
 (relative differences ~1e-7 in float32), so it agrees with "sqrt" to float precision, not
 bit for bit.
 
+Resume: with `resume=PATH` (schemes "sqrt" and "segment"), the sweep's state (the Q adjoints
+and the partial (Q, n) result, a few MB) is written atomically to PATH after every stored
+segment, stamped with the run, the scheme and a sha256 of the queries. A later call with the
+same PATH and queries starts from the last finished segment and gives the same result bit for
+bit (the states are reloaded from the same checkpoints); a file made for anything else is
+ignored. Long sweeps (a precompute chunk is hours on CPU) so survive being killed.
+
 Memory: O(stored states of the scheme + one step's double-backward graph for Q adjoints; the
 vmapped pullback holds Q copies of the step's activation-sized intermediates, 370 MB above
 the sweep for Q = 8 on `small`); "segment" holds a whole segment's graphs.
@@ -30,9 +37,16 @@ the sweep for Q = 8 on `small`); "segment" holds a whole segment's graphs.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
+from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+
+from engine import atomic
 
 from engine.errors import UserError
 from engine.store import Run
@@ -40,11 +54,13 @@ from engine import device as devices
 from engine.training import TrainState, make_model, step_function, train_step
 
 SCHEMES = ("sqrt", "segment", "kary")
+log = logging.getLogger("engine")
 
 
 def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, torch.Tensor]], *,
                  scheme: str = "sqrt", k: int = 4,
-                 callback: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
+                 callback: Optional[Callable[[dict], None]] = None,
+                 resume: Optional[Path] = None) -> torch.Tensor:
     """d Phi_q / d w for every query q and training example.
 
     Args:
@@ -53,7 +69,11 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         query_grads: Q dicts {parameter name: d Phi_q / d theta_T}, e.g. the BPD gradient.
         scheme: "sqrt" (stored checkpoints), "segment" (stored checkpoints, a segment's graphs
             kept: faster, more memory) or "kary" (recursive from s_0, k parts per level).
-        callback: gets {"i", "n"} after every backward step (n = T).
+        callback: gets {"i", "n"} after every backward step (n = T), and once when a sweep
+            resumes: {"i": steps already done, "n", "seconds": the compute they took}.
+        resume: a file for the sweep's state after each stored segment ("sqrt", "segment"):
+            resumed from if it matches, left in place when done (the caller removes it once
+            the result is safely stored).
     Returns:
         (Q, n) metagradients.
     """
@@ -61,15 +81,22 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         raise ValueError(f"unknown checkpoint scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "kary" and k < 2:
         raise ValueError("the k-ary scheme needs k >= 2")
+    if resume is not None and scheme == "kary":
+        raise ValueError("resume needs a scheme with stored segments (sqrt or segment)")
     steps = run.preset.steps
     starts = check_trajectory(run)
     sweep = _Sweep(run, images, query_grads, callback)
     if scheme in ("sqrt", "segment"):
-        for start, end in zip(reversed(starts), reversed(starts[1:] + [steps])):
+        segments = list(zip(reversed(starts), reversed(starts[1:] + [steps])))
+        stamp = _resume_stamp(run, query_grads, scheme) if resume is not None else None
+        first = sweep.restore(Path(resume), stamp) if resume is not None else 0
+        for i, (start, end) in enumerate(segments[first:], start=first):
             if scheme == "sqrt":
                 sweep.reverse(sweep.load(start), end, k=None)
             else:
                 sweep.reverse_kept(sweep.load(start), end)
+            if resume is not None and i + 1 < len(segments):
+                sweep.save(Path(resume), stamp, i + 1)
     else:
         sweep.reverse(sweep.load(0), steps, k=k)
     return sweep.grad_w.cpu()
@@ -86,6 +113,18 @@ def check_trajectory(run: Run) -> list[int]:
                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} missing; retrain it "
                         f"(python -m engine train --preset {run.preset.name} --out NEW --seed {run.seed})")
     return expected
+
+
+def _resume_stamp(run: Run, query_grads: list[dict[str, torch.Tensor]], scheme: str) -> dict:
+    """What a saved sweep state must match: the run (config, weights, final parameters'
+    file), the scheme (their bits differ), and the queries."""
+    h = hashlib.sha256()
+    for q in query_grads:
+        for n, t in q.items():
+            h.update(n.encode())
+            h.update(t.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+    hw = hashlib.sha256(np.ascontiguousarray(run.weights(), dtype=np.float32).tobytes()).hexdigest()
+    return {"run_digest": run.digest, "weights_w_sha256": hw, "scheme": scheme, "queries_sha256": h.hexdigest()}
 
 
 class _Sweep:
@@ -108,6 +147,38 @@ class _Sweep:
         self.adj += [torch.zeros_like(x) for x in g] * 2
         self.grad_w = torch.zeros(len(query_grads), self.w.shape[0], dtype=p.torch_dtype, device=self.dev)
         self.done = 0
+        self.t0, self.seconds_before = time.perf_counter(), 0.0
+
+    def save(self, path: Path, stamp: dict, segments: int) -> None:
+        """The state after `segments` finished segments (from the end), atomically."""
+        arrays = {f"adj_{i:04d}": a.detach().cpu().numpy() for i, a in enumerate(self.adj)}
+        atomic.save_npz(path, grad_w=self.grad_w.detach().cpu().numpy(), segments=np.array(segments),
+                        done=np.array(self.done), seconds=np.array(self.seconds_before + time.perf_counter() - self.t0),
+                        **arrays, **{k: np.array(v) for k, v in stamp.items()})
+
+    def restore(self, path: Path, stamp: dict) -> int:
+        """Load a saved state that matches `stamp`; returns the segments it finished (0: none)."""
+        from engine.files import read_stamped
+        arrays, why = read_stamped(path, stamp)
+        if arrays is None:
+            if path.exists():
+                log.info("not resuming the replay from %s: %s", path.name, why)
+            return 0
+        keys = [f"adj_{i:04d}" for i in range(len(self.adj))]
+        if (any(k not in arrays for k in keys + ["grad_w", "segments", "done", "seconds"])
+                or any(arrays[k].shape != tuple(a.shape) for k, a in zip(keys, self.adj))
+                or arrays["grad_w"].shape != tuple(self.grad_w.shape)):
+            log.info("not resuming the replay from %s: it does not hold this sweep's state", path.name)
+            return 0
+        adj = [torch.from_numpy(arrays[k]).to(self.dev, a.dtype) for k, a in zip(keys, self.adj)]
+        self.adj = adj
+        self.grad_w = torch.from_numpy(arrays["grad_w"]).to(self.dev, self.grad_w.dtype)
+        self.done = int(arrays["done"])
+        self.seconds_before = float(arrays["seconds"])
+        log.info("resuming the replay from %s: %d of %d steps done", path.name, self.done, self.preset.steps)
+        if self.callback is not None:
+            self.callback({"i": self.done, "n": self.preset.steps, "seconds": self.seconds_before})
+        return int(arrays["segments"])
 
     def load(self, step: int) -> TrainState:
         return self.run.load_checkpoint(step)[0].map(lambda x: x.to(self.dev))

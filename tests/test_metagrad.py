@@ -92,3 +92,52 @@ def test_matches_finite_differences_of_actual_retraining(tmp_path, ema):
         fd = (phi(1 + h * d) - phi(1 - h * d)) / (2 * h)
         pred = (grad * d).sum().item()
         assert abs(fd - pred) <= 0.05 * abs(fd), (fd, pred)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(n: int, seen: list):
+    def cb(info):
+        seen.append(info)
+        if info["i"] == n and "seconds" not in info:
+            raise _Killed
+    return cb
+
+
+@pytest.mark.parametrize("scheme", ["sqrt", "segment"])
+@pytest.mark.parametrize("nq", [1, 2])  # one query: autograd's pullback; several: torch.func's
+def test_a_killed_sweep_resumes_bit_for_bit(setup, tmp_path, scheme, nq):
+    run, images, cs = setup
+    want = metagradient(run, images, cs[:nq], scheme=scheme)
+    state = tmp_path / "sweep.npz"
+    seen = []
+    with pytest.raises(_Killed):  # killed in the third stored segment from the end
+        metagradient(run, images, cs[:nq], scheme=scheme, resume=state, callback=_kill_after(12, seen))
+    assert state.is_file()
+    seen = []
+    got = metagradient(run, images, cs[:nq], scheme=scheme, resume=state, callback=seen.append)
+    assert torch.equal(got, want)
+    # it started after the two finished segments (4 + 5 of the 24 steps), not from the end
+    assert seen[0]["i"] == 9 and seen[0]["seconds"] > 0
+    assert [s["i"] for s in seen[1:]] == list(range(10, TINY.steps + 1))
+
+
+def test_a_sweep_state_of_other_queries_is_not_used(setup, tmp_path):
+    run, images, cs = setup
+    state = tmp_path / "sweep.npz"
+    with pytest.raises(_Killed):
+        metagradient(run, images, cs[:1], resume=state, callback=_kill_after(12, []))
+    seen = []
+    got = metagradient(run, images, cs[1:2], resume=state, callback=seen.append)
+    assert [s["i"] for s in seen] == list(range(1, TINY.steps + 1))
+    assert torch.equal(got, metagradient(run, images, cs[1:2]))
+    state.write_bytes(b"not an npz")  # a torn or foreign file: started over, not an error
+    assert torch.equal(metagradient(run, images, cs[1:2], resume=state), got)
+
+
+def test_resume_needs_stored_segments(setup, tmp_path):
+    run, images, cs = setup
+    with pytest.raises(ValueError, match="resume"):
+        metagradient(run, images, cs, scheme="kary", resume=tmp_path / "s.npz")

@@ -109,6 +109,36 @@ def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
     np.testing.assert_allclose(R.load(run, "basis4").a, rep.a, rtol=1e-5, atol=1e-7 * np.abs(rep.a).max())
 
 
+def test_a_reverse_chunk_killed_mid_replay_resumes_from_its_sweep_state(run):
+    build.precompute(run, method="basis", rank=4, chunk=2)
+    parts = R.folder(run) / "basis4.parts"
+    with np.load(parts / "rev_0001.npz") as f:
+        want, want_s = f["v"], float(f["seconds"])
+    with np.load(parts / "grad_0001.npz") as f:
+        adj = flat_to_dicts(torch.from_numpy(f["g"]), run.load_final().model_params)
+    # the chunk's job killed in the middle of its replay: its sweep state is on disk
+    (parts / "rev_0001.npz").unlink()
+    (R.folder(run) / "basis4.npz").unlink()
+    sweep = build._sweep_path(str(parts / "rev_0001.npz"))
+
+    def kill(info):
+        if info["i"] == TINY.steps // 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        metagradient(run, data.load_train(TINY.n_train)[0], adj, resume=sweep, callback=kill)
+    with np.load(sweep) as f:
+        state = {k: f[k] for k in f.files}
+    assert 0 < int(state["done"]) < TINY.steps
+    # mark the state (the job runs in another process): the chunk's seconds add the state's own
+    # only when the job resumes from it
+    np.savez(sweep, **{**state, "seconds": np.array(1e6)})
+    build.precompute(run, method="basis", rank=4, chunk=2)
+    with np.load(parts / "rev_0001.npz") as f:
+        np.testing.assert_array_equal(f["v"], want)
+        assert 1e6 < float(f["seconds"]) < 1e6 + want_s * 10
+    assert not sweep.exists()  # the finished chunk's state is removed
+
+
 def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, capsys):
     src = R.folder(run) / "exact.npz"
     # another config (tiny, seed 1): its digest differs

@@ -56,9 +56,21 @@ def _reverse_job(run_path: str, q: np.ndarray, path: str, st: dict) -> str:
     run = load_run(run_path)
     t0 = time.perf_counter()
     adj = flat_to_dicts(torch.from_numpy(q), run.load_final().model_params)
-    v = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], adj)
-    atomic.save_npz(Path(path), v=v.numpy(), seconds=np.array(time.perf_counter() - t0), **_arrays(st))
+    # a chunk's replay is hours on CPU: its sweep state is kept after every segment, so a
+    # killed job resumes there (its seconds add those of the earlier jobs' part)
+    sweep, before = _sweep_path(path), []
+    v = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], adj, resume=sweep,
+                     callback=lambda i: before.append(i["seconds"]) if "seconds" in i else None)
+    seconds = time.perf_counter() - t0 + sum(before)
+    atomic.save_npz(Path(path), v=v.numpy(), seconds=np.array(seconds), **_arrays(st))
+    sweep.unlink(missing_ok=True)
     return path
+
+
+def _sweep_path(path: str) -> Path:
+    """Where a chunk's unfinished replay keeps its state: rev_0003.npz -> rev_0003.sweep.npz."""
+    p = Path(path)
+    return p.with_name(p.stem + ".sweep.npz")
 
 
 def _gradient_job(run_path: str, x: np.ndarray, path: str, st: dict) -> str:
