@@ -97,6 +97,17 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def label(p: Preset) -> str:
+    """How reports name a configuration: "`cpu`", or "`cpu` with steps=3000, lr=0.00025" for a
+    variant of a named preset (the fields that differ), so a report never passes one for the other."""
+    base = PRESETS.get(p.name)
+    if base is None:
+        return f"`{p.name}` (not a named preset)"
+    diff = [f"{f.name}={getattr(p, f.name)!r}" for f in dataclasses.fields(p)
+            if getattr(p, f.name) != getattr(base, f.name)]
+    return f"`{p.name}`" + (f" with {', '.join(diff)}" if diff else "")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -126,3 +126,12 @@ def test_bad_weights_are_refused():
     for w, msg in [(np.ones(3), "shape"), (np.full(TINY.n_train, np.nan), "finite"), (-np.ones(TINY.n_train), ">= 0")]:
         with pytest.raises(UserError, match=msg):
             train.train(TINY, seed=0, weights=w)
+
+
+def test_a_variant_of_a_preset_is_labelled_with_what_differs():
+    import dataclasses
+    from engine.presets import PRESETS, label
+    cpu = PRESETS["cpu"]
+    assert label(cpu) == "`cpu`"
+    assert label(dataclasses.replace(cpu, steps=3000, lr=2.5e-4)) == "`cpu` with steps=3000, lr=0.00025"
+    assert label(dataclasses.replace(cpu, name="mine")) == "`mine` (not a named preset)"

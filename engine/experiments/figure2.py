@@ -16,7 +16,7 @@ import torch
 
 from engine import atomic, data, provenance
 from engine.bpd import bpd
-from engine.presets import digest
+from engine.presets import digest, label
 
 # The seed write-up's means (its Figure 2), shown beside ours.
 WRITEUP_VALUES = {"original": 3.5, "rotated": 3.8, "averaged": 5.32, "noise": 9.12}
@@ -76,7 +76,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
                  "min": float(done[g].min()), "max": float(done[g].max()), "writeup": WRITEUP_VALUES[g]} for g in GROUPS}
     means = [stats[g]["mean"] for g in GROUPS]
     report = {
-        **provenance.stamp(), "run": str(run.path), "run_digest": run.digest, "preset": p.name, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
+        **provenance.stamp(), "run": str(run.path), "run_digest": run.digest, "preset": p.name, "preset_label": label(p), "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
         "bpd_steps": p.bpd_steps, "groups": stats, "bpd": {g: done[g].tolist() for g in GROUPS},
         "ordering_holds": bool(all(a < b for a, b in zip(means, means[1:]))),
         "noise_above_8": bool(stats["noise"]["mean"] > 8),
@@ -96,7 +96,7 @@ def _save_partial(path: Path, key: str, done: dict[str, np.ndarray]) -> None:
 def _table(r: dict) -> str:
     names = {"original": "MNIST test digits", "rotated": f"rotated {r['angle']:g} deg",
              "averaged": f"average of {r['k_avg']} digits", "noise": "uniform noise"}
-    lines = [f"Bits/dim on preset `{r['preset']}` ({r['n_per_group']} images per group; RK4, {r['bpd_steps']} steps in log s(t))",
+    lines = [f"Bits/dim on preset {r.get('preset_label', '`' + r['preset'] + '`')} ({r['n_per_group']} images per group; RK4, {r['bpd_steps']} steps in log s(t))",
              "", "| group | mean | std | min | max | seed write-up |", "|---|---|---|---|---|---|"]
     for g in GROUPS:
         s = r["groups"][g]

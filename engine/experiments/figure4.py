@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine import atomic, data, provenance
+from engine import atomic, data, presets, provenance
 from engine.attribution import top_k
 from engine.store import Run
 
@@ -83,7 +83,7 @@ def analyse(grad_w: np.ndarray, queries: Sequence[int], train_x: np.ndarray, tra
 def _markdown(rep: dict, preset: str) -> str:
     f, k, q = rep["findings"], rep["k"], len(rep["queries"])
     d, o = f["dissimilar"], f["digit1"]
-    lines = [f"# Figure 4 findings on `{preset}` ({q} test queries, top {k}, n = {rep['n_train']})", "",
+    lines = [f"# Figure 4 findings on {preset} ({q} test queries, top {k}, n = {rep['n_train']})", "",
              "| seed's claim | measured here |", "|---|---|",
              f"| the top influential images do not look like the query | same label: proponents {d['same_label_proponents']:.2f}, "
              f"opponents {d['same_label_opponents']:.2f}, base rate {d['same_label_base_rate']:.2f}; pixel cosine to the query: "
@@ -153,10 +153,11 @@ def run_figure4(run: Run, grad_w: np.ndarray, queries: Sequence[int], out: Path,
     train_x, test_x = tx.reshape(len(tx), -1).numpy().astype(np.float64), sx.reshape(len(sx), -1).numpy().astype(np.float64)
     rep = analyse(np.asarray(grad_w, np.float64), list(queries), train_x, ty.numpy(), test_x, sy.numpy(), k)
     rep["preset"], rep["run_digest"] = run.preset.name, run.digest
+    rep["preset_label"] = presets.label(run.preset)
     rep.update(provenance.stamp())
     out = Path(out)
     atomic.save_json(rep, out / "figure4.json")
-    atomic.save_text(_markdown(rep, run.preset.name), out / "figure4.md")
+    atomic.save_text(_markdown(rep, rep["preset_label"]), out / "figure4.md")
     atomic.save_bytes(_galleries_png(rep, train_x, test_x), out / "figure4.png")
     atomic.save_bytes(_classes_png(rep), out / "figure4_classes.png")
     return rep
