@@ -156,6 +156,7 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert digits["grad_w"].shape == (magic_mean.N_DIGITS, TINY.n_train)
     np.testing.assert_allclose(np.load(out / "scores" / "magic_mean.npz")["scores"][0], digits["grad_w"].mean(0))
     md = (tmp_path / "cmp.md").read_text()
+    assert md.startswith("# LDS comparison on `tiny` (") and comp["preset_label"] == "`tiny`"
     assert "| random |" in md and "| magic_mean |" in md
     assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
     assert f"| pixel | {rep['spearman_by_seed'][0]['mean']:.3f} | {rep['spearman_by_seed'][1]['mean']:.3f} |" in md

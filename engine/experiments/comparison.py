@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from engine import atomic, provenance
+from engine import atomic, presets, provenance
 from engine.experiments import plots
 from engine.store import Run
 
@@ -40,7 +40,7 @@ def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, m
                         executor=executor, callback=callback)
             rows.append({key: v for key, v in r.items() if key != "queries"} |
                         {"per_query": [q["spearman"] for q in r["queries"]], "queries_list": [q["query"] for q in r["queries"]]})
-    report = {**provenance.stamp(), "preset": run.preset.name, "run_digest": run.digest, "queries": [int(q) for q in queries],
+    report = {**provenance.stamp(), "preset": run.preset.name, "preset_label": presets.label(run.preset), "run_digest": run.digest, "queries": [int(q) for q in queries],
               "rows": rows, "literature": [dict(zip(("source", "method", "value"), x)) for x in LITERATURE]}
     md = markdown(report)
     stem = Path(stem)
@@ -58,7 +58,7 @@ def markdown(report: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     a0 = next((r for r in rows if r["protocol"] == "A"), None)
     b0 = next((r for r in rows if r["protocol"] == "B"), None)
-    lines = [f"# LDS comparison on `{report['preset']}` ({rows[0]['n_train']} training images, "
+    lines = [f"# LDS comparison on {report.get('preset_label', '`' + report['preset'] + '`')} ({rows[0]['n_train']} training images, "
              f"{len(report['queries'])} test queries)", ""]
     if a0:
         lines.append(f"- Protocol A: {a0['drop_sets']} random drop-sets of {a0['drop_size']} images (1%), each retrained "
