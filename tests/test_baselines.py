@@ -141,11 +141,12 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert rep["seed_agreement"] == pytest.approx(spearmanr(*seeds_bpd)[0])
     # the comparison (CLI): a second method reuses every protocol-B retrain; protocol A adds its own
     stages.clear()
-    rc = cli.main(["compare", "--run", str(tiny_run.path), "--out", str(out), "--report", str(tmp_path / "cmp"),
+    # a report stem with dots in it (results/comparison_lr2.5e-4) keeps them
+    rc = cli.main(["compare", "--run", str(tiny_run.path), "--out", str(out), "--report", str(tmp_path / "cmp_2.5e-4"),
                    "--method", "pixel,feature,random,magic_mean", "--query-index", str(q[0]), "--drop-sets", "3", "--subsets", "3",
                    "--seeds", "2", "--jobs", "2", "--json"])
     assert rc == 0
-    comp = json.loads((tmp_path / "cmp.json").read_text())
+    comp = json.loads((tmp_path / "cmp_2.5e-4.json").read_text())
     assert [(r["method"], r["protocol"]) for r in comp["rows"]] == [
         (m, p) for p in "AB" for m in ("pixel", "feature", "random", "magic_mean")]
     assert comp["rows"][4]["per_query"] == [rep["queries"][0]["spearman"]]  # B for pixel: the same numbers
@@ -155,10 +156,10 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     digits = np.load(tiny_run.path / "methods" / "magic_mean.npz")
     assert digits["grad_w"].shape == (magic_mean.N_DIGITS, TINY.n_train)
     np.testing.assert_allclose(np.load(out / "scores" / "magic_mean.npz")["scores"][0], digits["grad_w"].mean(0))
-    md = (tmp_path / "cmp.md").read_text()
+    md = (tmp_path / "cmp_2.5e-4.md").read_text()
     assert md.startswith("# LDS comparison on `tiny` (") and comp["preset_label"] == "`tiny`"
     assert "| random |" in md and "| magic_mean |" in md
-    assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert "| pixel |" in md and "D-TRAK" in md and (tmp_path / "cmp_2.5e-4.png").stat().st_size > 1000
     assert f"| pixel | {rep['spearman_by_seed'][0]['mean']:.3f} | {rep['spearman_by_seed'][1]['mean']:.3f} |" in md
     assert f"Spearman {rep['seed_agreement']:.3f}" in md
     with pytest.raises(UserError):

@@ -43,10 +43,12 @@ def run_comparison(run: Run, out: Path, stem: Path, queries: Sequence[int], *, m
     report = {**provenance.stamp(), "preset": run.preset.name, "preset_label": presets.label(run.preset), "run_digest": run.digest, "queries": [int(q) for q in queries],
               "rows": rows, "literature": [dict(zip(("source", "method", "value"), x)) for x in LITERATURE]}
     md = markdown(report)
+    # the stem may hold dots (results/comparison_lr2.5e-4): add to it, never replace a "suffix"
     stem = Path(stem)
-    atomic.save_json(report, stem.with_suffix(".json"))
-    atomic.save_bytes(md.encode(), stem.with_suffix(".md"))
-    atomic.save_bytes(plots.chart_png(report), stem.with_suffix(".png"))
+    at = lambda ext: stem.with_name(stem.name + ext)  # noqa: E731
+    atomic.save_json(report, at(".json"))
+    atomic.save_bytes(md.encode(), at(".md"))
+    atomic.save_bytes(plots.chart_png(report), at(".png"))
     return md
 
 
