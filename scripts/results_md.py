@@ -38,6 +38,21 @@ SECTIONS = [
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
      "results/figure4_small/figure4.json", ["results/figure4_small/figure4.png", "results/figure4_small/figure4_classes.png"],
      "python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small"),
+    ("The next default (`cpu` with steps=3000, lr=2.5e-4, eps_root=1e-2): methods against retraining, protocol A",
+     "results/comparison_cpu_lr2.5e-4_eps1e-2.md", "results/comparison_cpu_lr2.5e-4_eps1e-2.json",
+     ["results/comparison_cpu_lr2.5e-4_eps1e-2.png", "results/lds_cpu_lr2.5e-4_eps1e-2/reports/magic_A.png"],
+     "python -m engine compare --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
+     "--out results/lds_cpu_lr2.5e-4_eps1e-2 --protocols A --method magic,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
+     "--report results/comparison_cpu_lr2.5e-4_eps1e-2 --jobs 2"),
+    ("The next default: Figure 2", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
+     "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.json", ["results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.png"],
+     "python -m engine figure2 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
+     "--out results/figure2_cpu_lr2.5e-4_eps1e-2"),
+    ("The next default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
+     "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.json",
+     ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
+     "python -m engine figure4 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
+     "--scores results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/figure4_cpu_lr2.5e-4_eps1e-2"),
     ("Training hyperparameters against metagradient smoothness", "results/grid_small/grid.md",
      "results/grid_small/grid.json", [], "python experiments/grid_smoothness.py --out results/grid_small"),
     ("Exact bits/dim: cost against the alternatives", "results/bench_likelihood.txt", None, [],
