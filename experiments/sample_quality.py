@@ -4,8 +4,8 @@ with confidence >= 0.9 (engine.experiments.sample_quality), with the classifier'
     python experiments/sample_quality.py --run runs/cpu [--run runs/other ...] [--n 64] [--seed 0]
         [--steps 500] [--samplers sde,pc,ode] [--out results/sample_quality]
 
-Writes sample_quality.{json,md} and one labelled grid per run and sampler (<run name>_<sampler>.png);
-each row carries its run's config digest. Samplers (engine.sampling): "sde" the reverse-diffusion
+Writes sample_quality.{json,md} and one labelled grid per run and sampler (<preset>_<sampler>.png;
+<preset>_<digest>_<sampler>.png when runs share a preset); each row carries its run's config digest. Samplers (engine.sampling): "sde" the reverse-diffusion
 predictor, "pc" the same with one Langevin corrector step per step (snr 0.16), both --steps steps
 from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's "Generate" used).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, provenance  # noqa: E402
+from engine import atomic, data, presets, provenance  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.experiments import sample_quality as sq  # noqa: E402
 from engine.sampling import sample  # noqa: E402
@@ -75,17 +75,19 @@ def main() -> None:
     if not set(samplers) <= {"sde", "pc", "ode"}:
         sys.exit("error: --samplers takes sde, pc and ode")
     rows = []
+    # grids are named by preset (cpu_sde.png), with the run's digest when two runs share one
+    shared = len({r.preset.name for r in runs}) < len(runs)
     for run in runs:
         p = run.preset
+        name = f"{p.name}_{run.digest[:8]}" if shared else p.name
         for how in samplers:
             t1 = time.perf_counter()
             x = sample(run.model(), (a.n, 1, 28, 28), method=how, n_steps=None if how == "ode" else a.steps,
                        seed=a.seed, sigma=p.sigma, eps=p.t_eps)
             r = sq.confident_share(net, x)
-            name = Path(run.path).name
             _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
-                  f"{name} ({p.name}), {how} sampler: {r['share']:.0%} labelled with confidence >= 0.9")
-            rows.append({"run": str(run.path), "preset": p.name, "run_digest": run.digest, "sampler": how,
+                  f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.0%} labelled with confidence >= 0.9")
+            rows.append({"run": str(run.path), "preset": p.name, "preset_label": presets.label(p), "run_digest": run.digest, "sampler": how,
                          "share": r["share"], "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
                          "labels": r["labels"], "confidence": r["confidence"],
                          "sample_seconds": time.perf_counter() - t1})
@@ -101,7 +103,7 @@ def main() -> None:
           f"The same threshold on {a.n} real test digits: {ref['share']:.0%} confident (the ceiling).", "",
           "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | seconds |",
           "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['run']} | {r['preset']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
+    md += [f"| {r['run']} | {r['preset_label']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
            f"({r['share']:.0%}) | {' '.join(map(str, r['histogram']))} | {r['sample_seconds']:.0f} |" for r in rows]
     atomic.save_text("\n".join(md) + "\n", Path(a.out) / "sample_quality.md")
     print(f"wrote {a.out}/sample_quality.md")
