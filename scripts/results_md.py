@@ -48,6 +48,11 @@ SECTIONS = [
      "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.json", ["results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.png"],
      "python -m engine figure2 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--out results/figure2_cpu_lr2.5e-4_eps1e-2"),
+    ("The next default: sample quality, before and after", "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.md",
+     "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.json",
+     ["results/sample_quality_cpu_lr2.5e-4_eps1e-2/cpu_66ab7878_pc.png"],
+     "python experiments/sample_quality.py --run runs/cpu --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
+     "--samplers sde,pc,ode --out results/sample_quality_cpu_lr2.5e-4_eps1e-2"),
     ("The next default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
      "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.json",
      ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
