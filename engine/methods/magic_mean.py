@@ -26,10 +26,10 @@ class MagicMean(Method):
         """MAGIC of the N_DIGITS test digits, kept in RUN/methods/.
 
         In chunks of CHUNK digits, one replay each, run as parallel jobs (one per core) that
-        keep their results and sweep states in RUN/methods/magic_mean.parts: on CPU a replay's
-        cost grows about in proportion to its queries (results/bench_pullback.txt), so chunks
-        cost nothing extra and use every core, and on a long run each replay is an hour, which
-        an interruption should not lose."""
+        keep their results and sweep states in RUN/methods/magic_mean.parts. Batches of 8 share
+        a step's rebuild (results/bench_pullback.txt: 8 queries cost 4.6x one), but on CPU a
+        batch of 16 was slower per query than two of 8, and parallel chunks use every core; on a
+        long run each replay is an hour, which an interruption should not lose."""
         from engine import data
         from engine import device as devices
         from engine.attribution import attribute_many
