@@ -16,7 +16,7 @@ import torch
 from engine import atomic, data
 from engine.errors import UserError
 from engine.bpd import run_bpd
-from engine.metagrad import metagradient
+from engine.metagrad import metagradient, resume_path
 from engine.store import Run
 
 
@@ -73,7 +73,7 @@ def _chunk_job(run_path: str, x: np.ndarray, path: str, scheme: str, k: int) -> 
     from engine.store import load_run
     p = Path(path)
     # the sweep's state after each segment: a killed chunk resumes there (not the k-ary scheme)
-    sweep = p.with_name(p.stem + ".sweep.npz") if scheme != "kary" else None
+    sweep = resume_path(p) if scheme != "kary" else None
     gw, bpd = attribute(load_run(run_path), torch.from_numpy(x), scheme=scheme, k=k, resume=sweep)
     atomic.save_npz(p, grad_w=gw, bpd=bpd, x=x)
     if sweep is not None:

@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from engine import atomic
-
 from engine.errors import UserError
 from engine.store import Run
 from engine import device as devices
@@ -115,16 +114,21 @@ def check_trajectory(run: Run) -> list[int]:
     return expected
 
 
+def resume_path(result: Path) -> Path:
+    """Where a job that writes `result` keeps its sweep's state: rev_0003.npz -> rev_0003.sweep.npz."""
+    result = Path(result)
+    return result.with_name(result.stem + ".sweep.npz")
+
+
 def _resume_stamp(run: Run, query_grads: list[dict[str, torch.Tensor]], scheme: str) -> dict:
-    """What a saved sweep state must match: the run (config, weights, final parameters'
-    file), the scheme (their bits differ), and the queries."""
+    """What a saved sweep state must match: the run (its digest covers config, seed and the
+    weights w), the scheme (their bits differ), and the queries."""
     h = hashlib.sha256()
     for q in query_grads:
         for n, t in q.items():
             h.update(n.encode())
             h.update(t.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
-    hw = hashlib.sha256(np.ascontiguousarray(run.weights(), dtype=np.float32).tobytes()).hexdigest()
-    return {"run_digest": run.digest, "weights_w_sha256": hw, "scheme": scheme, "queries_sha256": h.hexdigest()}
+    return {"run_digest": run.digest, "scheme": scheme, "queries_sha256": h.hexdigest()}
 
 
 class _Sweep:
@@ -170,8 +174,7 @@ class _Sweep:
                 or arrays["grad_w"].shape != tuple(self.grad_w.shape)):
             log.info("not resuming the replay from %s: it does not hold this sweep's state", path.name)
             return 0
-        adj = [torch.from_numpy(arrays[k]).to(self.dev, a.dtype) for k, a in zip(keys, self.adj)]
-        self.adj = adj
+        self.adj = [torch.from_numpy(arrays[k]).to(self.dev, a.dtype) for k, a in zip(keys, self.adj)]
         self.grad_w = torch.from_numpy(arrays["grad_w"]).to(self.dev, self.grad_w.dtype)
         self.done = int(arrays["done"])
         self.seconds_before = float(arrays["seconds"])

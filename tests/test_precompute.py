@@ -119,7 +119,8 @@ def test_a_reverse_chunk_killed_mid_replay_resumes_from_its_sweep_state(run):
     # the chunk's job killed in the middle of its replay: its sweep state is on disk
     (parts / "rev_0001.npz").unlink()
     (R.folder(run) / "basis4.npz").unlink()
-    sweep = build._sweep_path(str(parts / "rev_0001.npz"))
+    from engine.metagrad import resume_path
+    sweep = resume_path(parts / "rev_0001.npz")
 
     def kill(info):
         if info["i"] == TINY.steps // 2:

@@ -51,14 +51,14 @@ def _forward_job(run_path: str, omega: np.ndarray, path: str, st: dict) -> str:
 
 
 def _reverse_job(run_path: str, q: np.ndarray, path: str, st: dict) -> str:
-    from engine.metagrad import metagradient
+    from engine.metagrad import metagradient, resume_path
     from engine.precompute.tangents import flat_to_dicts
     run = load_run(run_path)
     t0 = time.perf_counter()
     adj = flat_to_dicts(torch.from_numpy(q), run.load_final().model_params)
     # a chunk's replay is hours on CPU: its sweep state is kept after every segment, so a
     # killed job resumes there (its seconds add those of the earlier jobs' part)
-    sweep, before = _sweep_path(path), []
+    sweep, before = resume_path(path), []
     v = metagradient(run, data.load_train(run.preset.n_train, run.preset.source)[0], adj, resume=sweep,
                      callback=lambda i: before.append(i["seconds"]) if "seconds" in i else None)
     seconds = time.perf_counter() - t0 + sum(before)
@@ -66,11 +66,6 @@ def _reverse_job(run_path: str, q: np.ndarray, path: str, st: dict) -> str:
     sweep.unlink(missing_ok=True)
     return path
 
-
-def _sweep_path(path: str) -> Path:
-    """Where a chunk's unfinished replay keeps its state: rev_0003.npz -> rev_0003.sweep.npz."""
-    p = Path(path)
-    return p.with_name(p.stem + ".sweep.npz")
 
 
 def _gradient_job(run_path: str, x: np.ndarray, path: str, st: dict) -> str:
