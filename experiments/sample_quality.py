@@ -6,7 +6,8 @@ with confidence >= 0.9 (engine.experiments.sample_quality), with the classifier'
 
 Writes sample_quality.{json,md} and one labelled grid per run and sampler (<preset>_<sampler>.png;
 <preset>_<digest>_<sampler>.png when runs share a preset); each row carries its run's config
-digest. Samplers (engine.sampling): "sde" the reverse-diffusion predictor, "pc" the same with one Langevin corrector step per step (snr 0.16), both --steps steps
+digest. Samplers (engine.sampling): "sde" the reverse-diffusion predictor, "pc" the same with one
+Langevin corrector step per step (snr 0.16), both --steps steps
 from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's "Generate" used).
 """
 
