@@ -8,7 +8,8 @@ one step of the preset (after a few warm-up steps of training), and the Q-query 
 autograd's `is_grads_batched`; a loop of plain backward calls over one retained graph;
 `torch.func.vjp` of the step vmapped over the adjoints (what engine.metagrad uses for Q > 1);
 and `torch.func` forward-over-reverse (vmap of jvp of grad; the loss's gradient only, so it
-is a lower bound for the step). Each time is the best of `--reps` runs, in milliseconds, with
+is a lower bound for the step); then the training step and the method used again, after
+`engine.device.tune_allocator()`, against the default allocator. Each time is the best of `--reps` runs, in milliseconds, with
 the ratio to a training step. All methods are checked to agree before timing.
 """
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, training as train  # noqa: E402
+from engine import atomic, data, device as devices, training as train  # noqa: E402
 from engine.presets import get_preset  # noqa: E402
 from engine.training import TrainState  # noqa: E402
 
@@ -116,6 +117,14 @@ def main() -> None:
     lines = [f"# bench_pullback: preset {p.name} (B={p.batch_size}), one step, CPU {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}", f"{'stage':48s} {'ms':>8s} {'/ step':>7s}"]
     lines += [f"{label:48s} {ms:8.1f} {ms / step_ms:7.2f}" for label, ms in rows]
+    # The engine's processes tune glibc's allocator (engine.device.setup); everything above ran
+    # with the default one. Once tuned, a process cannot go back, so the tuned times come last.
+    if devices.tune_allocator():
+        tuned = [("training step", step_ms, best_ms(lambda: train.train_step(model, s, images, w, 0, p), a.reps)),
+                 (f"{q} queries, torch.func.vjp vmapped", rows[5][1], best_ms(func_vjp, a.reps))]
+        lines += ["", "with engine.device.tune_allocator() (what the engine runs)",
+                  f"{'stage':48s} {'ms':>8s} {'default / tuned':>16s}"]
+        lines += [f"{label:48s} {ms:8.1f} {before / ms:16.2f}" for label, before, ms in tuned]
     text = "\n".join(lines)
     print(text)
     if a.out:
