@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, device as devices, training as train  # noqa: E402
+from engine import data, device as devices, provenance, training as train  # noqa: E402
 from engine.presets import get_preset  # noqa: E402
 from engine.training import TrainState  # noqa: E402
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", help="also write the table here")
     a = ap.parse_args()
+    provenance.start()
     warnings.simplefilter("ignore")  # is_grads_batched warns about its per-query fallback
     p = get_preset(a.preset)
     images, _ = data.load_train(p.n_train, p.source)
@@ -125,10 +126,9 @@ def main() -> None:
         lines += ["", "with engine.device.tune_allocator() (what the engine runs)",
                   f"{'stage':48s} {'ms':>8s} {'default / tuned':>16s}"]
         lines += [f"{label:48s} {ms:8.1f} {before / ms:16.2f}" for label, before, ms in tuned]
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
     if a.out:
-        atomic.save_text(text + "\n", Path(a.out))
+        provenance.save_table(lines, a.out)
 
 
 if __name__ == "__main__":
