@@ -1,6 +1,6 @@
 """One training step's pullback for Q queries, by every method tried, timed in one process.
 
-    python benchmarks/bench_pullback.py [--preset small] [--queries 8] [--out results/bench_pullback.txt]
+    python benchmarks/bench_pullback.py [--preset small] [--queries 8] [--threads N] [--out results/bench_pullback.txt]
 
 The metagradient's cost per step is a replay of the step, the step rebuilt with its graph, and
 one Hessian-vector product per query (the double backward). This script times those parts on
@@ -45,9 +45,13 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); a replay "
+                    "chunk of precompute or LDS runs on 1")
     ap.add_argument("--out", help="also write the table here")
     a = ap.parse_args()
     provenance.start()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")  # is_grads_batched warns about its per-query fallback
     p = get_preset(a.preset)
     images, _ = data.load_train(p.n_train, p.source)
