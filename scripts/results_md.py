@@ -68,6 +68,8 @@ SECTIONS = [
      "python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt"),
     ("Where a metagradient step's time goes", "results/bench_pullback.txt", None, [],
      "python benchmarks/bench_pullback.py --out results/bench_pullback.txt"),
+    ("The same on `cpu`, one thread (a replay chunk's setting)", "results/bench_pullback_cpu.txt", None, [],
+     "python benchmarks/bench_pullback.py --preset cpu --threads 1 --reps 5 --out results/bench_pullback_cpu.txt"),
     ("App latency (AppTest)", "results/bench_app.txt", None, [],
      "python benchmarks/bench_app.py --run runs/cpu --out results/bench_app.txt"),
     ("The app on a fresh clone (headless Chromium): a stroke's influences", "results/bench_app_browser.txt", None,
