@@ -123,7 +123,11 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     at.switch_page("views/likelihoods.py")
     at.run()
     assert len(at.get("vega_lite_chart")) == 0 and "No Figure 2 report for this model" in at.info[0].value
-    figure2.run_figure2(app_run, tmp_path / "figure2", n=2)
+    # a report made on another config, where the page looks first, and this model's in a variant's folder
+    figure2.run_figure2(app_run, tmp_path / "figure2_this_model", n=2)
+    (tmp_path / "figure2").mkdir()
+    other = json.loads((tmp_path / "figure2_this_model" / "figure2.json").read_text())
+    (tmp_path / "figure2" / "figure2.json").write_text(json.dumps({**other, "run_digest": "0" * 64, "groups": {}}))
     at = _new()
     at.run()
     at.switch_page("views/likelihoods.py")

@@ -72,20 +72,35 @@ def big(x, size: int = 168) -> np.ndarray:
     return np.kron(to_image(x), np.ones((r, r), np.uint8))
 
 
+def _results() -> Path:
+    return Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
+
+
 def _report(relpath: str) -> Optional[dict]:
     """A committed JSON report under results/ (APP_RESULTS elsewhere), or None."""
     import json
-    path = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results") / relpath
     try:
-        return json.loads(path.read_text())
+        return json.loads((_results() / relpath).read_text())
     except (OSError, ValueError):
         return None
 
 
 def run_report(run: Run, relpath: str) -> Optional[dict]:
-    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run."""
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run.
+
+    "figure2/figure2.json" is looked for there first, then in the report folders named after it
+    (results/figure2_<variant>/figure2.json), which hold the reports of other configurations:
+    whichever was made on this run's digest.
+    """
     r = _report(relpath)
-    return r if r is not None and r.get("run_digest") == run.digest else None
+    if r is not None and r.get("run_digest") == run.digest:
+        return r
+    head, _, rest = relpath.partition("/")
+    for path in sorted(_results().glob(f"{head}_*/{rest}")) if rest else []:
+        r = _report(str(path.relative_to(_results())))
+        if r is not None and r.get("run_digest") == run.digest:
+            return r
+    return None
 
 
 def figure2_means(run: Run) -> Optional[dict]:
