@@ -9,8 +9,9 @@ autograd's `is_grads_batched`; a loop of plain backward calls over one retained 
 `torch.func.vjp` of the step vmapped over the adjoints (what engine.metagrad uses for Q > 1);
 and `torch.func` forward-over-reverse (vmap of jvp of grad; the loss's gradient only, so it
 is a lower bound for the step); then the training step and the method used again, after
-`engine.device.tune_allocator()`, against the default allocator. Each time is the best of `--reps` runs, in milliseconds, with
-the ratio to a training step. All methods are checked to agree before timing.
+`engine.device.tune_allocator()`, against the default allocator. Each time is the best of
+`--reps` runs, in milliseconds, with the ratio to a training step. All methods are checked to
+agree before timing.
 """
 
 from __future__ import annotations

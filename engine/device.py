@@ -46,13 +46,12 @@ def tune_allocator() -> bool:
     On the CPU, PyTorch takes every tensor from malloc, and glibc serves blocks above its mmap
     threshold (128 KiB at first, raised as blocks are freed) with a fresh mmap that free()
     unmaps, and trims the heap's top back to the kernel (8 vmapped adjoints' activations are tens
-    of MB on `cpu`): each replay step then page-faults its working set in again, zeroed by the kernel (measured:
-    ~90,000 faults/s per replay process on `cpu`, 13% of its CPU time in the kernel). Raising the
-    mmap threshold to its ceiling and never trimming the heap makes 6-15x fewer faults (test);
-    the 8-query pullback is 1.06x (`cpu`, 1 thread) to 1.08-1.17x (`small`, 2 threads) faster
-    in one process (results/bench_pullback*.txt), and 690-711 ms against 781-905 ms on `cpu`
-    across fresh processes.
-    It is what PyTorch's CPU tuning guide gets from jemalloc/tcmalloc, without a preload. The
+    of MB on `cpu`): each replay step then page-faults its working set in again, zeroed by the
+    kernel (measured: ~90,000 faults/s per replay process on `cpu`, 13% of its CPU time in the
+    kernel). Raising the mmap threshold to its ceiling and never trimming the heap makes 6-15x
+    fewer faults (test); the 8-query pullback is 1.06x (`cpu`, 1 thread) to 1.08-1.17x (`small`,
+    2 threads) faster in one process (results/bench_pullback*.txt), and 690-711 ms against
+    781-905 ms on `cpu` across fresh processes. It is what PyTorch's CPU tuning guide gets from jemalloc/tcmalloc, without a preload. The
     arithmetic is unchanged (PyTorch aligns its CPU buffers to 64 bytes either way), so results
     are bit for bit those of the default allocator. glibc only; elsewhere, and when the user set
     any MALLOC_*_ variable, it does nothing. Returns whether it applied the settings.

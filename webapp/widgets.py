@@ -76,8 +76,9 @@ def _results() -> Path:
     return Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
-def _report(relpath: str) -> Optional[dict]:
-    """A committed JSON report under results/ (APP_RESULTS elsewhere), or None."""
+def _report(relpath: str | Path) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), or None (an absolute path
+    is taken as is)."""
     import json
     try:
         return json.loads((_results() / relpath).read_text())
@@ -97,7 +98,7 @@ def run_report(run: Run, relpath: str) -> Optional[dict]:
         return r
     head, _, rest = relpath.partition("/")
     for path in sorted(_results().glob(f"{head}_*/{rest}")) if rest else []:
-        r = _report(str(path.relative_to(_results())))
+        r = _report(path)
         if r is not None and r.get("run_digest") == run.digest:
             return r
     return None
