@@ -24,8 +24,8 @@ app: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	APP_RUN=$(RUN) $(BIN)/python -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
 
-# The default model's representation shipped in shipped/cpu/ (a 64-image query basis; about 1.5 h
-# on 2 cores, resumable): the app installs it at start and checks it against the trained weights.
+# The default model's representation shipped in shipped/cpu/ (a 64-image query basis; hours on
+# 2 cores, resumable: see README, Presets): the app installs it at start and checks it against the trained weights.
 ship: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
