@@ -38,22 +38,22 @@ SECTIONS = [
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
      "results/figure4_small/figure4.json", ["results/figure4_small/figure4.png", "results/figure4_small/figure4_classes.png"],
      "python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small"),
-    ("The next default (`cpu` with steps=3000, lr=2.5e-4, eps_root=1e-2): methods against retraining, protocol A",
+    ("The `cpu` default (3,000 steps, lr 2.5e-4, Adam eps 1e-2; its run as screened): methods against retraining, protocol A",
      "results/comparison_cpu_lr2.5e-4_eps1e-2.md", "results/comparison_cpu_lr2.5e-4_eps1e-2.json",
      ["results/comparison_cpu_lr2.5e-4_eps1e-2.png", "results/lds_cpu_lr2.5e-4_eps1e-2/reports/magic_A.png"],
      "python -m engine compare --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--out results/lds_cpu_lr2.5e-4_eps1e-2 --protocols A --method magic,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_lr2.5e-4_eps1e-2 --jobs 2"),
-    ("The next default: Figure 2", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
+    ("The `cpu` default: Figure 2 on its run as screened (the same weights as `runs/cpu`)", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
      "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.json", ["results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.png"],
      "python -m engine figure2 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--out results/figure2_cpu_lr2.5e-4_eps1e-2"),
-    ("The next default: sample quality, before and after", "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.md",
+    ("Sample quality: the earlier 600-step `cpu` against the 3,000-step default", "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.md",
      "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.json",
      ["results/sample_quality_cpu_lr2.5e-4_eps1e-2/cpu_66ab7878_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--samplers sde,pc,ode --out results/sample_quality_cpu_lr2.5e-4_eps1e-2"),
-    ("The next default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
+    ("The `cpu` default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
      "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.json",
      ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
      "python -m engine figure4 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
