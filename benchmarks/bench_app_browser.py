@@ -168,6 +168,7 @@ def main() -> None:
                 dt = time.perf_counter() - t1
                 rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
                 print(f"exact replay in place {dt:.1f} s after the last stroke", flush=True)
+                time.sleep(3)  # the rerun's images load after its text (a shot at once catches stale, blank ones)
                 page.screenshot(path=str(shots / "1b_draw_exact.png"), full_page=True)
             if first is not None:
                 rows.append(((("start of training" if train_s is not None else "server start")
