@@ -42,7 +42,7 @@ SECTIONS = [
      "results/comparison_cpu_lr2.5e-4_eps1e-2.md", "results/comparison_cpu_lr2.5e-4_eps1e-2.json",
      ["results/comparison_cpu_lr2.5e-4_eps1e-2.png", "results/lds_cpu_lr2.5e-4_eps1e-2/reports/magic_A.png"],
      "python -m engine compare --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
-     "--out results/lds_cpu_lr2.5e-4_eps1e-2 --protocols A --method magic,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
+     "--out results/lds_cpu_lr2.5e-4_eps1e-2 --protocols A --method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_lr2.5e-4_eps1e-2 --jobs 2"),
     ("The `cpu` default: Figure 2 on its run as screened (the same weights as `runs/cpu`)", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
      "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.json", ["results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.png"],
