@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 from pathlib import Path
@@ -132,6 +133,43 @@ def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
     return row, (other if row is not None else None)
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, kept per (path, size, mtime): the page asks on every rerun."""
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _against_retraining(run: Run, name: str) -> Optional[tuple[dict, Optional[dict]]]:
+    """(the committed LDS report of MAGIC through representation `name` on this very run, and exact
+    MAGIC's on the same retrains, if there is one), from results/lds_*/reports/; else None.
+
+    Only a report whose scores came from this very file counts (the bank's
+    scores/magic_precomputed.npz records the representation's name and SHA-256): another
+    representation of the same run says nothing about this one.
+    """
+    from engine.precompute import representation
+    path = representation.folder(run) / f"{name}.npz"
+    try:
+        st_ = path.stat()
+        sha = _sha256(str(path), st_.st_size, st_.st_mtime_ns)
+    except OSError:
+        return None
+    for rep in sorted(_results().glob("lds_*/reports/magic_precomputed_A.json")):
+        r = _report(rep)
+        if r is None or r.get("run_digest") != run.digest:
+            continue
+        try:
+            with np.load(rep.parent.parent / "scores" / "magic_precomputed.npz", allow_pickle=False) as z:
+                made_from = (str(z["representation"]), str(z["representation_sha256"]))
+        except (OSError, KeyError, ValueError):
+            continue
+        if made_from == (name, sha):
+            exact = _report(rep.parent / "magic_A.json")
+            return r, (exact if exact is not None and exact.get("run_digest") == run.digest else None)
+    return None
+
+
 def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
     """How an attribution was computed, for the page, with the representation's measured fidelity
     and, when known, how long the computation itself took."""
@@ -148,6 +186,13 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
                 f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
                 f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
                 f"{np.mean(row['lds']):.2f}")
+    lds = _against_retraining(run, name) if run is not None and other is not None else None
+    if lds is not None:  # the study was on another model: this model's own test against retraining first
+        r, exact = lds
+        vs = "" if exact is None else f", where exact MAGIC gets {exact['spearman_mean']:.2f}"
+        measured = (f"on this model against retraining, LDS {r['spearman_mean']:.2f} (lowest "
+                    f"{r['spearman_min']:.2f}) over {len(r['queries'])} test digits and {r['drop_sets']} "
+                    f"retrainings without {r['frac']:.0%} of the data{vs}; " + measured)
     what = ("exact MAGIC of the query's part in a basis of replayed images" if name.startswith("basis")
             else "a low-rank approximation of exact MAGIC")
     return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + took
