@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset("small", n_train=500, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
                     batch_size=32, steps=400, lr=5e-4, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-6),
     # cpu: a new image's influences come from the shipped query basis (shipped/cpu), so training
-    # may be longer than a per-query replay could afford: 3,000 steps (about 3 min on 2 cores),
+    # may be longer than a per-query replay could afford: 3,000 steps (about 70 s on 2 cores),
     # at half small's learning rate and with Adam's eps at 1e-2 (inside the square root), which
     # keep the metagradient smooth: LDS protocol A 0.979 against retraining
     # (results/lds_cpu_lr2.5e-4_eps1e-2), where plain 3,000 steps gave 0.76.

@@ -198,6 +198,8 @@ def test_the_caption_cites_this_models_own_test_against_retraining(app_run, tmp_
         assert ("on this model against retraining, LDS 0.89 (lowest 0.84) over 8 test digits and 50 retrainings "
                 "without 1% of the data, where exact MAGIC gets 0.98") in words, words
         assert "2 images of the `small` model" in words  # the other model's study still follows
+        (tmp_path / "precompute" / "fidelity.json").unlink()  # no study at all: the model's own test still shows
+        assert "LDS 0.89 (lowest 0.84)" in W.method_words("precomputed:basis9", app_run)
         scores("f" * 64)  # made from another representation file
         assert "against retraining" not in W.method_words("precomputed:basis9", app_run)
         scores(sha)

@@ -133,5 +133,5 @@ def test_a_variant_of_a_preset_is_labelled_with_what_differs():
     from engine.presets import PRESETS, label
     cpu = PRESETS["cpu"]
     assert label(cpu) == "`cpu`"
-    assert label(dataclasses.replace(cpu, steps=3000, lr=2.5e-4)) == "`cpu` with steps=3000, lr=0.00025"
+    assert label(dataclasses.replace(cpu, steps=1234, lr=1e-3)) == "`cpu` with steps=1234, lr=0.001"
     assert label(dataclasses.replace(cpu, name="mine")) == "`mine` (not a named preset)"

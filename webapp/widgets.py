@@ -186,8 +186,8 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
                 f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
                 f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
                 f"{np.mean(row['lds']):.2f}")
-    lds = _against_retraining(run, name) if run is not None and other is not None else None
-    if lds is not None:  # the study was on another model: this model's own test against retraining first
+    lds = _against_retraining(run, name) if run is not None and (row is None or other is not None) else None
+    if lds is not None:  # no study on this model: its own test against retraining comes first
         r, exact = lds
         vs = "" if exact is None else f", where exact MAGIC gets {exact['spearman_mean']:.2f}"
         measured = (f"on this model against retraining, LDS {r['spearman_mean']:.2f} (lowest "
