@@ -52,9 +52,10 @@ def tune_allocator() -> bool:
     fewer faults (test); the 8-query pullback is 1.06x (`cpu`, 1 thread) to 1.08-1.17x (`small`,
     2 threads) faster in one process (results/bench_pullback*.txt), and 690-711 ms against
     781-905 ms on `cpu` across fresh processes. It is what PyTorch's CPU tuning guide gets from
-    jemalloc/tcmalloc, without a preload. The arithmetic is unchanged (PyTorch aligns its CPU buffers to 64 bytes either way), so results
-    are bit for bit those of the default allocator. glibc only; elsewhere, and when the user set
-    any MALLOC_*_ variable, it does nothing. Returns whether it applied the settings.
+    jemalloc/tcmalloc, without a preload. The arithmetic is unchanged (PyTorch aligns its CPU
+    buffers to 64 bytes either way), so results are bit for bit those of the default allocator.
+    glibc only; elsewhere, and when the user set any MALLOC_*_ variable, it does nothing.
+    Returns whether it applied the settings.
     """
     global _allocator_tuned
     if _allocator_tuned:
