@@ -207,3 +207,35 @@ def test_the_caption_cites_this_models_own_test_against_retraining(app_run, tmp_
         assert "against retraining" not in W.method_words("precomputed:basis9", app_run)
     finally:
         path.unlink()
+
+
+def test_the_verify_page_takes_a_gallery_digits_preview_and_says_how_it_was_made(app_run, monkeypatch):
+    # the galleries made from a representation leave each digit's attribution for every page: Verify
+    # offers a gallery digit's top-k at once (no button, no replay), from that preview, and says so
+    import re
+    from engine.attribution import attribute_precomputed, predict_removal, top_k
+    from engine.precompute import build, representation as R
+    from webapp import service
+    monkeypatch.setenv("APP_GALLERY_QUERIES", "3")  # a gallery of its own: none made earlier in the session
+    build.precompute(app_run, method="lowrank", rank=4, chunk=4)
+    try:
+        at = _new()
+        at.run()
+        job = service.galleries_job(app_run)
+        assert service.jobs().wait_all(600) and job.result["method"] == "precomputed:lowrank4"
+        at.switch_page("views/verify.py").run()
+        q = service.gallery_queries()[1]
+        at.selectbox(key="ver_query").set_value(f"test {q} (a {service.test_set()[1][q]})").run()
+        assert not at.exception, at.exception
+        assert not any(b.key == "ver_attr" for b in at.button)  # nothing to compute
+        assert any("precomputed replay `lowrank4`" in c.value for c in at.caption)
+        x = service.test_set()[0][q]
+        import torch
+        gw, bpd = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), torch.from_numpy(x)[None])
+        at.slider(key="ver_k").set_value(5).run()
+        want = predict_removal(float(bpd[0]), gw[0], top_k(gw[0], 5)["proponents"])
+        line = next(m.value for m in at.markdown if "MAGIC predicts" in m.value)
+        shown = float(re.search(r"predicts \*\*([0-9.]+)\*\*", line).group(1))
+        assert abs(shown - want) <= 1e-4, (line, want)
+    finally:
+        (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)

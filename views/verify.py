@@ -72,7 +72,7 @@ name = st.selectbox("Query", list(choices), key="ver_query")
 x = torch.from_numpy(np.asarray(choices[name], dtype=np.float32))
 st.image(W.big(x, 112), width=112)
 
-job = service.jobs().peek(service.attribution_key(run, x))
+job = service.known_attribution(run, x)
 if job is None:
     st.info("This image has no attribution yet.")
     if st.button("Compute its attribution", key="ver_attr"):
@@ -82,6 +82,7 @@ if not res:
     evidence()
     st.stop()
 gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
+st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
 c = st.columns(2)
 what = c[0].radio("Remove", ["top-k proponents", "top-k opponents", "k random images"], key="ver_what")
 k = int(c[1].slider("k", 1, 50, 10, key="ver_k"))

@@ -215,6 +215,15 @@ def attribution_job(run: Run, x: torch.Tensor):
                          lane="requested" if name is None else "interactive")
 
 
+def known_attribution(run: Run, x: torch.Tensor):
+    """The job that attributes x (1, 28, 28), or None when nothing was asked; starts nothing.
+    A finished one first (the exact replay's before a representation's preview), then a running
+    one, then a failed one (so that its error shows)."""
+    found = [j for j in (jobs().peek(replay_key(run, x)), jobs().peek(attribution_key(run, x))) if j is not None]
+    found.sort(key=lambda j: 2 if j.error else 0 if j.done else 1)  # stable: the exact one first within a rank
+    return found[0] if found else None
+
+
 def replay_key(run: Run, x: torch.Tensor) -> str:
     return _attribution_key(run, x, "replay")
 
@@ -238,19 +247,21 @@ def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
     if precomputed(run)[0] is not None:  # from the representation: no replay at all
         from engine.attribution import attribute_auto
         # progress in digits done (each is one BPD with its gradient), not ODE steps of the current one
-        gw, bpd, _ = attribute_auto(run, x, callback=lambda i: cb({"stage": "test digits done", "i": i.get("query", 0),
-                                                                   "n": len(q)}))
+        gw, bpd, method = attribute_auto(run, x, callback=lambda i: cb({"stage": "test digits done",
+                                                                        "i": i.get("query", 0), "n": len(q)}))
     elif os.environ.get("APP_EXECUTOR", "local") == "local":
         gw, bpd = attribute(run, x, callback=cb)  # one batched sweep in this worker
+        method = "replay"
     else:  # chunks of queries as jobs on a cluster; finished chunks survive a restart
         from engine.executor import make_executor
         ex = make_executor(os.environ["APP_EXECUTOR"], address=os.environ.get("APP_RAY_ADDRESS"))
         parts = Path(os.environ.get("APP_CACHE", "runs/cache")) / "parts" / run.digest[:16]
         gw, bpd = attribute_many(run, x, parts, ex, chunk=int(os.environ.get("APP_CHUNK", "2")), callback=cb)
-    if precomputed(run)[0] is None:  # each query's attribution is then ready on every page
-        for i in range(len(q)):
-            jobs().memo.set(attribution_key(run, x[i]), {"grad_w": gw[i], "bpd": float(bpd[i]), "method": "replay"})
-    return {"grad_w": gw, "bpd": bpd, "queries": q}
+        method = "replay"
+    # each digit's attribution is then ready on every page, under the key of what made it
+    for i in range(len(q)):
+        jobs().memo.set(_attribution_key(run, x[i], method), {"grad_w": gw[i], "bpd": float(bpd[i]), "method": method})
+    return {"grad_w": gw, "bpd": bpd, "queries": q, "method": method}
 
 
 def galleries_key(run: Run) -> str:
