@@ -91,7 +91,8 @@ def main() -> None:
 
     base = rows["exact, batched (B=%d)" % a.batch]
     lines = [f"Exact BPD benchmark on {name}; preset {preset.name}"
-             + (f" (run {a.run}, trained)" if a.run else " (untrained: the architecture only)")
+             + (f" (run {a.run}, {preset.steps} steps, digest {run.digest[:12]}, trained)" if a.run
+               else " (untrained: the architecture only)")
              + f", RK4 {preset.bpd_steps} steps ({evals} evaluations), {sum(p.numel() for p in params)} parameters",
              f"{'method':42s} {'s / image':>10s} {'x batched exact':>16s} {'x batch of 1':>13s}"]
     one = rows["exact, batch of 1"]

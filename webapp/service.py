@@ -241,10 +241,10 @@ def gallery_queries() -> list[int]:
     return data.query_indices(int(os.environ.get("APP_GALLERY_QUERIES", "64")), seed=0)
 
 
-def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
+def _galleries(run: Run, q: list[int], replay: bool, cb: Callback) -> dict:
     from engine.attribution import attribute, attribute_many
     x = torch.from_numpy(test_set()[0][q])
-    if precomputed(run)[0] is not None:  # from the representation: no replay at all
+    if not replay and precomputed(run)[0] is not None:  # from the representation: no replay at all
         from engine.attribution import attribute_auto
         # progress in digits done (each is one BPD with its gradient), not ODE steps of the current one
         gw, bpd, method = attribute_auto(run, x, callback=lambda i: cb({"stage": "test digits done",
@@ -264,14 +264,35 @@ def _galleries(run: Run, q: list[int], cb: Callback) -> dict:
     return {"grad_w": gw, "bpd": bpd, "queries": q, "method": method}
 
 
+def _galleries_key(run: Run, method: str) -> str:
+    return make_key("galleries", run.digest, np.array(gallery_queries()), {**run.preset.likelihood_kwargs,
+                                                                            "method": method})
+
+
 def galleries_key(run: Run) -> str:
-    """The galleries job's key: the run, the curated queries and the likelihood settings."""
-    return make_key("galleries", run.digest, np.array(gallery_queries()), run.preset.likelihood_kwargs)
+    """The galleries job's key: the run, the curated queries, the likelihood settings and what
+    computes them now (the run's representation, else the replay)."""
+    name, _ = precomputed(run)
+    return _galleries_key(run, f"precomputed:{name}" if name else "replay")
+
+
+def _galleries_found(run: Run):
+    """The galleries job to show: the replay's (exact) when one was made or is under way, since a
+    representation that came later does not improve on it; else the current method's; or None."""
+    exact = jobs().peek(_galleries_key(run, "replay"))
+    if exact is not None and not exact.error:
+        return exact
+    return jobs().peek(galleries_key(run))
 
 
 def galleries_job(run: Run):
-    """grad_w (Q, n) and BPD (Q,) of the curated test queries, in one batched sweep."""
-    return jobs().submit(galleries_key(run), functools.partial(_galleries, run, gallery_queries()),
+    """grad_w (Q, n) and BPD (Q,) of the curated test queries (from the representation, else in
+    one batched sweep of the replay), and the method that made them."""
+    found = _galleries_found(run)
+    if found is not None:
+        return found
+    replay = precomputed(run)[0] is None
+    return jobs().submit(galleries_key(run), functools.partial(_galleries, run, gallery_queries(), replay),
                          label="precomputing the galleries")
 
 
@@ -279,7 +300,7 @@ def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
     """(mean grad_w over many test digits (n,), their count): the gallery's digits once they are
     computed, before that the plain test digits of the run's query basis (their columns of A are
     their exact attributions, so they come with the representation); else None. Starts nothing."""
-    job = jobs().peek(galleries_key(run))
+    job = _galleries_found(run)
     if job is not None and job.done and not job.error:
         gw = np.asarray(job.result["grad_w"])
         return gw.mean(0), len(gw)
