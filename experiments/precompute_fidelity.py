@@ -1,7 +1,8 @@
 """How well does a precomputed representation reproduce exact MAGIC? A study on one run.
 
     python experiments/precompute_fidelity.py --run runs/small --reps lowrank64 \
-        [--ranks 4,8,16,32,64] [--bank results/lds_small] [--out results/precompute]
+        [--ranks 4,8,16,32,64] [--bank results/lds_small] [--out results/precompute] \
+        [--n-test 16] [--exact-from results/lds_small/scores/magic.npz]
 
 Queries: 16 test digits (the first 8 are the LDS queries of the committed retraining bank; none
 is among the digits any basis was built from), 4 digits drawn with strokes by this script and
@@ -14,6 +15,12 @@ Spearman over all training images, and how many of the
 top-16 proponents and top-16 opponents are shared. LDS protocol A on the bank's queries against
 its committed retrains, next to exact MAGIC's on the same retrains. Writes fidelity.json,
 fidelity.md and fidelity.png, with the command and commit that made them.
+
+--exact-from takes the exact grad_w of the test digits that a committed `compare` bank already
+scored with MAGIC on this run (its scores/magic.npz) instead of replaying training for them again
+(on a large run the replay is the study's whole cost: ~5 min a query on `cpu`); their BPD is
+recomputed here and must agree, so scores of other images or weights are refused. --n-test 8
+keeps the test digits to the bank's 8 LDS queries.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +90,32 @@ def exact(run, names: list[str], x: torch.Tensor, work: Path) -> dict:
                            compute, what=f"exact MAGIC of {len(names)} queries")
 
 
+def reused_exact(run, names: list[str], x: torch.Tensor, path: Path) -> dict:
+    """The exact grad_w (R, n), BPD (R,) and flat BPD gradients g (R, P) of the test digits among
+    `names` that a bank's MAGIC scores file (made on this run) holds, and their positions
+    ("index", R). The BPD is recomputed with its gradient and checked against the file's."""
+    from engine.bpd import run_bpd
+    from engine.errors import UserError
+    from engine.precompute.tangents import flatten
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            digest, qs, scores, bpd = str(z["run_digest"]), [int(v) for v in z["queries"]], z["scores"], z["bpd"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"--exact-from {path}: not a readable MAGIC scores file ({type(e).__name__})") from None
+    if digest != run.digest:
+        raise UserError(f"--exact-from {path}: made on run {digest[:12]}, not on this run ({run.digest[:12]})")
+    index = [i for i, n in enumerate(names) if n.startswith("test:") and int(n[5:]) in qs]
+    if not index:
+        return {"index": []}
+    rows = [qs.index(int(names[i][5:])) for i in index]
+    mine, grads = run_bpd(run, x[index], grad=True)
+    off = np.abs(np.asarray(mine, dtype=np.float64) - bpd[rows]).max()
+    if off > 1e-3:  # the file's scores belong to other images or another likelihood grid
+        raise UserError(f"--exact-from {path}: its BPDs differ from this run's by up to {off:.4f} bits/dim")
+    return {"index": index, "grad_w": scores[rows].astype(np.float64), "bpd": bpd[rows].astype(np.float64),
+            "g": torch.stack([flatten(gr) for gr in grads]).numpy()}
+
+
 def overlap(a: np.ndarray, b: np.ndarray, k: int = TOP) -> tuple[int, int]:
     """Shared members of the top-k proponents and of the top-k opponents of two score vectors."""
     pa, pb = np.argsort(a, kind="stable"), np.argsort(b, kind="stable")
@@ -116,14 +150,35 @@ def main() -> None:
                     help="LDS also on the drawn and off-distribution queries (retrains the bank once for them: "
                          "~45 min on 2 cores, resumable)")
     ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel (with --lds-images)")
+    ap.add_argument("--n-test", type=int, default=16, help="test digits among the queries (at least 8: the bank's)")
+    ap.add_argument("--exact-from", help="a bank's scores/magic.npz on this run: its test digits' exact MAGIC, "
+                                         "instead of replaying training for them")
     a = ap.parse_args()
+    from engine.errors import UserError
+    if a.n_test < 8:
+        raise SystemExit("error: --n-test must be at least 8 (the LDS is measured on the bank's 8 test queries)")
     provenance.start()
-    run = load_run(a.run)
-    q = queries()
-    names = list(q)
-    x = torch.stack([q[k] for k in names])
-    ex = exact(run, names, x, run.path / "fidelity")
-    gw, g, bpd = ex["grad_w"], ex["g"], ex["bpd"]
+    try:
+        run = load_run(a.run)
+        q = queries(a.n_test)
+        names = list(q)
+        x = torch.stack([q[k] for k in names])
+        reused = reused_exact(run, names, x, Path(a.exact_from)) if a.exact_from else {"index": []}
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    rest = [i for i in range(len(names)) if i not in reused["index"]]
+    gw = np.zeros((len(names), run.preset.n_train))
+    bpd = np.zeros(len(names))
+    g = None
+    exact_seconds = 0.0
+    for index, part in ((reused["index"], reused),
+                        (rest, exact(run, [names[i] for i in rest], x[rest], run.path / "fidelity") if rest else None)):
+        if not index:
+            continue
+        gw[index], bpd[index] = part["grad_w"], part["bpd"]
+        g = np.zeros((len(names), part["g"].shape[1]), np.float32) if g is None else g
+        g[index] = part["g"]
+        exact_seconds += float(part.get("seconds", 0.0))
     kinds = ["test" if n.startswith("test:") else "drawn" if n.startswith("drawn") else "off-distribution" for n in names]
     # LDS on the bank's 8 test queries, and with --lds-images on the drawn and off-distribution ones
     from engine.experiments.bank import image_key
@@ -162,7 +217,9 @@ def main() -> None:
                  "lds": L(s)})
     report = {**provenance.stamp(), "run": str(run.path), "preset": run.preset.name,
               "run_digest": run.digest, "queries": names, "kinds": kinds, "bpd": bpd.tolist(),
-              "exact_seconds": float(ex["seconds"]), "train_seconds": run.train_seconds(), "bank_queries": bank_q, "lds_queries": [names[i] for i in sel],
+              "exact_seconds": exact_seconds, "exact_replayed": [names[i] for i in rest],
+              "exact_from": a.exact_from, "exact_reused": [names[i] for i in reused["index"]],
+              "train_seconds": run.train_seconds(), "bank_queries": bank_q, "lds_queries": [names[i] for i in sel],
               "rows": rows}
     out = Path(a.out)
     atomic.save_json(report, out / "fidelity.json")
@@ -202,7 +259,11 @@ def _markdown(r: dict) -> str:
               else f"{l.mean():.3f} ({l.min():.3f})")
         cost = ""
         if row["scores"] == "exact MAGIC (replay)":
-            cost = f"none (the replay: {r['exact_seconds']:,.0f} s for these {len(r['queries'])} queries at once)"
+            replayed = r.get("exact_replayed", r["queries"])
+            cost = f"none (the replay: {r['exact_seconds']:,.0f} s for {'these' if len(replayed) == len(r['queries']) else 'the'} {len(replayed)} queries at once"
+            if r.get("exact_reused"):
+                cost += f"; the {len(r['exact_reused'])} test digits' from `{r['exact_from']}`"
+            cost += ")"
         elif row.get("precompute_seconds") and row["scores"] == row.get("rep"):  # a truncation costs what its whole did
             sec = row["precompute_seconds"]
             ts = r.get("train_seconds") or float("nan")

@@ -239,3 +239,37 @@ def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path
     with pytest.raises(UserError, match="corrupt"):
         shipped.ship(fresh, "exact", tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_fidelity_study_reuses_a_banks_exact_magic_only_for_this_run_and_these_images(run, tmp_path):
+    # experiments/precompute_fidelity.py --exact-from: the test digits a bank already scored with
+    # MAGIC on this run are not replayed again; their BPD gradients are recomputed and their BPDs
+    # must agree with the file's, so scores of other images or other weights are refused
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    from precompute_fidelity import reused_exact
+    from engine import methods
+    from engine.bpd import run_bpd
+    test_x, _ = data.load_test()
+    qs = [5768, 3960]
+    s = methods.get("magic").score(run, test_x[qs])  # what `compare` keeps in scores/magic.npz
+
+    def bank_file(digest=run.digest, bpd=s.bpd):
+        f = tmp_path / "magic.npz"
+        np.savez(f, scores=s.scores, bpd=np.asarray(bpd), run_digest=np.array(digest), queries=np.array(qs))
+        return f
+    names = ["test:3960", "drawn 1", "test:5768"]
+    x = torch.stack([test_x[3960], torch.zeros(1, 28, 28), test_x[5768]])
+    got = reused_exact(run, names, x, bank_file())
+    assert got["index"] == [0, 2]  # the drawn digit is not in the bank: replayed by the study
+    np.testing.assert_array_equal(got["grad_w"], np.asarray(s.scores)[[1, 0]])
+    _, grads = run_bpd(run, x[[0, 2]], grad=True)
+    np.testing.assert_allclose(got["g"], torch.stack([flatten(g) for g in grads]).numpy(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(UserError, match="not on this run"):
+        reused_exact(run, names, x, bank_file(digest="0" * 64))
+    with pytest.raises(UserError, match="BPDs differ"):  # scores of other images under these names
+        reused_exact(run, names, x, bank_file(bpd=np.asarray(s.bpd) + 0.01))
+    (tmp_path / "damaged.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(UserError, match="not a readable MAGIC scores file"):
+        reused_exact(run, names, x, tmp_path / "damaged.npz")
