@@ -160,6 +160,8 @@ def main() -> None:
     provenance.start()
     try:
         run = load_run(a.run)
+        from engine.precompute import shipped
+        shipped.install(run)  # the repository's representation of this config, if it ships one (the default's)
         q = queries(a.n_test)
         names = list(q)
         x = torch.stack([q[k] for k in names])

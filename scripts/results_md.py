@@ -58,12 +58,19 @@ SECTIONS = [
      ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
      "python -m engine figure4 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--scores results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/figure4_cpu_lr2.5e-4_eps1e-2"),
+    ("The `cpu` default: its shipped basis against exact MAGIC", "results/precompute_cpu/fidelity.md",
+     "results/precompute_cpu/fidelity.json", ["results/precompute_cpu/fidelity.png"],
+     "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
+     "--bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz "
+     "--out results/precompute_cpu"),
     ("Training hyperparameters against metagradient smoothness", "results/grid_small/grid.md",
      "results/grid_small/grid.json", [], "python experiments/grid_smoothness.py --out results/grid_small"),
     ("Exact bits/dim: cost against the alternatives", "results/bench_likelihood.txt", None, [],
      "python benchmarks/bench_likelihood.py --run runs/cpu --out results/bench_likelihood.txt"),
     ("The likelihood grid against dopri5", "results/grid_error.txt", None, [],
      "python benchmarks/grid_error.py --run runs/small --out results/grid_error.txt"),
+    ("The likelihood grid against dopri5 on the `cpu` default", "results/grid_error_cpu.txt", None, [],
+     "python benchmarks/grid_error.py --run runs/cpu --out results/grid_error_cpu.txt"),
     ("The cost of MAGIC against training", "results/bench_metagrad.txt", None, [],
      "python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt"),
     ("Where a metagradient step's time goes", "results/bench_pullback.txt", None, [],
