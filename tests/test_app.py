@@ -151,6 +151,8 @@ def test_galleries_page(app_run):
     text = " ".join(m.value for m in at.markdown)
     assert "distinct images fill" in text
     assert len(at.dataframe) == 1
+    # it says which computation made them (no representation here: the replay)
+    assert any("replaying training backwards for these digits" in c.value for c in at.caption)
     # browsable by class: one class's digits only, with their mean influence
     from webapp import service
     q = service.gallery_queries()

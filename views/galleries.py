@@ -25,7 +25,8 @@ if not res:
             "attributions came with it. The full galleries replace them when they are computed.")
     res = {"grad_w": early[0], "bpd": None, "queries": early[1]}
 elif res.get("method"):  # which computation made them: the replay, or the representation and its fidelity
-    st.caption(W.method_words(res["method"], run))
+    st.caption("Computed by replaying training backwards for these digits (exact MAGIC)." if res["method"] == "replay"
+               else W.method_words(res["method"], run))
 gw, queries = np.asarray(res["grad_w"]), [int(q) for q in res["queries"]]
 bpd = None if res["bpd"] is None else np.asarray(res["bpd"])
 k = st.slider("Top k", 4, 32, 16, key="gal_k")
