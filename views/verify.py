@@ -17,17 +17,30 @@ from webapp import experiments, service, widgets as W
 RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
-def evidence() -> None:
-    """The committed evidence: MAGIC's LDS scatter plots and its comparison with the baselines."""
+def whose(r: dict, folder: Path, run) -> str:
+    """How a committed LDS report is named on the page: this very model's, or another
+    configuration's (its folder), so that a study of another configuration of the same preset is
+    never read as this model's."""
+    if r.get("run_digest") == run.digest:
+        return f"`{r['preset']}`, this model"
+    if r.get("preset") == run.preset.name:
+        return f"`{r['preset']}`, another configuration (`{folder.name}`), not this model"
+    return f"`{r['preset']}`"
+
+
+def evidence(run) -> None:
+    """The committed evidence: MAGIC's LDS scatter plots (this model's first) and its comparison
+    with the baselines."""
     st.subheader("Linear datamodeling score (protocol A)")
     # reports/magic_A.json since the method registry; lds.json in folders made before it
     found = {f.parent.parent: f for f in RESULTS.glob("lds_*/reports/magic_A.json")}
     for folder in RESULTS.glob("lds_*"):
         if folder not in found and (folder / "lds.json").is_file():
             found[folder] = folder / "lds.json"
-    for f in [found[k] for k in sorted(found)]:
-        r = json.loads(f.read_text())
-        st.markdown(f"`{r['preset']}`: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
+    reports = {k: json.loads(found[k].read_text()) for k in found}
+    for k in sorted(found, key=lambda k: (reports[k].get("run_digest") != run.digest, str(k))):
+        f, r = found[k], reports[k]
+        st.markdown(f"{whose(r, k, run)}: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
                     f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
                     f"(lowest {r['spearman_min']:.3f}).")
         png = f.with_suffix(".png")
@@ -79,7 +92,7 @@ if job is None:
         job = service.attribution_job(run, x)
 res = W.wait_for(job) if job is not None else None
 if not res:
-    evidence()
+    evidence(run)
     st.stop()
 gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
 st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
@@ -103,4 +116,4 @@ if job is not None:
         st.success(f"Actual after retraining: **{out['bpd']:.4f}** bits/dim (change {out['bpd'] - bpd:+.4f}; "
                    f"predicted {predicted - bpd:+.4f}).")
 
-evidence()
+evidence(run)
