@@ -192,22 +192,36 @@ def test_verify_page_retrains_and_the_sign_holds(app_run, tmp_path, monkeypatch)
     assert predicted > 0 and actual > 0  # removing the top proponents raises the bits/dim
 
 
-def test_verify_names_whose_lds_study_each_is_this_models_first(app_run, tmp_path, monkeypatch):
+def test_verify_names_whose_evidence_it_shows_this_models_first(app_run, tmp_path, monkeypatch):
     # a study of another configuration of the same preset is never shown as this model's
     for folder, digest, mean in (("lds_a_other", "0" * 64, 0.5), ("lds_b_this", app_run.digest, 0.9)):
         (tmp_path / folder / "reports").mkdir(parents=True)
         (tmp_path / folder / "reports" / "magic_A.json").write_text(json.dumps({
             "preset": "tiny", "run_digest": digest, "queries": [1, 2], "drop_sets": 8, "drop_size": 1,
             "spearman_mean": mean, "spearman_min": mean - 0.1}))
+    # and the comparison with the baselines: this model's when one was made on it, else the main one, named
+    rows = [{"method": "magic", "protocol": "A", "per_query": [v, v], "queries_list": [1, 2]} for v in (0.9,)]
+    (tmp_path / "comparison.json").write_text(json.dumps({"preset": "small", "run_digest": "1" * 64, "rows": rows}))
     monkeypatch.setenv("APP_RESULTS", str(tmp_path))
-    at = _new()
-    at.run()
-    at.switch_page("views/verify.py").run()
-    assert not at.exception, at.exception
+
+    def verify_page():
+        at = _new()
+        at.run()
+        at.switch_page("views/verify.py").run()
+        assert not at.exception, at.exception
+        return at
+    at = verify_page()
     lines = [m.value for m in at.markdown if "random drop-sets" in m.value]
     assert len(lines) == 2
     assert lines[0].startswith("`tiny`, this model: 2 test queries") and "**0.900**" in lines[0]
     assert lines[1].startswith("`tiny`, another configuration (`lds_a_other`), not this model:")
+    assert any(h.value == "MAGIC against the baselines, `small`, not this model" for h in at.subheader)
+    (tmp_path / "comparison_tiny.json").write_text(json.dumps({"preset": "tiny", "run_digest": app_run.digest,
+                                                               "rows": rows}))
+    (tmp_path / "comparison_tiny.md").write_text("the tiny table")
+    at = verify_page()
+    assert any(h.value == "MAGIC against the baselines, this model" for h in at.subheader)
+    assert len(at.get("vega_lite_chart")) == 1 and at.expander[0].markdown[0].value == "the tiny table"
 
 
 def _png(a: np.ndarray) -> bytes:

@@ -46,12 +46,16 @@ def evidence(run) -> None:
         png = f.with_suffix(".png")
         if png.is_file():
             st.image(str(png))
-    st.subheader("MAGIC against the baselines")
-    comp = RESULTS / "comparison.json"
-    if not comp.is_file():
+    # this model's comparison (results/comparison_<variant>.json made on its digest), else the main one
+    comps = {c: json.loads(c.read_text()) for c in sorted(RESULTS.glob("comparison*.json"))}
+    comp = next((c for c, r in comps.items() if r.get("run_digest") == run.digest), RESULTS / "comparison.json")
+    if comp not in comps:
+        st.subheader("MAGIC against the baselines")
         st.info("No comparison yet: `python -m engine compare --run runs/small --out results/lds_small` writes it.")
         return
-    r = json.loads(comp.read_text())
+    r = comps[comp]
+    st.subheader("MAGIC against the baselines, " + ("this model" if r.get("run_digest") == run.digest
+                                                    else f"`{r.get('preset', 'another')}`, not this model"))
     rows = [{"method": row["method"], "protocol": f"protocol {row['protocol']}", "query": q, "Spearman": v}
             for row in r["rows"] for q, v in zip(row["queries_list"], row["per_query"])]
     df = pd.DataFrame(rows)
@@ -66,7 +70,7 @@ def evidence(run) -> None:
                "each query. Protocol A: 1% drop-sets, one seed; protocol B: half-size subsets, seeds averaged "
                "(the table below also scores each seed alone: MAGIC predicts its own run's seed). "
                "All methods are scored on the same retrained models.")
-    md = RESULTS / "comparison.md"
+    md = comp.with_suffix(".md")
     if md.is_file():
         with st.expander("The table, with each seed alone, costs and published values"):
             st.markdown(md.read_text())
