@@ -87,6 +87,14 @@ CANDIDATES: dict[str, dict] = {
     "3000 steps + lr 2.5e-4 + eps 1e-2": {"steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2},
     "3000 steps + lr 2e-3": {"steps": 3000, "lr": 2e-3},
     "3000 steps + batch 128": {"steps": 3000, "batch_size": 128},
+    # How far are the goals (80% confident samples, rotation gap 0.2) by training budget alone?
+    # The same net 4x and 8x longer than the default at lr 1e-3, and the default's smooth
+    # setting (lr 2.5e-4, eps 1e-2) 8x longer. A per-query replay and the shipped basis grow
+    # linearly with the steps (8x: about 88 h of precompute on 2 cores), so these are a measure
+    # of what a larger budget buys, not candidates this machine can ship.
+    "12000 steps + lr 1e-3": {"steps": 12000, "lr": 1e-3},
+    "24000 steps + lr 1e-3": {"steps": 24000, "lr": 1e-3},
+    "24000 steps + lr 2.5e-4 + eps 1e-2": {"steps": 24000, "lr": 2.5e-4, "eps_root": 1e-2},
 }
 DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
 STAGES = ("training", "samples", "figure2", "rotation", "smoothness")
