@@ -95,6 +95,11 @@ CANDIDATES: dict[str, dict] = {
     "12000 steps + lr 1e-3": {"steps": 12000, "lr": 1e-3},
     "24000 steps + lr 1e-3": {"steps": 24000, "lr": 1e-3},
     "24000 steps + lr 2.5e-4 + eps 1e-2": {"steps": 24000, "lr": 2.5e-4, "eps_root": 1e-2},
+    # 12,000 steps at lr 1e-3 gave clean strokes but no more digits (14/64): is it the net? The
+    # `gpu` preset's net (4 levels, 32-256 channels, 17x the parameters) on the 5,000 bundled
+    # images, 12,000 steps at batch 64; about 3x the time per step and per BPD.
+    "gpu net + 5000 images + 12000 steps + lr 1e-3": {"steps": 12000, "lr": 1e-3, "n_train": 5000,
+                                                      "channels": (32, 64, 128, 256), "embed_dim": 256, "groups": 8},
 }
 DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
 STAGES = ("training", "samples", "figure2", "rotation", "smoothness")
