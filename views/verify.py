@@ -1,7 +1,6 @@
 """Verify: remove training images, retrain, and compare the actual change with MAGIC's prediction."""
 
 import json
-import os
 from pathlib import Path
 
 import altair as alt
@@ -12,10 +11,6 @@ import torch
 
 from engine.attribution import predict_removal, top_k
 from webapp import experiments, service, widgets as W
-
-# the committed evidence; APP_RESULTS points elsewhere (tests)
-RESULTS = Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
-
 
 def whose(r: dict, folder: Path, run) -> str:
     """How a committed LDS report is named on the page: this very model's, or another
@@ -32,9 +27,10 @@ def evidence(run) -> None:
     """The committed evidence: MAGIC's LDS scatter plots (this model's first) and its comparison
     with the baselines."""
     st.subheader("Linear datamodeling score (protocol A)")
+    results = W.results_dir()
     # reports/magic_A.json since the method registry; lds.json in folders made before it
-    found = {f.parent.parent: f for f in RESULTS.glob("lds_*/reports/magic_A.json")}
-    for folder in RESULTS.glob("lds_*"):
+    found = {f.parent.parent: f for f in results.glob("lds_*/reports/magic_A.json")}
+    for folder in results.glob("lds_*"):
         if folder not in found and (folder / "lds.json").is_file():
             found[folder] = folder / "lds.json"
     reports = {k: json.loads(found[k].read_text()) for k in found}
@@ -47,8 +43,8 @@ def evidence(run) -> None:
         if png.is_file():
             st.image(str(png))
     # this model's comparison (results/comparison_<variant>.json made on its digest), else the main one
-    comps = {c: json.loads(c.read_text()) for c in sorted(RESULTS.glob("comparison*.json"))}
-    comp = next((c for c, r in comps.items() if r.get("run_digest") == run.digest), RESULTS / "comparison.json")
+    comps = {c: json.loads(c.read_text()) for c in sorted(results.glob("comparison*.json"))}
+    comp = next((c for c, r in comps.items() if r.get("run_digest") == run.digest), results / "comparison.json")
     if comp not in comps:
         st.subheader("MAGIC against the baselines")
         st.info("No comparison yet: `python -m engine compare --run runs/small --out results/lds_small` writes it.")

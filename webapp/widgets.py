@@ -73,7 +73,9 @@ def big(x, size: int = 168) -> np.ndarray:
     return np.kron(to_image(x), np.ones((r, r), np.uint8))
 
 
-def _results() -> Path:
+def results_dir() -> Path:
+    """Where the committed reports are: results/ beside the app, or APP_RESULTS (tests), read at each
+    call so that a page never keeps the folder of an earlier import."""
     return Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
@@ -82,7 +84,7 @@ def _report(relpath: str | Path) -> Optional[dict]:
     is taken as is)."""
     import json
     try:
-        return json.loads((_results() / relpath).read_text())
+        return json.loads((results_dir() / relpath).read_text())
     except (OSError, ValueError):
         return None
 
@@ -98,7 +100,7 @@ def run_report(run: Run, relpath: str) -> Optional[dict]:
     if r is not None and r.get("run_digest") == run.digest:
         return r
     head, _, rest = relpath.partition("/")
-    for path in sorted(_results().glob(f"{head}_*/{rest}")) if rest else []:
+    for path in sorted(results_dir().glob(f"{head}_*/{rest}")) if rest else []:
         r = _report(path)
         if r is not None and r.get("run_digest") == run.digest:
             return r
@@ -155,7 +157,7 @@ def _against_retraining(run: Run, name: str) -> Optional[tuple[dict, Optional[di
         sha = _sha256(str(path), st_.st_size, st_.st_mtime_ns)
     except OSError:
         return None
-    for rep in sorted(_results().glob("lds_*/reports/magic_precomputed_A.json")):
+    for rep in sorted(results_dir().glob("lds_*/reports/magic_precomputed_A.json")):
         r = _report(rep)
         if r is None or r.get("run_digest") != run.digest:
             continue
