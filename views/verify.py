@@ -12,6 +12,7 @@ import torch
 from engine.attribution import predict_removal, top_k
 from webapp import experiments, service, widgets as W
 
+
 def whose(r: dict, folder: Path, run) -> str:
     """How a committed LDS report is named on the page: this very model's, or another
     configuration's (its folder), so that a study of another configuration of the same preset is
