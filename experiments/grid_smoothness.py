@@ -14,7 +14,8 @@ instead of ~25,000, and so lets the grid measure the smoothness of *training*, w
 hyperparameters change. The winner is then checked with the exact BPD by `python -m engine lds`.
 
 Each variant's result is stored as it finishes (the grid resumes), and grid.json / grid.md
-are rewritten after each one.
+are rewritten after each one; within a variant, its metagradient and each retrain are stored as
+they finish (RUN.smoothness/), so an interrupted variant resumes too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, data, provenance, sde, training as train  # noqa: E402
 from engine.experiments.protocols import drop_sets  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
-from engine.presets import PRESETS, Preset, preset_from_dict  # noqa: E402
+from engine.presets import PRESETS, Preset, digest, preset_from_dict  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -94,33 +95,72 @@ def _retrain(preset_dict: dict, drop: np.ndarray, queries: np.ndarray) -> list[f
 
 
 def evaluate(preset: Preset, runs: Path, queries: list[int], k: int, jobs: int) -> dict:
+    """Spearman's rho between the proxy's predicted and actual changes over k retrains.
+
+    The metagradient and each retrain's proxy values are stored beside the run (RUN.smoothness/) as they
+    finish, keyed by the run's digest, the queries and the drop-sets, so an interrupted stage
+    resumes (its retrains are most of its hour on 2 cores) and a stale file is never reused.
+    """
     from scipy.stats import spearmanr
     train.train(preset, seed=0, out=runs)
     run = load_run(runs)
     # the training session's own time, as the run recorded it (a finished run returns at once)
     train_s = run.train_seconds()
     x = data.load_test()[0][queries]
-    model = run.model()
-    names = [n for n, _ in model.named_parameters()]
-    qgrads, base = [], []
-    for i in range(len(queries)):
-        v = proxy_loss(model, x[i: i + 1])[0]
-        g = torch.autograd.grad(v, list(model.parameters()))
-        qgrads.append(dict(zip(names, g)))
-        base.append(float(v.detach()))
-    images, _ = data.load_train(preset.n_train)
-    t0 = time.time()
-    gw = metagradient(run, images, qgrads).numpy()
-    mg_s = time.time() - t0
     sets = drop_sets(preset.n_train, k, 0.01, 0)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        actual = np.array(list(pool.map(_retrain, [preset.to_dict()] * k, sets, [x.numpy()] * k))).T - np.array(base)[:, None]
+    cache = runs.with_name(runs.name + ".smoothness")
+    key = digest({"run": run.digest, "queries": [int(q) for q in queries], "k": k, "frac": 0.01})
+    mg_path = cache / "metagradient.npz"
+    stored = _load_npz(mg_path, key)
+    if stored is not None:
+        gw, base, mg_s = stored["gw"], stored["base"].tolist(), float(stored["seconds"])
+    else:
+        model = run.model()
+        names = [n for n, _ in model.named_parameters()]
+        qgrads, base = [], []
+        for i in range(len(queries)):
+            v = proxy_loss(model, x[i: i + 1])[0]
+            g = torch.autograd.grad(v, list(model.parameters()))
+            qgrads.append(dict(zip(names, g)))
+            base.append(float(v.detach()))
+        images, _ = data.load_train(preset.n_train)
+        t0 = time.time()
+        gw = metagradient(run, images, qgrads).numpy()
+        mg_s = time.time() - t0
+        atomic.save_npz(mg_path, key=np.array(key), gw=gw, base=np.array(base), seconds=np.array(mg_s))
+    done: dict[int, list[float]] = {}
+    for j in range(k):
+        f = cache / f"retrain_{j:03d}.json"
+        try:
+            r = json.loads(f.read_text()) if f.is_file() else None
+        except ValueError:
+            r = None  # a damaged file only costs its retrain again
+        if isinstance(r, dict) and r.get("key") == key and r.get("set") == sets[j].tolist():
+            done[j] = r["proxy"]
+    todo = [j for j in range(k) if j not in done]
+    if todo:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_retrain, preset.to_dict(), sets[j], x.numpy()): j for j in todo}
+            for fut in as_completed(futures):
+                j = futures[fut]
+                done[j] = fut.result()
+                atomic.save_json({"key": key, "set": sets[j].tolist(), "proxy": done[j]}, cache / f"retrain_{j:03d}.json")
+    actual = np.array([done[j] for j in range(k)]).T - np.array(base)[:, None]
     predicted = -np.stack([gw[:, s].sum(1) for s in sets], 1)
     rhos = [float(spearmanr(predicted[i], actual[i])[0]) for i in range(len(queries))]
     return {"spearman": rhos, "spearman_mean": float(np.mean(rhos)), "final_loss": float(np.mean(run.losses()[-20:])),
             "train_seconds": train_s, "metagradient_seconds": mg_s,
             "grad_w_norm": float(np.linalg.norm(gw, axis=1).mean()),
             "predicted": predicted.tolist(), "actual": actual.tolist()}
+
+
+def _load_npz(path: Path, key: str) -> dict | None:
+    """The arrays of `path` if it was written for `key`, else None (missing, damaged or stale)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {n: z[n] for n in z.files} if str(z["key"]) == key else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def table(results: dict) -> str:
