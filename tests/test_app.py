@@ -224,6 +224,30 @@ def test_verify_names_whose_evidence_it_shows_this_models_first(app_run, tmp_pat
     assert len(at.get("vega_lite_chart")) == 1 and at.expander[0].markdown[0].value == "the tiny table"
 
 
+def test_verify_skips_a_damaged_or_foreign_report_in_one_line(app_run, tmp_path, monkeypatch):
+    good = {"preset": "tiny", "run_digest": app_run.digest, "queries": [1, 2], "drop_sets": 8, "drop_size": 1,
+            "spearman_mean": 0.9, "spearman_min": 0.8}
+    for folder, text in (("lds_good", json.dumps(good)), ("lds_torn", json.dumps(good)[:40]),
+                         ("lds_foreign", json.dumps({"preset": "tiny", "spearman_mean": "high"})),
+                         ("lds_list", "[1, 2]")):
+        (tmp_path / folder / "reports").mkdir(parents=True)
+        (tmp_path / folder / "reports" / "magic_A.json").write_text(text)
+    (tmp_path / "comparison.json").write_text('{"rows": [{"method": "magic"')  # torn
+    (tmp_path / "comparison_tiny.json").write_text(json.dumps({"run_digest": app_run.digest, "rows": [{"method": 3}]}))
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
+    at = _new()
+    at.run()
+    at.switch_page("views/verify.py").run()
+    assert not at.exception, at.exception
+    lines = [m.value for m in at.markdown if "random drop-sets" in m.value]
+    assert len(lines) == 1 and "**0.900**" in lines[0]  # the good report is still shown
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert all(f"lds_{n}" in warnings[0] for n in ("torn", "foreign", "list")) and "lds_good" not in warnings[0]
+    assert "comparison.json" in warnings[1] and "comparison_tiny.json" in warnings[1]
+    assert any("No comparison yet" in i.value for i in at.info)
+
+
 def _png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")

@@ -1,6 +1,5 @@
 """Verify: remove training images, retrain, and compare the actual change with MAGIC's prediction."""
 
-import json
 from pathlib import Path
 
 import altair as alt
@@ -24,6 +23,22 @@ def whose(r: dict, folder: Path, run) -> str:
     return f"`{r['preset']}`"
 
 
+def _is_lds(r) -> bool:
+    """Whether a parsed report has what the LDS line needs (a damaged or foreign file does not)."""
+    return (isinstance(r, dict) and isinstance(r.get("queries"), list) and isinstance(r.get("preset"), str)
+            and all(isinstance(r.get(f), (int, float)) for f in ("drop_sets", "drop_size", "spearman_mean", "spearman_min")))
+
+
+def _is_comparison(r) -> bool:
+    """Whether a parsed comparison report has rows the chart can draw."""
+    try:
+        return bool(r["rows"]) and all(isinstance(row["method"], str) and isinstance(row["protocol"], str)
+                                       and len(row["queries_list"]) == len(row["per_query"])
+                                       and all(isinstance(v, (int, float)) for v in row["per_query"]) for row in r["rows"])
+    except (KeyError, TypeError):
+        return False
+
+
 def evidence(run) -> None:
     """The committed evidence: MAGIC's LDS scatter plots (this model's first) and its comparison
     with the baselines."""
@@ -34,7 +49,12 @@ def evidence(run) -> None:
     for folder in results.glob("lds_*"):
         if folder not in found and (folder / "lds.json").is_file():
             found[folder] = folder / "lds.json"
-    reports = {k: json.loads(found[k].read_text()) for k in found}
+    reports = {k: W.report(found[k]) for k in found}
+    # a damaged or foreign file is named in one line, and the other reports are still shown
+    bad = sorted(str(found[k].relative_to(results)) for k, r in reports.items() if not _is_lds(r))
+    if bad:
+        st.warning(f"Not shown, not an LDS report (damaged or of another format): {', '.join(bad)}.")
+    found = {k: f for k, f in found.items() if _is_lds(reports[k])}
     for k in sorted(found, key=lambda k: (reports[k].get("run_digest") != run.digest, str(k))):
         f, r = found[k], reports[k]
         st.markdown(f"{whose(r, k, run)}: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
@@ -44,7 +64,11 @@ def evidence(run) -> None:
         if png.is_file():
             st.image(str(png))
     # this model's comparison (results/comparison_<variant>.json made on its digest), else the main one
-    comps = {c: json.loads(c.read_text()) for c in sorted(results.glob("comparison*.json"))}
+    comps = {c: W.report(c) for c in sorted(results.glob("comparison*.json"))}
+    bad = [c.name for c, r in comps.items() if not _is_comparison(r)]
+    if bad:
+        st.warning(f"Not shown, not a comparison report (damaged or of another format): {', '.join(bad)}.")
+    comps = {c: r for c, r in comps.items() if _is_comparison(r)}
     comp = next((c for c, r in comps.items() if r.get("run_digest") == run.digest), results / "comparison.json")
     if comp not in comps:
         st.subheader("MAGIC against the baselines")

@@ -79,29 +79,30 @@ def results_dir() -> Path:
     return Path(os.environ.get("APP_RESULTS") or Path(__file__).resolve().parent.parent / "results")
 
 
-def _report(relpath: str | Path) -> Optional[dict]:
-    """A committed JSON report under results/ (APP_RESULTS elsewhere), or None (an absolute path
-    is taken as is)."""
+def report(relpath: str | Path) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), or None when it is missing,
+    damaged or not a JSON object (an absolute path is taken as is)."""
     import json
     try:
-        return json.loads((results_dir() / relpath).read_text())
+        r = json.loads((results_dir() / relpath).read_text())
     except (OSError, ValueError):
         return None
+    return r if isinstance(r, dict) else None
 
 
-def run_report(run: Run, relpath: str) -> Optional[dict]:
+def runreport(run: Run, relpath: str) -> Optional[dict]:
     """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run.
 
     "figure2/figure2.json" is looked for there first, then in the report folders named after it
     (results/figure2_<variant>/figure2.json), which hold the reports of other configurations:
     whichever was made on this run's digest.
     """
-    r = _report(relpath)
+    r = report(relpath)
     if r is not None and r.get("run_digest") == run.digest:
         return r
     head, _, rest = relpath.partition("/")
     for path in sorted(results_dir().glob(f"{head}_*/{rest}")) if rest else []:
-        r = _report(path)
+        r = report(path)
         if r is not None and r.get("run_digest") == run.digest:
             return r
     return None
@@ -109,7 +110,7 @@ def run_report(run: Run, relpath: str) -> Optional[dict]:
 
 def figure2_means(run: Run) -> Optional[dict]:
     """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
-    r = run_report(run, "figure2/figure2.json")
+    r = runreport(run, "figure2/figure2.json")
     return None if r is None else {g: v["mean"] for g, v in r["groups"].items()}
 
 
@@ -125,9 +126,9 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
 def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
     """(the row of results/precompute/fidelity.json for representation `name`, and the preset it
     was measured on when that is not this very run's config, else None)."""
-    r, other = run_report(run, "precompute/fidelity.json"), None
+    r, other = runreport(run, "precompute/fidelity.json"), None
     if r is None:  # the study on another preset (it says which) is still the best evidence there is
-        r = _report("precompute/fidelity.json")
+        r = report("precompute/fidelity.json")
         if r is None:
             return None, None
         other = str(r.get("preset", "another"))
@@ -158,7 +159,7 @@ def _against_retraining(run: Run, name: str) -> Optional[tuple[dict, Optional[di
     except OSError:
         return None
     for rep in sorted(results_dir().glob("lds_*/reports/magic_precomputed_A.json")):
-        r = _report(rep)
+        r = report(rep)
         if r is None or r.get("run_digest") != run.digest:
             continue
         try:
@@ -167,7 +168,7 @@ def _against_retraining(run: Run, name: str) -> Optional[tuple[dict, Optional[di
         except (OSError, KeyError, ValueError):
             continue
         if made_from == (name, sha):
-            exact = _report(rep.parent / "magic_A.json")
+            exact = report(rep.parent / "magic_A.json")
             return r, (exact if exact is not None and exact.get("run_digest") == run.digest else None)
     return None
 
