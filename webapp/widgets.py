@@ -90,7 +90,7 @@ def report(relpath: str | Path) -> Optional[dict]:
     return r if isinstance(r, dict) else None
 
 
-def runreport(run: Run, relpath: str) -> Optional[dict]:
+def run_report(run: Run, relpath: str) -> Optional[dict]:
     """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run.
 
     "figure2/figure2.json" is looked for there first, then in the report folders named after it
@@ -110,7 +110,7 @@ def runreport(run: Run, relpath: str) -> Optional[dict]:
 
 def figure2_means(run: Run) -> Optional[dict]:
     """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
-    r = runreport(run, "figure2/figure2.json")
+    r = run_report(run, "figure2/figure2.json")
     return None if r is None else {g: v["mean"] for g, v in r["groups"].items()}
 
 
@@ -126,7 +126,7 @@ def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
 def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
     """(the row of results/precompute/fidelity.json for representation `name`, and the preset it
     was measured on when that is not this very run's config, else None)."""
-    r, other = runreport(run, "precompute/fidelity.json"), None
+    r, other = run_report(run, "precompute/fidelity.json"), None
     if r is None:  # the study on another preset (it says which) is still the best evidence there is
         r = report("precompute/fidelity.json")
         if r is None:
