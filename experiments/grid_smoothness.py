@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, data, provenance, sde, training as train  # noqa: E402
 from engine.experiments.protocols import drop_sets  # noqa: E402
+from engine.files import load_or_compute  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
 from engine.presets import PRESETS, Preset, digest, preset_from_dict  # noqa: E402
 from engine.store import load_run  # noqa: E402
@@ -110,11 +111,8 @@ def evaluate(preset: Preset, runs: Path, queries: list[int], k: int, jobs: int) 
     sets = drop_sets(preset.n_train, k, 0.01, 0)
     cache = runs.with_name(runs.name + ".smoothness")
     key = digest({"run": run.digest, "queries": [int(q) for q in queries], "k": k, "frac": 0.01})
-    mg_path = cache / "metagradient.npz"
-    stored = _load_npz(mg_path, key)
-    if stored is not None:
-        gw, base, mg_s = stored["gw"], stored["base"].tolist(), float(stored["seconds"])
-    else:
+
+    def compute_metagradient() -> dict:
         model = run.model()
         names = [n for n, _ in model.named_parameters()]
         qgrads, base = [], []
@@ -126,8 +124,9 @@ def evaluate(preset: Preset, runs: Path, queries: list[int], k: int, jobs: int) 
         images, _ = data.load_train(preset.n_train)
         t0 = time.time()
         gw = metagradient(run, images, qgrads).numpy()
-        mg_s = time.time() - t0
-        atomic.save_npz(mg_path, key=np.array(key), gw=gw, base=np.array(base), seconds=np.array(mg_s))
+        return {"gw": gw, "base": np.array(base), "seconds": np.array(time.time() - t0)}
+    stored = load_or_compute(cache / "metagradient.npz", {"key": key}, compute_metagradient, what="the proxy's metagradient")
+    gw, base, mg_s = stored["gw"], stored["base"].tolist(), float(stored["seconds"])
     done: dict[int, list[float]] = {}
     for j in range(k):
         f = cache / f"retrain_{j:03d}.json"
@@ -152,15 +151,6 @@ def evaluate(preset: Preset, runs: Path, queries: list[int], k: int, jobs: int) 
             "train_seconds": train_s, "metagradient_seconds": mg_s,
             "grad_w_norm": float(np.linalg.norm(gw, axis=1).mean()),
             "predicted": predicted.tolist(), "actual": actual.tolist()}
-
-
-def _load_npz(path: Path, key: str) -> dict | None:
-    """The arrays of `path` if it was written for `key`, else None (missing, damaged or stale)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {n: z[n] for n in z.files} if str(z["key"]) == key else None
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def table(results: dict) -> str:
