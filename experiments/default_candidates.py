@@ -20,8 +20,8 @@ Each candidate is the base preset with the changes its name says. For each, chea
 Stages run across all candidates before the next (--stages picks some), and every stage of
 every candidate is stored as it finishes (candidates.json), so the screen resumes
 after an interruption (the smoothness stage keeps its metagradient and each retrain beside the
-run, so it resumes within a candidate too); candidates.md is rewritten each time. On 2 cores a 3,000-step candidate
-costs about 40 min, two thirds of it the retrains of the smoothness stage.
+run, so it resumes within a candidate too); candidates.md is rewritten each time. On 2 cores a
+3,000-step candidate costs about 40 min, two thirds of it the retrains of the smoothness stage.
 """
 
 from __future__ import annotations

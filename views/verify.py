@@ -39,6 +39,14 @@ def _is_comparison(r) -> bool:
         return False
 
 
+def _usable(reports: dict, ok, what: str, name) -> dict:
+    """The reports that `ok` accepts; the others are named (by `name(key)`) in one warning."""
+    bad = sorted(name(k) for k, r in reports.items() if not ok(r))
+    if bad:
+        st.warning(f"Not shown, not {what} (damaged or of another format): {', '.join(bad)}.")
+    return {k: r for k, r in reports.items() if ok(r)}
+
+
 def evidence(run) -> None:
     """The committed evidence: MAGIC's LDS scatter plots (this model's first) and its comparison
     with the baselines."""
@@ -49,13 +57,10 @@ def evidence(run) -> None:
     for folder in results.glob("lds_*"):
         if folder not in found and (folder / "lds.json").is_file():
             found[folder] = folder / "lds.json"
-    reports = {k: W.report(found[k]) for k in found}
     # a damaged or foreign file is named in one line, and the other reports are still shown
-    bad = sorted(str(found[k].relative_to(results)) for k, r in reports.items() if not _is_lds(r))
-    if bad:
-        st.warning(f"Not shown, not an LDS report (damaged or of another format): {', '.join(bad)}.")
-    found = {k: f for k, f in found.items() if _is_lds(reports[k])}
-    for k in sorted(found, key=lambda k: (reports[k].get("run_digest") != run.digest, str(k))):
+    reports = _usable({k: W.report(f) for k, f in found.items()}, _is_lds, "an LDS report",
+                      lambda k: str(found[k].relative_to(results)))
+    for k in sorted(reports, key=lambda k: (reports[k].get("run_digest") != run.digest, str(k))):
         f, r = found[k], reports[k]
         st.markdown(f"{whose(r, k, run)}: {len(r['queries'])} test queries, {r['drop_sets']} random drop-sets of "
                     f"{r['drop_size']} training images, each retrained: mean Spearman **{r['spearman_mean']:.3f}** "
@@ -64,11 +69,8 @@ def evidence(run) -> None:
         if png.is_file():
             st.image(str(png))
     # this model's comparison (results/comparison_<variant>.json made on its digest), else the main one
-    comps = {c: W.report(c) for c in sorted(results.glob("comparison*.json"))}
-    bad = [c.name for c, r in comps.items() if not _is_comparison(r)]
-    if bad:
-        st.warning(f"Not shown, not a comparison report (damaged or of another format): {', '.join(bad)}.")
-    comps = {c: r for c, r in comps.items() if _is_comparison(r)}
+    comps = _usable({c: W.report(c) for c in sorted(results.glob("comparison*.json"))}, _is_comparison,
+                    "a comparison report", lambda c: c.name)
     comp = next((c for c, r in comps.items() if r.get("run_digest") == run.digest), results / "comparison.json")
     if comp not in comps:
         st.subheader("MAGIC against the baselines")
