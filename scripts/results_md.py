@@ -65,6 +65,9 @@ SECTIONS = [
      "--out results/precompute_cpu"),
     ("Training hyperparameters against metagradient smoothness", "results/grid_small/grid.md",
      "results/grid_small/grid.json", [], "python experiments/grid_smoothness.py --out results/grid_small"),
+    ("Which training makes a default worth exploring: candidates around `cpu`",
+     "results/default_candidates/candidates.md", "results/default_candidates/candidates.json", [],
+     "python experiments/default_candidates.py --only NAME --stages STAGES"),
     ("Exact bits/dim: cost against the alternatives", "results/bench_likelihood.txt", None, [],
      "python benchmarks/bench_likelihood.py --run runs/cpu --out results/bench_likelihood.txt"),
     ("The likelihood grid against dopri5", "results/grid_error.txt", None, [],
@@ -86,6 +89,17 @@ SECTIONS = [
 ]
 
 
+def stage_stamps(meta: dict) -> set[tuple[str, str]]:
+    """(command, commit) of every stage of a report made by several invocations, each stage
+    stamped with its own `by` (experiments/default_candidates.py); empty for a one-command report,
+    whose top-level stamp is then the whole story."""
+    results = meta.get("results")
+    if not isinstance(results, dict):
+        return set()
+    return {(st["by"]["command"], st["by"]["commit"]) for r in results.values() if isinstance(r, dict)
+            for st in r.values() if isinstance(st, dict) and isinstance(st.get("by"), dict)}
+
+
 def section(title: str, report: str, meta: str | None, images: list[str], how: str) -> list[str]:
     out = [f"## {title}", ""]
     path = ROOT / report
@@ -94,7 +108,12 @@ def section(title: str, report: str, meta: str | None, images: list[str], how: s
     made = None
     if meta and (ROOT / meta).is_file():
         m = json.loads((ROOT / meta).read_text())
-        if "command" in m:
+        stamps = stage_stamps(m)
+        if stamps:
+            made = (f"Made stage by stage by `{' '.join(m['command'].split()[:2])}`: {len(stamps)} invocations, at "
+                    f"commits {', '.join(sorted({c for _, c in stamps}))}; each cell's command and commit are "
+                    f"its stage's `by` in `{meta}`.")
+        elif "command" in m:
             made = f"Made by `{m['command']}` at commit {m['commit']}" + (
                 f" (run config {m['run_digest'][:12]})" if "run_digest" in m else "") + "."
     first = path.read_text().splitlines()[:1]
