@@ -90,7 +90,7 @@ PRESETS: dict[str, Preset] = {
     # may be longer than a per-query replay could afford: 3,000 steps (about 70 s on 2 cores),
     # at half small's learning rate and with Adam's eps at 1e-2 (inside the square root), which
     # keep the metagradient smooth: LDS protocol A 0.979 against retraining
-    # (results/lds_cpu_lr2.5e-4_eps1e-2), where plain 3,000 steps gave 0.76.
+    # (results/lds_cpu_lr2.5e-4_eps1e-2), where plain 3,000 steps give 0.846 (results/lds_cpu_3000_steps).
     "cpu": Preset("cpu", n_train=2000, source="offline", channels=(16, 32, 64), embed_dim=64, groups=4,
                   batch_size=64, steps=3000, lr=2.5e-4, warmup=0.1, betas=(0.9, 0.99), eps_root=1e-2),
     "gpu": Preset("gpu", n_train=60000, source="torchvision", channels=(32, 64, 128, 256), embed_dim=256, groups=8,
