@@ -111,7 +111,7 @@ CANDIDATES: dict[str, dict] = {
     # The rotation gap grew only with the smooth setting's training length (3,000 steps: +0.089;
     # 24,000: +0.142; the 4-level net at 12,000: +0.124, all on the report's 50 digits), never with
     # the net alone. Does training 4x longer again reach the seed's 0.2-0.3, on all 5,000 bundled
-    # images (3,000 and 1,500 epochs at batch 64; 2,000 images would be memorized sooner)? A
+    # images (about 1,230 and 610 epochs at batch 64; 2,000 images would be memorized sooner)? A
     # measure of what the goal costs, not a default this machine can precompute.
     "96000 steps + lr 2.5e-4 + eps 1e-2 + 5000 images": {"steps": 96000, "lr": 2.5e-4, "eps_root": 1e-2,
                                                           "n_train": 5000},
