@@ -104,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where jobs run: local processes, or a Ray cluster (pip install -r requirements-ray.txt)")
         sp.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://host:10001); default: start a local one")
 
-    f = sub.add_parser("figure2", help="BPD of test digits vs rotated, averaged and noise images")
+    f = sub.add_parser("figure2", help="BPD of digits vs rotated, averaged and noise images")
     f.add_argument("--run", required=True)
     f.add_argument("--out", default="results/figure2", help="folder for figure2.json/.md/.png")
     f.add_argument("--n", type=int, default=50, help="images per group")
     f.add_argument("--angle", type=float, default=90.0)
     f.add_argument("--k-avg", type=int, default=4, help="digits per average")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--images", choices=["test", "train"], default="test",
+                   help="digits from the MNIST test set (held out), or from the run's training images (the seed's protocol)")
 
     f4 = sub.add_parser("figure4", help="top proponents and opponents of test queries: galleries, classes, recurrence")
     f4.add_argument("--run", required=True)

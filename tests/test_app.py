@@ -141,6 +141,18 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     want = [_engine_bpd(app_run, v) for v in experiments.variants(x, 90.0, 4, seed=0).values()]
     assert shown == pytest.approx(want, abs=1e-3)
     assert len(at.get("vega_lite_chart")) == 1  # the Figure 2 distributions
+    # a report on the model's training digits, in a folder the page would find first: it is shown
+    # second, under its own heading, and never in place of the test-digit report
+    seen = figure2.run_figure2(app_run, tmp_path / "figure2_seen", n=2, images="train")
+    mine = json.loads((tmp_path / "figure2_this_model" / "figure2.json").read_text())
+    at = _new()
+    at.run()
+    at.switch_page("views/likelihoods.py")
+    at.run()
+    assert len(at.get("vega_lite_chart")) == 2
+    gaps = [c.value for c in at.caption if "Rotation gap" in c.value]
+    assert [f"{r['rotation_gap']['mean']:+.3f}" in g for r, g in zip((mine, seen), gaps)] == [True, True]
+    assert any("digits the model trained on" in m.value for m in at.markdown)
 
 
 def test_galleries_page(app_run):

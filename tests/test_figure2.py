@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from engine import data, training as train
+from engine.errors import UserError
 from engine.experiments import figure2
 from engine.presets import PRESETS
 from engine.store import load_run
@@ -48,3 +50,38 @@ def test_interrupted_report_resumes_to_the_same_numbers(tiny_run, tmp_path):
     assert json.loads((tmp_path / "b" / "figure2.json").read_text())["bpd"] == clean["bpd"]
     assert not (tmp_path / "b" / "figure2_partial.npz").exists()
     assert (tmp_path / "b" / "figure2.png").stat().st_size > 1000
+
+
+def test_training_digits_are_the_ones_the_run_trained_on(tmp_path):
+    # the seed's protocol: digits from the run's own training images, never one it was not given
+    w = np.ones(PRESETS["tiny"].n_train, dtype=np.float32)
+    w[::2] = 0.0
+    out = tmp_path / "run"
+    train.train(PRESETS["tiny"], seed=0, weights=w, out=out)
+    run = load_run(out)
+    images, _ = data.load_train(run.preset.n_train, run.preset.source)
+    kept, dropped = images[1::2].flatten(1), images[::2].flatten(1)
+    pool = figure2.training_pool(run)
+    assert torch.equal(pool, images[1::2])
+    g = figure2.figure2_inputs(n=3, angle=90, k_avg=4, seed=0, pool=pool)
+    for x in g["original"].flatten(1):
+        assert (kept == x).all(1).any() and not (dropped == x).all(1).any()
+    assert len({tuple(x.tolist()) for x in g["original"].flatten(1)}) == 3
+    with pytest.raises(UserError, match="pool holds 32"):
+        figure2.figure2_inputs(n=7, angle=90, k_avg=4, seed=0, pool=pool)
+
+
+def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_run, tmp_path):
+    test = figure2.run_figure2(tiny_run, tmp_path / "test", n=3)
+    seen = figure2.run_figure2(tiny_run, tmp_path / "train", n=3, images="train")
+    assert (test["images"], seen["images"]) == ("test", "train")
+    assert seen["bpd"]["original"] != test["bpd"]["original"]
+    assert seen["bpd"]["noise"] == test["bpd"]["noise"]  # the same noise images, the same numbers
+    for r in (test, seen):
+        d = np.array(r["bpd"]["rotated"]) - np.array(r["bpd"]["original"])
+        assert r["rotation_gap"]["mean"] == pytest.approx(d.mean())
+        assert r["rotation_gap"]["stderr"] == pytest.approx(d.std(ddof=1) / 3 ** 0.5)
+    assert "MNIST training digits" in (tmp_path / "train" / "figure2.md").read_text()
+    assert "MNIST test digits" in (tmp_path / "test" / "figure2.md").read_text()
+    with pytest.raises(UserError, match="test or train"):
+        figure2.run_figure2(tiny_run, tmp_path / "x", n=3, images="validation")

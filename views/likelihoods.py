@@ -10,27 +10,40 @@ from webapp import experiments, service, widgets as W
 
 NAMES = {"original": "MNIST test digits", "rotated": "rotated", "averaged": "averages of digits", "noise": "uniform noise"}
 
-st.title("Compare likelihoods")
-run = W.require_run()
 
-# the committed report made on this very run (a report of another model would mislead)
-r = W.run_report(run, "figure2/figure2.json")
-if r is not None:
-    df = pd.DataFrame([{"group": NAMES[g], "bits/dim": v} for g in r["groups"] for v in r["bpd"][g]])
-    writeup = pd.DataFrame([{"group": NAMES[g], "bits/dim": v} for g, v in WRITEUP_VALUES.items()])
-    order = [NAMES[g] for g in WRITEUP_VALUES]
+def show_report(r: dict, names: dict) -> None:
+    """The per-image BPDs of a Figure 2 report, with the seed write-up's means as diamonds."""
+    df = pd.DataFrame([{"group": names[g], "bits/dim": v} for g in r["groups"] for v in r["bpd"][g]])
+    writeup = pd.DataFrame([{"group": names[g], "bits/dim": v} for g, v in WRITEUP_VALUES.items()])
+    order = [names[g] for g in WRITEUP_VALUES]
     dots = alt.Chart(df).mark_tick(opacity=0.6, thickness=2, size=30).encode(
         x=alt.X("bits/dim:Q", scale=alt.Scale(zero=False)), y=alt.Y("group:N", sort=order, title=None),
         color=alt.Color("group:N", sort=order, legend=None), tooltip=["group", alt.Tooltip("bits/dim:Q", format=".3f")])
     marks = alt.Chart(writeup).mark_point(shape="diamond", size=140, color="black", filled=True).encode(
         x="bits/dim:Q", y=alt.Y("group:N", sort=order), tooltip=["group", "bits/dim"])
     st.altair_chart((dots + marks).properties(height=230), width="stretch")
+    gap = r.get("rotation_gap")
+    gap_words = "" if gap is None else f" Rotation gap (rotated minus original, per digit): {gap['mean']:+.3f} ± {gap['stderr']:.3f}."
     st.caption(f"{r['n_per_group']} images per group on the `{r['preset']}` model (rotation {r['angle']:.0f} deg, "
                f"averages of {r['k_avg']}); black diamonds: the values the seed write-up reports. "
-               "Lower bits/dim = more likely.")
+               f"Lower bits/dim = more likely.{gap_words}")
+
+
+st.title("Compare likelihoods")
+run = W.require_run()
+
+# the committed reports made on this very run (a report of another model would mislead)
+r = W.figure2_report(run)
+if r is not None:
+    show_report(r, NAMES)
 else:
     st.info(f"No Figure 2 report for this model (`{run.preset.name}`, config {run.digest[:12]}) yet: "
             "`make report` writes results/figure2/ for it.")
+seen = W.figure2_report(run, images="train")
+if seen is not None:
+    st.markdown("**The same on digits the model trained on**, as the seed write-up measured its Figure 2 "
+                "(held-out test digits, above, ask more of the model):")
+    show_report(seen, {**NAMES, "original": "MNIST training digits"})
 
 st.subheader("One digit, four ways")
 c = st.columns(3)

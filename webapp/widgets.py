@@ -6,7 +6,7 @@ import functools
 import html
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import altair as alt
 import numpy as np
@@ -90,27 +90,34 @@ def report(relpath: str | Path) -> Optional[dict]:
     return r if isinstance(r, dict) else None
 
 
-def run_report(run: Run, relpath: str) -> Optional[dict]:
-    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run.
+def run_report(run: Run, relpath: str, where: Callable[[dict], bool] = lambda r: True) -> Optional[dict]:
+    """A committed JSON report under results/ (APP_RESULTS elsewhere), if it was made on this very run
+    (and `where` accepts it).
 
     "figure2/figure2.json" is looked for there first, then in the report folders named after it
     (results/figure2_<variant>/figure2.json), which hold the reports of other configurations:
     whichever was made on this run's digest.
     """
     r = report(relpath)
-    if r is not None and r.get("run_digest") == run.digest:
+    if r is not None and r.get("run_digest") == run.digest and where(r):
         return r
     head, _, rest = relpath.partition("/")
     for path in sorted(results_dir().glob(f"{head}_*/{rest}")) if rest else []:
         r = report(path)
-        if r is not None and r.get("run_digest") == run.digest:
+        if r is not None and r.get("run_digest") == run.digest and where(r):
             return r
     return None
 
 
+def figure2_report(run: Run, images: str = "test") -> Optional[dict]:
+    """The committed Figure 2 report made on this very run, on test digits or on its training
+    digits (reports made before the choice existed are on test digits)."""
+    return run_report(run, "figure2/figure2.json", where=lambda r: r.get("images", "test") == images)
+
+
 def figure2_means(run: Run) -> Optional[dict]:
-    """{group: mean BPD} of the committed Figure 2 report if it was made on this very run."""
-    r = run_report(run, "figure2/figure2.json")
+    """{group: mean BPD} of the committed Figure 2 report on test digits, if made on this very run."""
+    r = figure2_report(run)
     return None if r is None else {g: v["mean"] for g, v in r["groups"].items()}
 
 

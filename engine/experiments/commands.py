@@ -124,6 +124,7 @@ def cmd_figure2(a) -> dict:
     from engine.store import load_run
     run = load_run(a.run)
     bar, cb = _progress(4 * a.n, "figure2 images", a.json)
-    report = figure2.run_figure2(run, Path(a.out), n=a.n, angle=a.angle, k_avg=a.k_avg, seed=a.seed, callback=cb)
+    report = figure2.run_figure2(run, Path(a.out), n=a.n, angle=a.angle, k_avg=a.k_avg, seed=a.seed,
+                                     images=a.images, callback=cb)
     bar.close()
     return report
