@@ -31,7 +31,7 @@ ship: setup
 	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
 
 # The Figure 2 reports on the `cpu` preset, on test digits and on its training digits (the seed's
-# protocol): 12 min each on 2 cores, measured; resumable.
+# protocol): each resumable; the second took 23 min on 2 cores.
 report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN)
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
