@@ -25,6 +25,8 @@ if run is not None:
 if run is not None and os.environ.get("APP_PRECOMPUTE", "1") != "0" and not st.session_state.get("_galleries_started"):
     # in the background from the first visit on, one after the other: the precomputed replay
     # (when the run has none), then the galleries (from it)
+    with st.spinner("Checking the precomputed replay against this model's weights..."):
+        service.precomputed(run)  # instant, except once on another kind of CPU than the file's (about 20 s)
     replays.job(run)
     service.galleries_job(run)
     st.session_state["_galleries_started"] = True

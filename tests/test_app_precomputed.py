@@ -91,7 +91,8 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
                                                                                           tmp_path):
     # the repository ships the default model's representation: the first visit installs it and a
     # drawing's influences come from it with no button and no precompute; a shipped file made for
-    # other weights is refused with one line, and the app makes the representation again itself
+    # the same weights rounded by another CPU is checked and used; one made for other weights is
+    # refused with one line, and the app makes the representation again itself
     from engine.precompute import build, representation as R, shipped
     from webapp import replays, service
     monkeypatch.setenv("APP_PRECOMPUTE_RANK", "4")
@@ -118,10 +119,23 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
         names = basis.images(4, app_run.seed)[1]
         assert [f"test:{i}" for i in idx] == [names[j] for j in (0, 1, 3)]  # the plain test digits, in order
         np.testing.assert_allclose(gw_b, rep.a[:, [0, 1, 3]].T)
-        # a shipped file stamped with other weights
+        # a shipped file stamped with other weights whose query gradients are this run's (what the
+        # same training rounded by another kind of CPU gives): one gradient is recomputed, the file
+        # is used, and the caption says so
         with np.load(tmp_path / "shipped" / "tiny" / "basis4.npz") as f:
             d = {k: f[k] for k in f.files}
         d["weights_sha256"] = np.array("0" * 64)
+        np.savez(tmp_path / "shipped" / "tiny" / "basis4.npz", **d)
+        path.unlink()
+        service._install.cache_clear()
+        at = _new()
+        at.run()
+        assert len(at.warning) == 0 and service.precomputed(app_run)[0] == "basis4"
+        at.session_state["test_canvas"] = _stroke_canvas()
+        at = _until(at, lambda a: any("made on another kind of CPU" in c.value for c in a.caption))
+        assert replays.job(app_run) is None  # nothing to make
+        # one whose query gradients are not this run's (G = M B doubled): other weights, refused
+        d["b"] = d["b"] * 2
         np.savez(tmp_path / "shipped" / "tiny" / "basis4.npz", **d)
         path.unlink()
         service._install.cache_clear()
@@ -135,6 +149,7 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
         np.testing.assert_array_equal(R.load(app_run, "basis4").a, rep.a)
     finally:
         path.unlink(missing_ok=True)
+        path.with_suffix(".verified.json").unlink(missing_ok=True)
 
 
 def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(app_run, monkeypatch):

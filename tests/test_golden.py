@@ -4,7 +4,10 @@ commit 15121fb). Measured bit-identical on the machine that made them until the 
 moved to two phases (engine.likelihood.bits_per_dim_and_grad), which sums the same float32 terms
 in another order: grad_w then agrees to 1e-5 relative (as a vector; an entry near zero may move
 by a few times 1e-9 bits/dim) and the BPD itself is unchanged. The tolerances allow for that and
-for another CPU's rounding."""
+for another CPU's rounding: on another machine's CPU than the one that made the
+files, grad_w moved by 1.2e-5 relative and one retrained BPD difference by 9.5e-7 bits/dim (one
+float32 step at a BPD of 9), so grad_w is held to 1e-4 relative and a BPD difference to 4e-6
+bits/dim (four such steps), 8 and 4 times what was measured."""
 
 import json
 import sys
@@ -36,8 +39,9 @@ def test_attribute_is_unchanged(outputs):
     with np.load(HERE / "tiny" / "attribute.npz") as want, np.load(tmp / "attribute.npz") as got:
         assert got["grad_w"].shape == want["grad_w"].shape
         g, w = got["grad_w"], want["grad_w"]
-        assert (np.linalg.norm(g - w, axis=1) <= 1e-5 * np.linalg.norm(w, axis=1)).all(), np.linalg.norm(g - w, axis=1)
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
+        rel = np.linalg.norm(g - w, axis=1) / np.linalg.norm(w, axis=1)
+        assert (rel <= 1e-4).all(), rel
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
         np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-6)
         assert got["inputs"].tolist() == want["inputs"].tolist()
 
@@ -50,7 +54,8 @@ def test_lds_is_unchanged(outputs):
         assert got[k] == want[k], k
     for g, w in zip(got["queries"], want["queries"], strict=True):
         assert (g["query"], g["label"]) == (w["query"], w["label"])
-        for k in ("predicted_change", "actual_change"):
-            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g["predicted_change"], w["predicted_change"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(w["predicted_change"]).max())
+        np.testing.assert_allclose(g["actual_change"], w["actual_change"], rtol=1e-4, atol=4e-6)
         assert g["bpd"] == pytest.approx(w["bpd"], rel=1e-6)
         assert g["spearman"] == pytest.approx(w["spearman"], abs=1e-9)

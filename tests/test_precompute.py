@@ -170,6 +170,47 @@ def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, cap
             build.precompute(run, **kw)
 
 
+def _rounded_copy(run, dest, rel: float):
+    """A copy of the run whose final weights moved by `rel` (relative, entry by entry): what another
+    CPU's float rounding does to the same training (measured on `cpu`, AVX-512 against AVX2:
+    3.7e-7 relative L2) when rel is small, another training when it is large."""
+    shutil.copytree(run.path, dest, ignore=shutil.ignore_patterns("*.parts", "*.verified.json"))
+    d = torch.load(dest / "final.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    d["params"] = {k: v * (1 + rel * torch.randn(v.shape, generator=gen)) for k, v in d["params"].items()}
+    torch.save(d, dest / "final.pt")
+    return load_run(dest)
+
+
+def test_a_query_basis_from_another_cpu_is_checked_by_its_query_gradient(run, tmp_path, monkeypatch):
+    # the same training rounded by another CPU has another weights checksum; a query basis holds its
+    # images' gradients, so the first is recomputed under the run's weights and compared
+    import engine.bpd
+    build.precompute(run, method="basis", rank=4, chunk=2)
+    want = R.load(run, "basis4")
+    assert want.info["verified"] == "the run's weights checksum"
+    near = _rounded_copy(run, tmp_path / "near", 4e-7)
+    assert R.weights_checksum(near.load_final().model_params) != R.weights_checksum(run.load_final().model_params)
+    got = R.load(near, "basis4")
+    assert got.info["verified"].startswith("made on another kind of CPU")
+    np.testing.assert_array_equal(got.a, want.a)
+    memo = json.loads((R.folder(near) / "basis4.verified.json").read_text())
+    assert 0 < memo["relative_l2"] <= R.GRADIENT_TOL / 10 and memo["image"] == want.info["images"][0]
+    # kept: the next load recomputes nothing
+    monkeypatch.setattr(engine.bpd, "run_bpd", lambda *a, **k: pytest.fail("recomputed a checked gradient"))
+    assert R.load(near, "basis4").info["verified"] == got.info["verified"]
+    monkeypatch.undo()
+    # representations that hold no query gradients cannot be checked that way: refused as before
+    with pytest.raises(UserError, match="other final weights"):
+        R.load(near, "exact")
+    # another training (weights 1e-2 apart) is refused, and stays refused
+    far = _rounded_copy(run, tmp_path / "far", 1e-2)
+    for _ in range(2):
+        with pytest.raises(UserError, match="other final weights"):
+            R.load(far, "basis4")
+    assert json.loads((R.folder(far) / "basis4.verified.json").read_text())["relative_l2"] > R.GRADIENT_TOL
+
+
 def test_the_default_representation_and_names_by_init(tmp_path):
     # exact first; else a query basis (highest K); else the highest rank, at equal rank the random
     # basis; a queries-initialised range finder has its own name (never overwrites a random one's chunks)

@@ -172,18 +172,29 @@ def precomputed(run: Run) -> tuple[Optional[str], Optional[str]]:
     name = representation.default(run)
     if name is None:
         return None, None
-    return _checked(str(run.path), name, _mtime(run, name))
+    return _checked(str(run.path), name, _mtime(run, name))[:2]
+
+
+def precomputed_verified(run: Run) -> Optional[str]:
+    """How the run's precomputed representation was verified against its weights (the checksum,
+    or, for a file made on another kind of CPU, its recomputed query gradient), None without one."""
+    from engine.precompute import representation
+    name = representation.default(run)
+    return None if name is None else _checked(str(run.path), name, _mtime(run, name))[2]
 
 
 @functools.lru_cache(maxsize=8)
-def _checked(run_path: str, name: str, mtime_ns: int) -> tuple[Optional[str], Optional[str]]:
+def _checked(run_path: str, name: str, mtime_ns: int) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(name or None, why it is refused or None, how it was verified or None). The first check of a
+    file made on another kind of CPU recomputes one query gradient (about 20 s on `cpu`); its
+    outcome is kept beside the file (engine.precompute.representation)."""
     from engine.precompute import representation
     from engine.store import load_run as _load
     try:
-        representation.load(_load(run_path), name)
-        return name, None
+        rep = representation.load(_load(run_path), name)
+        return name, None, rep.info.get("verified")
     except UserError as e:  # never used: the replay takes over, and the page says why
-        return None, f"the precomputed replay is not used: {e}"
+        return None, f"the precomputed replay is not used: {e}", None
 
 
 def _attribution_key(run: Run, x: torch.Tensor, method: str) -> str:

@@ -205,7 +205,9 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
                     f"retrainings without {r['frac']:.0%} of the data{vs}; " + measured)
     what = ("exact MAGIC of the query's part in a basis of replayed images" if name.startswith("basis")
             else "a low-rank approximation of exact MAGIC")
-    return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + took
+    verified = service.precomputed_verified(run) if run is not None else None
+    other_cpu = "" if verified is None or verified.startswith("the run's") else f" The file was {verified}."
+    return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + other_cpu + took
 
 
 def replaced_words(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> str:
