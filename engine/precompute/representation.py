@@ -150,19 +150,28 @@ def _same_weights_rounded(run: Run, path: Path, d: dict, checksum: str, p: int) 
             return seen["relative_l2"] if seen["relative_l2"] <= GRADIENT_TOL else None
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no memo, or a damaged one: check again
+    rel = query_gradient_distance(run, d)
+    if rel is None:
+        return None
+    atomic.save_json({"file_sha256": file_sha, "weights_sha256": checksum, "image": str(d["info_images"].reshape(-1)[0]),
+                      "relative_l2": rel, "tolerance": GRADIENT_TOL}, memo)
+    return rel if rel <= GRADIENT_TOL else None
+
+
+def query_gradient_distance(run: Run, d: dict) -> Optional[float]:
+    """Relative L2 distance between the BPD gradient (P,) of a query basis's first image under the
+    run's final weights and the one the file holds (G = M B, row 0, from its arrays `d`: "b" (K, P)
+    and "extra_gram" (K, K)); None when the file's first image is not the run's first basis image."""
     from engine.bpd import run_bpd
     from engine.precompute import basis
     from engine.precompute.tangents import flatten
     x, names = basis.images(1, run.seed)
     if str(d["info_images"].reshape(-1)[0]) != names[0]:
         return None  # another basis's images: nothing comparable
-    g_file = (d["extra_gram"].astype(np.float64) @ d["b"].astype(np.float64))[0]  # G = M B, row 0
+    g_file = (d["extra_gram"].astype(np.float64) @ d["b"].astype(np.float64))[0]
     _, grads = run_bpd(run, x, grad=True)
     g_run = flatten(grads[0]).double().numpy()
-    rel = float(np.linalg.norm(g_run - g_file) / np.linalg.norm(g_file))
-    atomic.save_json({"file_sha256": file_sha, "weights_sha256": checksum, "image": names[0],
-                      "relative_l2": rel, "tolerance": GRADIENT_TOL}, memo)
-    return rel if rel <= GRADIENT_TOL else None
+    return float(np.linalg.norm(g_run - g_file) / np.linalg.norm(g_file))
 
 
 def default(run: Run) -> Optional[str]:

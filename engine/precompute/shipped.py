@@ -4,11 +4,13 @@ from its first start instead of after an hour of background precompute.
     shipped/<preset>/<name>.npz    a representation (engine.precompute.representation) of the run
                                    that `python -m engine train --preset <preset>` makes
 
-Training is bit-for-bit reproducible on the CPU (tests/test_train.py), so the run a fresh clone
-trains has the weights the shipped file was made for. `install` copies a shipped file into the
-run's folder only when its config digest is the run's; whether the weights match too is checked
-where every representation is checked, at load (representation.load): a mismatch is refused with
-one line, and the app then makes the representation again in the background (webapp.replays).
+Training is bit-for-bit reproducible on one kind of CPU (tests/test_train.py), so the run a fresh
+clone trains there has the weights the shipped file was made for; on another kind it rounds to
+weights about 4e-7 apart. `install` copies a shipped file into the run's folder only when its
+config digest is the run's; whether the weights match too is checked where every representation
+is checked, at load (representation.load: the checksum, else for a query basis one recomputed
+query gradient): a mismatch is refused with one line, and the app then makes the representation
+again in the background (webapp.replays).
 """
 
 from __future__ import annotations
