@@ -75,6 +75,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/precompute_cpu
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
+	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
 	$(BIN)/python experiments/sample_quality.py --run $(RUN) --samplers sde,pc,ode --out results/sample_quality
 	$(MAKE) bench

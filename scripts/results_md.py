@@ -29,6 +29,9 @@ SECTIONS = [
     ("The app's default model: its shipped representation's cost", "results/bench_precompute_cpu.txt", None, [],
      "python -m engine precompute --run runs/cpu --method basis --rank 64 --jobs 2 --ship && "
      "python benchmarks/bench_precompute.py --run runs/cpu --rep basis64 --out results/bench_precompute_cpu.txt"),
+    ("The shipped representation on another kind of CPU", "results/cpu_rounding/cpu_rounding.md",
+     "results/cpu_rounding/cpu_rounding.json", [],
+     "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding"),
     ("Figure 2: digits, rotations, averages, noise", "results/figure2/figure2.md", "results/figure2/figure2.json",
      ["results/figure2/figure2.png"], "python -m engine figure2 --run runs/cpu --out results/figure2"),
     ("Figure 2 on the digits the model trained on (the seed's protocol)", "results/figure2_train/figure2.md",
