@@ -101,7 +101,11 @@ def test_trak_ensemble_averages_its_members(tiny_run, images):
     assert all(torch.equal(a.state_dict()["out.bias"], b.state_dict()["out.bias"]) for a, b in zip(members, again))
 
 
-def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_path):
+def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_path, monkeypatch):
+    from engine.methods import magic_mean
+    # 4 digits in 2 chunks, not 16 in 2: the same mechanics (a BPD gradient is 4 s on `tiny`)
+    monkeypatch.setattr(magic_mean, "N_DIGITS", 4)
+    monkeypatch.setattr(magic_mean, "CHUNK", 2)
     out = tmp_path / "lds"
     q = data.query_indices(1)
     stages = []
@@ -152,7 +156,6 @@ def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_
     assert comp["rows"][4]["per_query"] == [rep["queries"][0]["spearman"]]  # B for pixel: the same numbers
     assert len(list((out / "bank").glob("*.json"))) == 6 + 3  # protocol B's 3 x 2, then A's 3
     # the query-agnostic mean is the mean of MAGIC over its digits, whatever the query
-    from engine.methods import magic_mean
     digits = np.load(tiny_run.path / "methods" / "magic_mean.npz")
     assert digits["grad_w"].shape == (magic_mean.N_DIGITS, TINY.n_train)
     np.testing.assert_allclose(np.load(out / "scores" / "magic_mean.npz")["scores"][0], digits["grad_w"].mean(0))

@@ -72,15 +72,15 @@ def test_training_digits_are_the_ones_the_run_trained_on(tmp_path):
 
 
 def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_run, tmp_path):
-    test = figure2.run_figure2(tiny_run, tmp_path / "test", n=3)
-    seen = figure2.run_figure2(tiny_run, tmp_path / "train", n=3, images="train")
+    test = figure2.run_figure2(tiny_run, tmp_path / "test", n=2)
+    seen = figure2.run_figure2(tiny_run, tmp_path / "train", n=2, images="train")
     assert (test["images"], seen["images"]) == ("test", "train")
     assert seen["bpd"]["original"] != test["bpd"]["original"]
     assert seen["bpd"]["noise"] == test["bpd"]["noise"]  # the same noise images, the same numbers
     for r in (test, seen):
         d = np.array(r["bpd"]["rotated"]) - np.array(r["bpd"]["original"])
         assert r["rotation_gap"]["mean"] == pytest.approx(d.mean())
-        assert r["rotation_gap"]["stderr"] == pytest.approx(d.std(ddof=1) / 3 ** 0.5)
+        assert r["rotation_gap"]["stderr"] == pytest.approx(d.std(ddof=1) / 2 ** 0.5)
     assert "MNIST training digits" in (tmp_path / "train" / "figure2.md").read_text()
     assert "MNIST test digits" in (tmp_path / "test" / "figure2.md").read_text()
     with pytest.raises(UserError, match="test or train"):
