@@ -82,3 +82,20 @@ def app_run(tmp_path_factory):
             os.environ[k] = v
     service.jobs.cache_clear()
     service.warm_workers.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_figure2(tmp_path_factory):
+    """A `tiny` run (seed 0) and its Figure 2 reports on 2 test digits and on 2 of its training
+    digits, made once for every test that reads one (each costs 8 BPDs): (run, {"test": report
+    dict, "train": ...}, {"test": folder, "train": ...})."""
+    from engine import training as train
+    from engine.experiments import figure2
+    from engine.presets import PRESETS
+    from engine.store import load_run
+    root = tmp_path_factory.mktemp("figure2")
+    train.train(PRESETS["tiny"], seed=0, out=root / "run")
+    run = load_run(root / "run")
+    folders = {im: root / im for im in ("test", "train")}
+    reports = {im: figure2.run_figure2(run, folders[im], n=2, images=im) for im in folders}
+    return run, reports, folders

@@ -117,9 +117,12 @@ def test_generate_a_sample(app_run):
     assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, x), abs=1e-3)
 
 
-def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
-    # a Figure 2 report is shown only for the model it was made on
-    from engine.experiments import figure2
+def test_compare_page_four_variants(app_run, tiny_figure2, tmp_path, monkeypatch):
+    # a Figure 2 report is shown only for the model it was made on (the shared reports were made
+    # on a `tiny` run of the same config and seed as the app's: the same model)
+    import shutil
+    _, reports, folders = tiny_figure2
+    assert reports["test"]["run_digest"] == app_run.digest
     monkeypatch.setenv("APP_RESULTS", str(tmp_path))
     at = _new()
     at.run()
@@ -127,7 +130,7 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     at.run()
     assert len(at.get("vega_lite_chart")) == 0 and "No Figure 2 report for this model" in at.info[0].value
     # a report made on another config, where the page looks first, and this model's in a variant's folder
-    figure2.run_figure2(app_run, tmp_path / "figure2_this_model", n=2)
+    shutil.copytree(folders["test"], tmp_path / "figure2_this_model")
     (tmp_path / "figure2").mkdir()
     other = json.loads((tmp_path / "figure2_this_model" / "figure2.json").read_text())
     (tmp_path / "figure2" / "figure2.json").write_text(json.dumps({**other, "run_digest": "0" * 64, "groups": {}}))
@@ -143,7 +146,8 @@ def test_compare_page_four_variants(app_run, tmp_path, monkeypatch):
     assert len(at.get("vega_lite_chart")) == 1  # the Figure 2 distributions
     # a report on the model's training digits, in a folder the page would find first: it is shown
     # second, under its own heading, and never in place of the test-digit report
-    seen = figure2.run_figure2(app_run, tmp_path / "figure2_seen", n=2, images="train")
+    shutil.copytree(folders["train"], tmp_path / "figure2_seen")
+    seen = reports["train"]
     mine = json.loads((tmp_path / "figure2_this_model" / "figure2.json").read_text())
     at = _new()
     at.run()

@@ -13,13 +13,6 @@ from engine.presets import PRESETS
 from engine.store import load_run
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("f2") / "run"
-    train.train(PRESETS["tiny"], seed=0, out=out)
-    return load_run(out)
-
-
 def test_groups_are_rotations_averages_and_noise():
     g = figure2.figure2_inputs(n=3, angle=90, k_avg=4, seed=0)
     test, _ = data.load_test()
@@ -30,8 +23,9 @@ def test_groups_are_rotations_averages_and_noise():
     assert g["noise"].std() > 0.25  # uniform on [0, 1] has std 0.29
 
 
-def test_interrupted_report_resumes_to_the_same_numbers(tiny_run, tmp_path):
-    clean = figure2.run_figure2(tiny_run, tmp_path / "a", n=2)
+def test_interrupted_report_resumes_to_the_same_numbers(tiny_figure2, tmp_path):
+    tiny_run, reports, _ = tiny_figure2
+    clean = reports["test"]  # made without interruption
 
     class Stop(Exception):
         pass
@@ -71,9 +65,8 @@ def test_training_digits_are_the_ones_the_run_trained_on(tmp_path):
         figure2.figure2_inputs(n=7, angle=90, k_avg=4, seed=0, pool=pool)
 
 
-def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_run, tmp_path):
-    test = figure2.run_figure2(tiny_run, tmp_path / "test", n=2)
-    seen = figure2.run_figure2(tiny_run, tmp_path / "train", n=2, images="train")
+def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_figure2, tmp_path):
+    tiny_run, (test, seen), folders = tiny_figure2[0], (tiny_figure2[1]["test"], tiny_figure2[1]["train"]), tiny_figure2[2]
     assert (test["images"], seen["images"]) == ("test", "train")
     assert seen["bpd"]["original"] != test["bpd"]["original"]
     assert seen["bpd"]["noise"] == test["bpd"]["noise"]  # the same noise images, the same numbers
@@ -81,7 +74,7 @@ def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_run, tmp_path
         d = np.array(r["bpd"]["rotated"]) - np.array(r["bpd"]["original"])
         assert r["rotation_gap"]["mean"] == pytest.approx(d.mean())
         assert r["rotation_gap"]["stderr"] == pytest.approx(d.std(ddof=1) / 2 ** 0.5)
-    assert "MNIST training digits" in (tmp_path / "train" / "figure2.md").read_text()
-    assert "MNIST test digits" in (tmp_path / "test" / "figure2.md").read_text()
+    assert "MNIST training digits" in (folders["train"] / "figure2.md").read_text()
+    assert "MNIST test digits" in (folders["test"] / "figure2.md").read_text()
     with pytest.raises(UserError, match="test or train"):
         figure2.run_figure2(tiny_run, tmp_path / "x", n=3, images="validation")

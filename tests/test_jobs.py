@@ -260,7 +260,6 @@ def _pid_job(cb):
 def test_a_killed_server_leaves_no_worker_behind(tmp_path):
     # a server killed outright (SIGKILL: no exit hook runs) takes its worker and manager
     # processes with it within seconds, instead of leaving orphans that hold a gigabyte each
-    import os
     import signal
     proc = _server(tmp_path, "_pid_job", 600)
     worker, manager = (int(v) for v in proc.stdout.readline().split())
