@@ -66,7 +66,8 @@ def test_training_digits_are_the_ones_the_run_trained_on(tmp_path):
 
 
 def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_figure2, tmp_path):
-    tiny_run, (test, seen), folders = tiny_figure2[0], (tiny_figure2[1]["test"], tiny_figure2[1]["train"]), tiny_figure2[2]
+    tiny_run, reports, folders = tiny_figure2
+    test, seen = reports["test"], reports["train"]
     assert (test["images"], seen["images"]) == ("test", "train")
     assert seen["bpd"]["original"] != test["bpd"]["original"]
     assert seen["bpd"]["noise"] == test["bpd"]["noise"]  # the same noise images, the same numbers
