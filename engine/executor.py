@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -47,10 +48,34 @@ def neutral_main():
             sys.modules["__main__"] = saved
 
 
+def exit_with_parent() -> None:
+    """In a worker: exit once the process that started it is gone. A parent killed outright
+    (SIGKILL, out of memory, or SIGTERM to a process that runs jobs of its own, as the app's
+    workers do) runs no exit hook, and its pool's workers, running a job or blocked on their
+    call queue, would otherwise live on as orphans holding a gigabyte each. (prctl's
+    PR_SET_PDEATHSIG does not fit: it fires when the *thread* that started the process ends,
+    and a pool's workers are started by short-lived job threads. A worker paused by SIGSTOP when
+    its parent dies cannot watch; the pause lasts one interactive job.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:  # re-parented: the parent is dead
+                os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="exit with parent").start()
+
+
 def set_threads(threads: int) -> None:
     """A worker's torch thread count (a pool initializer)."""
     import torch
     torch.set_num_threads(threads)
+
+
+def _worker_init(threads: int) -> None:
+    """A local worker's start: it dies with its parent, and uses `threads` torch threads."""
+    exit_with_parent()
+    set_threads(threads)
 
 
 def _call_with_threads(fn: Callable, threads: int, args: tuple):
@@ -59,7 +84,14 @@ def _call_with_threads(fn: Callable, threads: int, args: tuple):
 
 
 class LocalExecutor:
-    """`jobs` spawned worker processes that split this machine's cores between them."""
+    """`jobs` spawned worker processes that split this machine's cores between them.
+
+    The workers outlive one `run`: a finished run leaves its pool idle for the next run in this
+    process that asks for the same workers (same count, threads, environment, sys.path and
+    working directory), because starting a worker costs more than many jobs (about 3 s to
+    spawn and import torch and the engine, against ~2 s for a BPD on `tiny`); a `precompute`
+    or an `lds` runs several phases. A pool is taken out of the idle set while it runs, so two
+    threads never share one, and an interrupted run terminates its own workers only."""
 
     def __init__(self, jobs: int = 1):
         self.jobs = max(1, int(jobs))
@@ -69,9 +101,8 @@ class LocalExecutor:
             return
         jobs = min(self.jobs, len(arglist))
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        # spawn, not fork: the parent may hold torch's thread pools or a server's threads
-        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=set_threads,
-                                   initargs=(threads,))
+        key = _pool_key(jobs, threads)
+        pool = _checkout(key, jobs, threads)
         futures = []
         try:
             with neutral_main():  # the processes start on submit
@@ -86,7 +117,52 @@ class LocalExecutor:
             # (a replay from the last state it kept, engine.metagrad's resume).
             _stop(pool, futures)
             raise
-        pool.shutdown(wait=True)
+        _checkin(key, pool)
+
+
+# Idle pools by key; at most one per key and IDLE_POOLS in all (the oldest is shut down), so
+# a long-lived process (the app) keeps a bounded number of idle workers.
+IDLE_POOLS = 2
+_IDLE: dict[tuple, ProcessPoolExecutor] = {}
+_IDLE_LOCK = threading.Lock()
+
+
+def _pool_key(jobs: int, threads: int) -> tuple:
+    """What a spawned worker inherits at its start: a worker made under another environment
+    (a changed variable, sys.path or directory) is not reused."""
+    return (jobs, threads, os.getcwd(), tuple(sys.path), tuple(sorted(os.environ.items())))
+
+
+def _checkout(key: tuple, jobs: int, threads: int) -> ProcessPoolExecutor:
+    with _IDLE_LOCK:
+        pool = _IDLE.pop(key, None)
+    # spawn, not fork: the parent may hold torch's thread pools or a server's threads
+    if pool is None or getattr(pool, "_broken", False):
+        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(threads,))
+    return pool
+
+
+def _checkin(key: tuple, pool: ProcessPoolExecutor) -> None:
+    if getattr(pool, "_broken", False):
+        pool.shutdown(wait=False)
+        return
+    with _IDLE_LOCK:
+        old = [_IDLE.pop(key)] if key in _IDLE else []
+        _IDLE[key] = pool
+        while len(_IDLE) > IDLE_POOLS:
+            old.append(_IDLE.pop(next(iter(_IDLE))))
+    for p in old:
+        p.shutdown(wait=False)
+
+
+def shutdown_idle() -> None:
+    """Shut down every idle pool (their workers exit once they see it)."""
+    with _IDLE_LOCK:
+        pools = list(_IDLE.values())
+        _IDLE.clear()
+    for p in pools:
+        p.shutdown(wait=True)
 
 
 def _stop(pool: ProcessPoolExecutor, futures: list) -> None:

@@ -26,8 +26,13 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         assert len(at.button) == 0  # no button: the influences came on their own
         assert any("precomputed replay `lowrank4`" in c.value for c in at.caption)
         x = service.from_canvas(_stroke_canvas())
-        from engine.attribution import attribute_precomputed
-        want, _ = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), x[None])
+        # the engine's answers from one BPD gradient of the drawing: the preview (A B g) and exact MAGIC
+        from engine import data
+        from engine.bpd import run_bpd
+        from engine.metagrad import metagradient
+        from engine.precompute.tangents import flatten
+        _, grads = run_bpd(app_run, x[None], grad=True)
+        want = R.load(app_run, "lowrank4").scores(flatten(grads[0])[None].numpy())
         res = service.jobs().peek(service.attribution_key(app_run, x)).result
         got = res["grad_w"]
         # the page says how long the computation itself took (part of the wait, measured in the worker)
@@ -38,8 +43,8 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         # progressive: the exact replay runs in the background and replaces the preview, saying
         # how many of the top 16 it changed (checked against the engine's exact MAGIC)
         at = _until(at, lambda a: any("has replaced that preview" in c.value for c in a.caption))
-        from engine.attribution import attribute, top_k
-        exact, _ = attribute(app_run, x[None])
+        from engine.attribution import top_k
+        exact = metagradient(app_run, data.load_train(app_run.preset.n_train, app_run.preset.source)[0], grads).numpy()
         a, b = top_k(want[0], 16), top_k(exact[0], 16)
         changed = 16 - len(set(a["proponents"]) & set(b["proponents"]))
         line = next(c.value for c in at.caption if "has replaced that preview" in c.value)

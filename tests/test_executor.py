@@ -1,4 +1,5 @@
-"""Executors: local processes and Ray give the same results; a lost Ray worker's job is rerun once."""
+"""Executors: local processes and Ray give the same results; a lost Ray worker's job is rerun once; local
+workers serve the next run in the same environment and die with their parent."""
 
 import json
 import os
@@ -100,16 +101,16 @@ def test_attribute_in_chunks_equals_one_sweep_and_resumes(tmp_path):
     from engine.attribution import attribute, attribute_many
     train.train(TINY, seed=0, out=tmp_path / "run")
     run = load_run(tmp_path / "run")
-    x = data.load_test()[0][data.query_indices(3)]
+    x = data.load_test()[0][data.query_indices(2)]
     gw, bpd = attribute(run, x)
     parts = tmp_path / "parts"
-    gw2, bpd2 = attribute_many(run, x, parts, LocalExecutor(2), chunk=2)
+    gw2, bpd2 = attribute_many(run, x, parts, LocalExecutor(2), chunk=1)
     np.testing.assert_allclose(gw2, gw, rtol=1e-5, atol=1e-5 * np.abs(gw).max())  # float32 sums in another order
     np.testing.assert_allclose(bpd2, bpd, rtol=1e-6)
     # resume: a lost chunk is the only one recomputed
     (parts / "chunk_00001.npz").unlink()
     seen = []
-    attribute_many(run, x, parts, LocalExecutor(1), chunk=2, callback=lambda i: seen.append(i["i"]))
+    attribute_many(run, x, parts, LocalExecutor(1), chunk=1, callback=lambda i: seen.append(i["i"]))
     assert seen == [1, 2] and (parts / "chunk_00001.npz").is_file()
 
 
@@ -159,3 +160,56 @@ def test_sigterm_to_the_parent_stops_its_running_workers(tmp_path):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, "workers kept running after their parent was terminated"
+
+
+def _pid_job(i: int) -> int:
+    time.sleep(0.2)  # long enough that each of the pool's workers takes a job
+    return os.getpid()
+
+
+def test_a_finished_run_leaves_its_workers_for_the_next_and_only_for_the_same_environment(monkeypatch):
+    ex = LocalExecutor(2)
+    first = set(ex.run(_pid_job, [(i,) for i in range(4)]))
+    assert len(first) == 2 and set(ex.run(_pid_job, [(i,) for i in range(4)])) == first  # no new processes
+    monkeypatch.setenv("ENGINE_TEST_MARKER", "1")  # a worker inherits the environment at its start
+    assert not set(ex.run(_pid_job, [(i,) for i in range(4)])) & first
+
+    def stop_early():
+        it = ex.run(_pid_job, [(i,) for i in range(4)])
+        next(it)
+        it.close()  # the caller stops iterating: its workers are terminated, never reused
+    monkeypatch.delenv("ENGINE_TEST_MARKER")
+    stop_early()
+    assert not any(_alive(p) for p in first)
+    assert not set(ex.run(_pid_job, [(i,) for i in range(4)])) & first
+
+
+def test_workers_die_with_a_parent_killed_outright(tmp_path):
+    """SIGKILL to a process that runs local jobs (no exit hook runs): its workers, the one running a
+    job and the idle one a finished run left, exit within seconds instead of living on as orphans."""
+    import subprocess
+    root, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
+    script = (f"import sys, time; sys.path[:0] = [{str(root)!r}, {str(tests)!r}]\n"
+              "from engine.executor import LocalExecutor\n"
+              "import test_executor as t\n"
+              f"list(LocalExecutor(2).run(t._square_job, [(0, {str(tmp_path)!r}), (1, {str(tmp_path)!r})]))\n"
+              f"list(LocalExecutor(1).run(t._sleeping_job, [({str(tmp_path)!r}, 0)]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not (tmp_path / "pid0").exists():
+        assert time.time() < deadline and proc.poll() is None, "the worker never started"
+        time.sleep(0.2)
+    busy = int((tmp_path / "pid0").read_text())
+    workers = [int(pid) for pid in os.popen(f"ps -o pid= --ppid {proc.pid}").read().split()
+               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    idle = [p for p in workers if p != busy]
+    assert busy in workers and len(idle) == 2 and all(_alive(p) for p in idle)  # the first run's two workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.time() + 15
+    while any(_alive(p) for p in [busy, *idle]) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in [busy, *idle] if _alive(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, "workers outlived a parent killed outright"

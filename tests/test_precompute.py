@@ -80,7 +80,7 @@ def test_lowrank_is_exact_on_its_span_and_resumes_by_chunk(run):
 def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
     # checked against the exact representation J^T (itself checked against the replay above)
     from engine.precompute import basis
-    info = build.precompute(run, method="basis", rank=4, chunk=2)
+    info = build.precompute(run, method="basis", rank=4, chunk=3)
     rep, exact = R.load(run, info["name"]), R.load(run, "exact")
     assert info["name"] == "basis4" and rep.a.shape == (TINY.n_train, 4) and rep.b.shape[0] == 4
     _, names = basis.images(8, run.seed)
@@ -93,7 +93,7 @@ def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
     assert np.linalg.norm(rep.a[:, 0] - want0[0]) / np.linalg.norm(want0[0]) <= 1e-4
     parts = R.folder(run) / "basis4.parts"
     with np.load(parts / "grad_0001.npz") as f:
-        g = f["g"]  # the BPD gradients of basis images 2 and 3
+        g = f["g"]  # the BPD gradient of basis image 3 (chunks of 3: images 0-2, then 3)
     # a basis image's own query is (nearly) exact: its gradient lies in the basis (ridge 1e-4)
     want = exact.scores(g)
     assert np.linalg.norm(rep.scores(g) - want) / np.linalg.norm(want) <= 1e-3
@@ -104,13 +104,13 @@ def test_a_query_basis_is_exact_on_its_images_and_resumes_by_chunk(run):
     (parts / "grad_0001.npz").unlink()
     (R.folder(run) / "basis4.npz").unlink()
     stages = []
-    build.precompute(run, method="basis", rank=4, chunk=2, callback=lambda i: stages.append((i["stage"], i["i"])))
+    build.precompute(run, method="basis", rank=4, chunk=3, callback=lambda i: stages.append((i["stage"], i["i"])))
     assert stages == [("gradients", 1), ("gradients", 2), ("reverse", 2)]
     np.testing.assert_allclose(R.load(run, "basis4").a, rep.a, rtol=1e-5, atol=1e-7 * np.abs(rep.a).max())
 
 
 def test_a_reverse_chunk_killed_mid_replay_resumes_from_its_sweep_state(run):
-    build.precompute(run, method="basis", rank=4, chunk=2)
+    build.precompute(run, method="basis", rank=4, chunk=3)
     parts = R.folder(run) / "basis4.parts"
     with np.load(parts / "rev_0001.npz") as f:
         want, want_s = f["v"], float(f["seconds"])
@@ -133,7 +133,7 @@ def test_a_reverse_chunk_killed_mid_replay_resumes_from_its_sweep_state(run):
     # mark the state (the job runs in another process): the chunk's seconds add the state's own
     # only when the job resumes from it
     np.savez(sweep, **{**state, "seconds": np.array(1e6)})
-    build.precompute(run, method="basis", rank=4, chunk=2)
+    build.precompute(run, method="basis", rank=4, chunk=3)
     with np.load(parts / "rev_0001.npz") as f:
         np.testing.assert_array_equal(f["v"], want)
         assert 1e6 < float(f["seconds"]) < 1e6 + want_s * 10
@@ -186,7 +186,7 @@ def test_a_query_basis_from_another_cpu_is_checked_by_its_query_gradient(run, tm
     # the same training rounded by another CPU has another weights checksum; a query basis holds its
     # images' gradients, so the first is recomputed under the run's weights and compared
     import engine.bpd
-    build.precompute(run, method="basis", rank=4, chunk=2)
+    build.precompute(run, method="basis", rank=4, chunk=3)
     want = R.load(run, "basis4")
     assert want.info["verified"] == "the run's weights checksum"
     near = _rounded_copy(run, tmp_path / "near", 4e-7)
@@ -311,7 +311,7 @@ def test_the_fidelity_study_reuses_a_banks_exact_magic_only_for_this_run_and_the
     with pytest.raises(UserError, match="not on this run"):
         reused_exact(run, names, x, bank_file(digest="0" * 64))
     with pytest.raises(UserError, match="BPDs differ"):  # scores of other images under these names
-        reused_exact(run, names, x, bank_file(bpd=np.asarray(s.bpd) + 0.01))
+        reused_exact(run, names[2:], x[2:], bank_file(bpd=np.asarray(s.bpd) + 0.01))  # one digit: one gradient
     (tmp_path / "damaged.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(UserError, match="not a readable MAGIC scores file"):
         reused_exact(run, names, x, tmp_path / "damaged.npz")

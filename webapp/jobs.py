@@ -29,27 +29,10 @@ from typing import Callable, Optional
 from cache.memo import Memo
 from engine.errors import UserError
 from engine.executor import neutral_main as _neutral_main
-from engine.executor import set_threads as _set_threads
+from engine.executor import exit_with_parent, set_threads as _set_threads
 
 
 _CAN_PAUSE = hasattr(signal, "SIGSTOP")  # POSIX: the other lanes pause while an interactive job computes
-
-
-def _exit_with_parent() -> None:
-    """In a worker or the manager: exit once the server that started it is gone. A server killed
-    outright (SIGKILL, out of memory) runs no exit hook, and a pool's workers, blocked on their
-    call queue, would otherwise live on as orphans holding a gigabyte each. (prctl's
-    PR_SET_PDEATHSIG does not fit: it fires when the *thread* that started the process ends,
-    and a pool's workers are started by short-lived job threads. A worker paused by SIGSTOP when
-    its server dies cannot watch; the pause lasts one interactive job.)"""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:  # re-parented: the server is dead
-                os._exit(0)
-    threading.Thread(target=watch, daemon=True, name="exit with parent").start()
 
 
 def _lane_init(threads: int, nice: int) -> None:
@@ -58,7 +41,7 @@ def _lane_init(threads: int, nice: int) -> None:
     the galleries that share the cores (measured on 2 cores: a stroke's influences took 4x the engine's
     own time while the galleries ran at equal priority). While an interactive job computes, the
     other lanes are moreover paused outright (Jobs._pause_background)."""
-    _exit_with_parent()
+    exit_with_parent()
     _set_threads(threads)
     if nice:
         os.nice(nice)
@@ -211,7 +194,7 @@ class Jobs:
                 self._stopping = False  # started (again) after a shutdown: errors are the jobs' own again
                 with _neutral_main():
                     self._manager = SyncManager(ctx=ctx)
-                    self._manager.start(_exit_with_parent)
+                    self._manager.start(exit_with_parent)
                 self._shared = self._manager.dict()
                 # At interpreter exit (the server stopped by SIGTERM or Ctrl-C), concurrent.futures
                 # joins its pools' manager threads, which wait for running jobs to finish: minutes.

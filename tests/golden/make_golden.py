@@ -5,9 +5,10 @@ before the attribution-method registry; rerun only to accept a deliberate change
     .venv/bin/python tests/golden/make_golden.py
 """
 
+import contextlib
+import io
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,15 +23,22 @@ COMMANDS = {
 
 
 def run_all(tmp: Path) -> dict:
-    """Train `tiny` into tmp/run, run the three commands; {name: parsed JSON stdout}."""
-    py = sys.executable
-    subprocess.run([py, "-m", "engine", "train", "--preset", "tiny", "--out", str(tmp / "run"), "--json"],
-                   cwd=ROOT, check=True, capture_output=True)
+    """Train `tiny` into tmp/run, run the three commands; {name: parsed JSON stdout}. The
+    commands run through engine.cli.main in this process (what `python -m engine` runs), which
+    spares a torch import per command."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from engine import cli
     out = {}
-    for name, args in COMMANDS.items():
+    for name, args in {"train": ["train", "--preset", "tiny", "--out", "{run}", "--json"], **COMMANDS}.items():
         args = [a.format(run=tmp / "run", tmp=tmp) for a in args]
-        r = subprocess.run([py, "-m", "engine", *args], cwd=ROOT, check=True, capture_output=True, text=True)
-        out[name] = json.loads(r.stdout)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = cli.main(args)
+        if rc != 0:
+            raise RuntimeError(f"engine {' '.join(args)} exited {rc}")
+        out[name] = json.loads(buf.getvalue())
+    del out["train"]
     return out
 
 
