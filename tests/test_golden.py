@@ -1,10 +1,12 @@
-"""`bpd`, `attribute` and `lds` on `tiny` give the outputs that the code before the
-attribution-method registry gave (tests/golden/, made by tests/golden/make_golden.py at
-commit 15121fb). Measured bit-identical on the machine that made them until the BPD gradient
-moved to two phases (engine.likelihood.bits_per_dim_and_grad), which sums the same float32 terms
-in another order: grad_w then agrees to 1e-5 relative (as a vector; an entry near zero may move
-by a few times 1e-9 bits/dim) and the BPD itself is unchanged. The tolerances allow for that and
-for another CPU's rounding: on another machine's CPU than the one that made the
+"""`bpd`, `attribute` and `lds` on `tiny` give the outputs in tests/golden/ (made by
+tests/golden/make_golden.py). History: first made with the code of commit 15121fb, before the
+attribution-method registry, and matched by every later commit; remade when `tiny`'s likelihood
+grid went from 4 RK4 steps to 2 (a deliberate change of every `tiny` number), with the code that
+the files' `commit` names. Measured bit-identical on the machine that made them until the BPD
+gradient moved to two phases (engine.likelihood.bits_per_dim_and_grad), which sums the same float32
+terms in another order: grad_w then agrees to 1e-5 relative (as a vector; an entry near zero may
+move by a few times 1e-9 bits/dim) and the BPD itself is unchanged. The tolerances allow for that
+and for another CPU's rounding: on another machine's CPU than the one that made the
 files, grad_w moved by 1.2e-5 relative and one retrained BPD difference by 9.5e-7 bits/dim (one
 float32 step at a BPD of 9), so grad_w is held to 1e-4 relative and a BPD difference to 4e-6
 bits/dim (four such steps), 8 and 4 times what was measured."""

@@ -1,6 +1,7 @@
 """Writes the reference outputs of `bpd`, `attribute` and `lds` on `tiny` that
-tests/test_golden.py compares today's code with (made once, with the code of commit 15121fb,
-before the attribution-method registry; rerun only to accept a deliberate change of results).
+tests/test_golden.py compares today's code with (first made with the code of commit 15121fb,
+before the attribution-method registry; remade when `tiny`'s likelihood grid changed; rerun only
+to accept a deliberate change of results, on a clean checkout, whose commit the LDS report names).
 
     .venv/bin/python tests/golden/make_golden.py
 """
