@@ -165,6 +165,48 @@ def test_a_visitor_s_job_is_not_queued_behind_the_background_and_both_pause_for_
         jobs.shutdown()
 
 
+def _count_to(n: int, path: str) -> str:
+    """An engine.executor job: records each step in a file."""
+    for i in range(n):
+        with open(path, "a") as f:
+            f.write(f"{i}\n")
+        time.sleep(0.02)
+    return path
+
+
+def _nested_in_worker(n: int, path: str, cb) -> dict:
+    """A process job that does its work in a worker of its own, as a precompute does."""
+    from engine.executor import LocalExecutor
+    cb({"stage": "work", "i": 1, "n": 2})
+    list(LocalExecutor(1).run(_count_to, [(n, path)]))
+    return {"n": np.array(n)}
+
+
+def test_an_interactive_job_also_pauses_the_workers_a_background_job_started(tmp_path):
+    # a precompute in the background lane computes in engine.executor workers of its own: they
+    # stop with it while a drawing's job computes, and go on afterwards, losing nothing
+    import functools
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+    lines = lambda p: len(p.read_text().split()) if p.exists() else 0  # noqa: E731
+    try:
+        bg_log, it_log = tmp_path / "bg.txt", tmp_path / "it.txt"
+        bg = jobs.submit("bg", functools.partial(_nested_in_worker, 600, str(bg_log)), "bg", lane="background")
+        deadline = time.time() + 60
+        while lines(bg_log) < 3:
+            assert time.time() < deadline and not bg.done, "the nested worker never started"
+            time.sleep(0.05)
+        it = jobs.submit("it", functools.partial(_slow_in_worker, 100, str(it_log)), "it", lane="interactive")
+        while not (it.i and it.i >= 5):
+            time.sleep(0.05)
+        n = lines(bg_log)
+        time.sleep(0.5)
+        assert lines(bg_log) == n < 600 and not it.done  # the nested worker is stopped too
+        assert jobs.wait_all(60) and it.error is None and bg.error is None
+        assert bg_log.read_text().split() == [str(i) for i in range(600)]  # resumed: every step once
+    finally:
+        jobs.shutdown()
+
+
 def _tensor_sum_in_worker(x, cb) -> dict:
     return {"sum": float(x.sum()), "back": (x * 2).numpy()}
 

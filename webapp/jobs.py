@@ -47,6 +47,31 @@ def _lane_init(threads: int, nice: int) -> None:
         os.nice(nice)
 
 
+def _descendants(pids: list) -> list[int]:
+    """The processes below `pids` (children, grandchildren, ...), parents before children, read
+    from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the name in () may hold spaces
+        children.setdefault(ppid, []).append(int(e))
+    out, frontier = [], [p for p in pids if p is not None]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, [])]
+        out.extend(frontier)
+    return out
+
+
 class Cancelled(Exception):
     """Raised inside a job's callback once the job is cancelled: the engine unwinds cleanly."""
 
@@ -219,17 +244,18 @@ class Jobs:
 
     def _signal_background(self, sig: str) -> None:
         """Send signal `sig` ("SIGSTOP", "SIGCONT") to every worker of the lanes that an
-        interactive job pauses (nothing where pausing is not possible)."""
+        interactive job pauses, and to the processes those workers started (a precompute's
+        engine.executor workers do its computing), parents first, so that a worker is stopped
+        before it could start another (nothing where pausing is not possible)."""
         if not _CAN_PAUSE:
             return
-        for lane, pool in list(self._pools.items()):
-            if lane == "interactive":
-                continue
-            for p in list(getattr(pool, "_processes", {}).values()):
-                try:
-                    os.kill(p.pid, getattr(signal, sig))
-                except (ProcessLookupError, TypeError):  # exited, or not started yet
-                    pass
+        workers = [p.pid for lane, pool in list(self._pools.items()) if lane != "interactive"
+                   for p in list(getattr(pool, "_processes", {}).values())]
+        for pid in workers + _descendants(workers):
+            try:
+                os.kill(pid, getattr(signal, sig))
+            except (ProcessLookupError, TypeError):  # exited, or not started yet
+                pass
 
     def _pause_background(self, on: bool) -> None:
         """Pause the other lanes' workers (SIGSTOP) while an interactive job computes, and
