@@ -22,6 +22,7 @@ import threading
 import time
 import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -102,13 +103,25 @@ class LocalExecutor:
         jobs = min(self.jobs, len(arglist))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         key = _pool_key(jobs, threads)
-        pool = _checkout(key, jobs, threads)
-        futures = []
+        pool, reused = _checkout(key, jobs, threads)
+        futures, yielded = [], 0
         try:
-            with neutral_main():  # the processes start on submit
-                futures = [pool.submit(fn, *args) for args in arglist]
-            for f in as_completed(futures):
-                yield f.result()
+            while True:
+                try:
+                    with neutral_main():  # the processes start on submit
+                        futures = [pool.submit(fn, *args) for args in arglist]
+                    for f in as_completed(futures):
+                        result = f.result()
+                        yielded += 1
+                        yield result
+                    break
+                except BrokenProcessPool:
+                    if not reused or yielded:
+                        raise
+                    # A worker of an idle pool died since its last run (killed, out of memory):
+                    # every job again on a fresh pool (jobs are idempotent), once.
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool, reused = _new_pool(jobs, threads), False
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM through the CLI, a failed job, the caller stopped
             # iterating): stop the workers now rather than let them finish their jobs
@@ -133,14 +146,19 @@ def _pool_key(jobs: int, threads: int) -> tuple:
     return (jobs, threads, os.getcwd(), tuple(sys.path), tuple(sorted(os.environ.items())))
 
 
-def _checkout(key: tuple, jobs: int, threads: int) -> ProcessPoolExecutor:
+def _new_pool(jobs: int, threads: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold torch's thread pools or a server's threads
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(threads,))
+
+
+def _checkout(key: tuple, jobs: int, threads: int) -> tuple[ProcessPoolExecutor, bool]:
+    """An idle pool for `key` (and True), or a new one (and False)."""
     with _IDLE_LOCK:
         pool = _IDLE.pop(key, None)
-    # spawn, not fork: the parent may hold torch's thread pools or a server's threads
-    if pool is None or getattr(pool, "_broken", False):
-        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                   initargs=(threads,))
-    return pool
+    if pool is not None and getattr(pool, "_broken", False):
+        pool.shutdown(wait=False, cancel_futures=True)
+        pool = None
+    return (pool, True) if pool is not None else (_new_pool(jobs, threads), False)
 
 
 def _checkin(key: tuple, pool: ProcessPoolExecutor) -> None:
@@ -154,15 +172,6 @@ def _checkin(key: tuple, pool: ProcessPoolExecutor) -> None:
             old.append(_IDLE.pop(next(iter(_IDLE))))
     for p in old:
         p.shutdown(wait=False)
-
-
-def shutdown_idle() -> None:
-    """Shut down every idle pool (their workers exit once they see it)."""
-    with _IDLE_LOCK:
-        pools = list(_IDLE.values())
-        _IDLE.clear()
-    for p in pools:
-        p.shutdown(wait=True)
 
 
 def _stop(pool: ProcessPoolExecutor, futures: list) -> None:

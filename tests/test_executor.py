@@ -125,7 +125,7 @@ def _sleeping_job(folder: str, i: int) -> str:
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone (ProcessLookupError while it is being reaped)
         return False
     return state != "Z"
 
@@ -179,6 +179,14 @@ def test_a_finished_run_leaves_its_workers_for_the_next_and_only_for_the_same_en
         next(it)
         it.close()  # the caller stops iterating: its workers are terminated, never reused
     monkeypatch.delenv("ENGINE_TEST_MARKER")
+    # an idle worker killed (out of memory, say): the next run gets a whole new pool, not an error
+    victim = sorted(first)[0]
+    os.kill(victim, signal.SIGKILL)
+    while _alive(victim):
+        time.sleep(0.05)
+    again = set(ex.run(_pid_job, [(i,) for i in range(4)]))
+    assert len(again) == 2 and not again & first
+    first = again
     stop_early()
     assert not any(_alive(p) for p in first)
     assert not set(ex.run(_pid_job, [(i,) for i in range(4)])) & first
