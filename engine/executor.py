@@ -90,7 +90,7 @@ class LocalExecutor:
     The workers outlive one `run`: a finished run leaves its pool idle for the next run in this
     process that asks for the same workers (same count, threads, environment, sys.path and
     working directory), because starting a worker costs more than many jobs (about 3 s to
-    spawn and import torch and the engine, against ~2 s for a BPD on `tiny`); a `precompute`
+    spawn and import torch and the engine, against 0.9 s for a BPD on `tiny`); a `precompute`
     or an `lds` runs several phases. A pool is taken out of the idle set while it runs, so two
     threads never share one, and an interrupted run terminates its own workers only."""
 

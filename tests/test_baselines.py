@@ -103,7 +103,7 @@ def test_trak_ensemble_averages_its_members(tiny_run, images):
 
 def test_lds_methods_share_retrains_and_protocol_b_averages_seeds(tiny_run, tmp_path, monkeypatch):
     from engine.methods import magic_mean
-    # 2 digits in 2 chunks, not 16 in 2: the same mechanics (a BPD gradient is 5 s on `tiny`)
+    # 2 digits in 2 chunks, not 16 in 2: the same mechanics (each digit costs a BPD gradient)
     monkeypatch.setattr(magic_mean, "N_DIGITS", 2)
     monkeypatch.setattr(magic_mean, "CHUNK", 1)
     out = tmp_path / "lds"

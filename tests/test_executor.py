@@ -197,7 +197,7 @@ def test_workers_die_with_a_parent_killed_outright(tmp_path):
     job and the idle one a finished run left, exit within seconds instead of living on as orphans."""
     import subprocess
     root, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
-    script = (f"import sys, time; sys.path[:0] = [{str(root)!r}, {str(tests)!r}]\n"
+    script = (f"import sys; sys.path[:0] = [{str(root)!r}, {str(tests)!r}]\n"
               "from engine.executor import LocalExecutor\n"
               "import test_executor as t\n"
               f"list(LocalExecutor(2).run(t._square_job, [(0, {str(tmp_path)!r}), (1, {str(tmp_path)!r})]))\n"
