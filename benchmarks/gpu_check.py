@@ -1,10 +1,11 @@
 """One-call check of everything GPU-related: determinism, training step time, exact BPD per image,
 and the metagradient's cost ratio on a shortened run of the `gpu` preset.
 
-    scripts/gpu_check.sh [--dry-run] [--steps 200] [--out results/gpu.md]
+    scripts/gpu_check.sh [--dry-run] [--offline] [--steps 200] [--out results/gpu.md]
 
 Data: full MNIST through torchvision when it can be downloaded (or is already in
-~/.cache/mnist-torchvision); otherwise the 5k training subset bundled in data/mnist/ (the
+~/.cache/mnist-torchvision); otherwise, or at once with --offline (a machine with no network,
+where a download attempt could only wait), the 5k training subset bundled in data/mnist/ (the
 table says which). --dry-run shrinks everything (a tiny network, 8 steps, 256 images) so that
 the script can be tested on a CPU before it is run on a GPU. Every number is measured in this
 process; the table is printed and, with --out, written atomically.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, training as train  # noqa: E402
+from engine import atomic, data, provenance, training as train  # noqa: E402
 from engine import device as devices  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.presets import PRESETS, Preset  # noqa: E402
@@ -35,12 +36,15 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def pick_preset(dry_run: bool, steps: int) -> tuple[Preset, str]:
+def pick_preset(dry_run: bool, steps: int, offline: bool = False) -> tuple[Preset, str]:
     """The shortened gpu preset and a line saying which data it trains on."""
     p = PRESETS["gpu"]
     if dry_run:
         return dataclasses.replace(p, n_train=64, source="offline", channels=(8, 16), embed_dim=16, groups=4,
                                    batch_size=16, steps=6, bpd_steps=2), "bundled 5k subset (first 64, dry run)"
+    if offline:
+        return (dataclasses.replace(p, steps=steps, n_train=5000, source="offline"),
+                "bundled 5k subset (--offline: no download tried)")
     try:
         data.load_train(p.n_train, "torchvision")
         return dataclasses.replace(p, steps=steps), "full MNIST (torchvision), 60000 images"
@@ -49,12 +53,12 @@ def pick_preset(dry_run: bool, steps: int) -> tuple[Preset, str]:
                 "bundled 5k subset (full MNIST could not be downloaded)")
 
 
-def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
+def check(dry_run: bool, steps: int, queries: int, offline: bool = False) -> list[tuple[str, str]]:
     from engine.bpd import run_bpd
     from engine.likelihood import bits_per_dim
     from engine.metagrad import metagradient
     from engine.store import load_run
-    p, data_line = pick_preset(dry_run, steps)
+    p, data_line = pick_preset(dry_run, steps, offline)
     dev = devices.setup(p)
     rows = [("device", torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"),
             ("torch", torch.__version__ + (f", CUDA {torch.version.cuda}" if dev.type == "cuda" else "")),
@@ -126,22 +130,26 @@ def check(dry_run: bool, steps: int, queries: int) -> list[tuple[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, for a CPU rehearsal")
+    ap.add_argument("--offline", action="store_true", help="train on the bundled 5k subset without trying a download")
     ap.add_argument("--steps", type=int, default=200, help="Adam steps of the shortened run")
     ap.add_argument("--queries", type=int, default=8, help="batched queries for the cost ratio")
     ap.add_argument("--out", help="also write the table (markdown) here")
     a = ap.parse_args()
     if a.steps < 1 or a.queries < 1:
         sys.exit("error: --steps and --queries must be at least 1")
+    provenance.start()
     t0 = time.time()
     try:
-        rows = check(a.dry_run, a.steps, a.queries)
+        rows = check(a.dry_run, a.steps, a.queries, a.offline)
     except UserError as e:
         sys.exit(f"error: {e}")
     rows.append(("wall time of this check", f"{time.time() - t0:.0f} s"))
     table = "| check | result |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
     print(table)
     if a.out:
-        atomic.save_text(("# GPU check (dry run)\n\n" if a.dry_run else "# GPU check\n\n") + table, Path(a.out))
+        st = provenance.stamp()
+        atomic.save_text(("# GPU check (dry run)\n\n" if a.dry_run else "# GPU check\n\n")
+                         + f"`{st['command']}` at commit {st['commit']}\n\n" + table, Path(a.out))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ CANDIDATES: dict[str, dict] = {
                                                           "n_train": 5000},
     "48000 steps + lr 2.5e-4 + eps 1e-2 + 4 levels, 128 + 5000 images": {
         "steps": 48000, "lr": 2.5e-4, "eps_root": 1e-2, "channels": (16, 32, 64, 128), "n_train": 5000},
+    # --base gpu (names say the difference from the `gpu` preset: 4 levels, 32-256 channels, batch
+    # 256, lr 1e-3, 11,700 steps = 50 epochs of full MNIST), for a GPU machine with no network:
+    # the same recipe on the 5,000 bundled images (600 epochs of them), and twice as long. Where do
+    # samples and the rotation gap go with a GPU's budget but this data?
+    "5000 bundled images": {"n_train": 5000, "source": "offline"},
+    "5000 bundled images + 23400 steps": {"n_train": 5000, "source": "offline", "steps": 23400},
 }
 DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
 STAGES = ("training", "samples", "figure2", "rotation", "smoothness")
@@ -134,7 +140,9 @@ def stage_training(run) -> dict:
 def stage_samples(run, n: int, classifier) -> dict:
     p = run.preset
     t0 = time.perf_counter()
-    x = sample(run.model(), (n, 1, 28, 28), method="sde", n_steps=500, seed=0, sigma=p.sigma, eps=p.t_eps)
+    model = run.model()  # on the preset's device (a GPU for --base gpu), which the noise is drawn on too
+    x = sample(model, (n, 1, 28, 28), method="sde", n_steps=500, seed=0, sigma=p.sigma, eps=p.t_eps,
+               device=str(next(model.parameters()).device)).cpu()
     r = sq.confident_share(classifier, x)
     return {"confident": int(round(r["share"] * n)), "n": n, "histogram": r["histogram"],
             "seconds": time.perf_counter() - t0}

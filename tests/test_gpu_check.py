@@ -13,7 +13,10 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
-    assert text == "# GPU check (dry run)\n\n" + r.stdout.rstrip("\n") + "\n"  # the table printed is the one written
+    head, table = text.split("\n\n| check", 1)
+    assert head.startswith("# GPU check (dry run)\n\n`python benchmarks/gpu_check.py --dry-run")  # its command
+    assert re.search(r"at commit [0-9a-f]{7}", head)  # and the commit it ran on
+    assert "| check" + table == r.stdout.rstrip("\n") + "\n"  # the table printed is the one written
     # its checks are real: reruns are bit-identical and one dropped image changes the parameters
     assert "| determinism | bit-identical reruns; dropping one image changes the parameters |" in text
     assert re.search(r"\| fresh-process replay \| steps [0-9]+-[0-9]+: bit-identical \|", text)
