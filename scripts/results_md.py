@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -94,7 +95,15 @@ SECTIONS = [
     ("The app on a fresh clone (headless Chromium): a stroke's influences", "results/bench_app_browser.txt", None,
      ["results/app/1_draw_influences.png", "results/app/4_galleries.png"],
      "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app"),
-    ("GPU", "results/gpu.md", None, [], "scripts/gpu_check.sh --out results/gpu.md"),
+    ("GPU", "results/gpu.md", None, [], "scripts/gpu_check.sh --offline --out results/gpu.md"),
+    ("The `gpu` recipe on the bundled images, on one GPU", "results/default_candidates_gpu/candidates.md",
+     "results/default_candidates_gpu/candidates.json", [],
+     "python experiments/default_candidates.py --base gpu --out results/default_candidates_gpu --only NAME"),
+    ("Exact bits/dim against tangent inputs per network call, on one GPU", "results/bench_tangent_batch_h200.txt",
+     None, [], "python benchmarks/bench_tangent_batch.py --out results/bench_tangent_batch_h200.txt"),
+    ("The same on 2 CPU cores (`cpu` network)", "results/bench_tangent_batch_cpu.txt", None, [],
+     "python benchmarks/bench_tangent_batch.py --preset cpu --device cpu --images 2 --steps 8 "
+     "--out results/bench_tangent_batch_cpu.txt"),
 ]
 
 
@@ -125,9 +134,14 @@ def section(title: str, report: str, meta: str | None, images: list[str], how: s
         elif "command" in m:
             made = f"Made by `{m['command']}` at commit {m['commit']}" + (
                 f" (run config {m['run_digest'][:12]})" if "run_digest" in m else "") + "."
-    first = path.read_text().splitlines()[:1]
-    if made is None and first and first[0].startswith("# python "):
-        made = f"Made by `{first[0][2:]}`."
+    head = path.read_text().splitlines()[:3]
+    if made is None and head and head[0].startswith("# python "):
+        made = f"Made by `{head[0][2:]}`."
+    # a markdown report whose stamp is its first paragraph under the title (results/gpu.md)
+    stamp = next((re.fullmatch(r"`(python [^`]+)` at commit (.+)", line) for line in head[1:]
+                  if re.fullmatch(r"`(python [^`]+)` at commit (.+)", line)), None)
+    if made is None and stamp:
+        made = f"Made by `{stamp.group(1)}` at commit {stamp.group(2)}."
     out += [made or f"Made by `{how}` (this file predates results that record their command and commit).", ""]
     text = path.read_text().rstrip()
     if path.suffix == ".md":

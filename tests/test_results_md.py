@@ -36,3 +36,14 @@ def test_a_one_command_report_keeps_its_stamp(tmp_path, monkeypatch):
     report, js = _write(tmp_path, {"command": "python -m engine figure2 --run r", "commit": "abc1234",
                                    "results": {"original": [4.0]}})
     assert results_md.section("t", report, js, [], "how")[2] == "Made by `python -m engine figure2 --run r` at commit abc1234."
+
+
+def test_a_markdown_report_stamped_under_its_title_keeps_its_stamp(tmp_path, monkeypatch):
+    # results/gpu.md: "# GPU check", a blank line, then its command and commit
+    monkeypatch.setattr(results_md, "ROOT", tmp_path)
+    (tmp_path / "gpu.md").write_text("# GPU check\n\n`python benchmarks/gpu_check.py --offline` at commit 1234abc+changes\n\n"
+                                     "| check | result |\n|---|---|\n| device | X |\n")
+    out = results_md.section("GPU", "gpu.md", None, [], "how")
+    assert out[2] == "Made by `python benchmarks/gpu_check.py --offline` at commit 1234abc+changes."
+    (tmp_path / "old.md").write_text("# GPU check\n\n**Not yet measured.**\n")  # no stamp: said so
+    assert "predates results that record" in results_md.section("GPU", "old.md", None, [], "how")[2]
