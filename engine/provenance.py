@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -31,22 +30,13 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _no_git() -> str:
-    # A copy of the tree without its .git (a GPU machine sent the working tree only): the commit
-    # the sender names in ENGINE_COMMIT, said to be given, not read; else "unknown".
-    given = os.environ.get("ENGINE_COMMIT", "").strip()
-    return f"{given} (given in ENGINE_COMMIT; no git checkout here)" if given else "unknown"
-
-
 def _checkout() -> str:
-    head = _git("rev-parse", "--short", "HEAD")
-    if not head:
-        return _no_git()
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _head() -> str:
-    return _git("rev-parse", "--short", "HEAD") or _no_git()
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
 
 
 _AT_START: list[str] = []

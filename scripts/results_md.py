@@ -138,10 +138,9 @@ def section(title: str, report: str, meta: str | None, images: list[str], how: s
     if made is None and head and head[0].startswith("# python "):
         made = f"Made by `{head[0][2:]}`."
     # a markdown report whose stamp is its first paragraph under the title (results/gpu.md)
-    stamp = next((re.fullmatch(r"`(python [^`]+)` at commit (.+)", line) for line in head[1:]
-                  if re.fullmatch(r"`(python [^`]+)` at commit (.+)", line)), None)
-    if made is None and stamp:
-        made = f"Made by `{stamp.group(1)}` at commit {stamp.group(2)}."
+    stamps = [m for m in (re.fullmatch(r"`(python [^`]+)` at commit (.+)", line) for line in head[1:]) if m]
+    if made is None and stamps:
+        made = f"Made by `{stamps[0].group(1)}` at commit {stamps[0].group(2)}."
     out += [made or f"Made by `{how}` (this file predates results that record their command and commit).", ""]
     text = path.read_text().rstrip()
     if path.suffix == ".md":
