@@ -19,6 +19,10 @@ from engine.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
 SPLIT_SEED = 20261128     # fixes which bundled images each preset trains on
+# torchvision opens its mirrors with no timeout: on a network that drops packets (a firewall, a
+# GPU machine without internet) each of its 8 tries waits for the OS, minutes in all. A mirror
+# silent this long counts as unreachable.
+DOWNLOAD_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------- loading
@@ -61,11 +65,16 @@ def load_train(n: int, source: str = "offline", root: Optional[Path] = None) -> 
     if source == "torchvision":
         from torchvision.datasets import MNIST
         root = Path(root or Path.home() / ".cache" / "mnist-torchvision")
+        import socket
+        before = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # process-wide, for the download only
         try:
             ds = MNIST(str(root), train=True, download=True)
-        except Exception as e:  # no network, proxy, disk: all end the same way for the user
+        except Exception as e:  # no network, proxy, disk, silence: all end the same way for the user
             raise UserError(f"full MNIST could not be downloaded to {root} ({type(e).__name__}); "
                             f"this needs internet once, or use a preset on the bundled data (tiny, small, cpu)") from None
+        finally:
+            socket.setdefaulttimeout(before)
         return _to_tensor(ds.data.numpy()[:n]), ds.targets[:n].clone()
     raise UserError(f"unknown data source {source!r}")
 

@@ -158,6 +158,29 @@ def test_full_mnist_offline_is_a_clear_error(monkeypatch, tmp_path):
         data.load_train(60000, "torchvision", root=tmp_path)
 
 
+def test_a_mirror_that_never_answers_is_a_clear_error_not_a_hang(monkeypatch, tmp_path):
+    # a server that accepts connections and then says nothing, as behind a firewall that drops
+    # packets: torchvision has no timeout of its own, so without engine.data's this test hangs
+    import socket
+    import threading
+    import time
+    import torchvision.datasets
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.getsockname()[1]}/"])
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.5)
+    before = socket.getdefaulttimeout()
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="could not be downloaded"):
+        data.load_train(60000, "torchvision", root=tmp_path)
+    assert time.monotonic() - t0 < 30  # 4 files x 1 mirror x 0.5 s, and some slack
+    assert socket.getdefaulttimeout() == before  # the process's default is back
+    server.close()
+
+
 def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     """mkstemp's 0600 would make results unreadable to anyone else; a plain open() gives 0666 less the umask."""
     import os
