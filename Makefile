@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app
 	$(BIN)/python benchmarks/bench_precompute.py --run $(RUN) --out results/bench_precompute_cpu.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt
+	$(BIN)/python benchmarks/bench_tangent_batch.py --preset cpu --device cpu --images 2 --steps 8 --out results/bench_tangent_batch_cpu.txt
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
