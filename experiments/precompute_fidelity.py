@@ -267,10 +267,10 @@ def _markdown(r: dict) -> str:
                 cost += f"; the {len(r['exact_reused'])} test digits' from `{r['exact_from']}`"
             cost += ")"
         elif row.get("precompute_seconds") and row["scores"] == row.get("rep"):  # a truncation costs what its whole did
-            sec = row["precompute_seconds"]
-            ts = r.get("train_seconds") or float("nan")
-            times = f" ({sec / ts:,.0f}x training)" if np.isfinite(ts) else ""
-            cost = f"{sec:,.0f} s{times}, {row['bytes_full'] / 2**20:.1f} MiB"
+            # no ratio to the run's training time: that was measured when the run was trained, under
+            # other load than the chunks (one report divided by a contended 773 s and said 51x where
+            # benchmarks/bench_precompute.py, timing both in one process, says 603x)
+            cost = f"{row['precompute_seconds']:,.0f} s (against training: bench_precompute), {row['bytes_full'] / 2**20:.1f} MiB"
         lines.append(f"| {row['scores']} | {parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | "
                      f"{o.mean():.1f} ({o.min()}) | {ld} | {cost} |")
     return "\n".join(lines) + "\n"
