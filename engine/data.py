@@ -7,6 +7,7 @@ Images are float tensors in [0, 1], shape (1, 28, 28) each, white digit on black
 from __future__ import annotations
 
 import gzip
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,6 @@ def load_train(n: int, source: str = "offline", root: Optional[Path] = None) -> 
     if source == "torchvision":
         from torchvision.datasets import MNIST
         root = Path(root or Path.home() / ".cache" / "mnist-torchvision")
-        import socket
         before = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # process-wide, for the download only
         try:
