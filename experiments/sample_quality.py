@@ -83,8 +83,9 @@ def main() -> None:
         name = f"{p.name}_{run.digest[:8]}" if shared else p.name
         for how in samplers:
             t1 = time.perf_counter()
-            x = sample(run.model(), (a.n, 1, 28, 28), method=how, n_steps=None if how == "ode" else a.steps,
-                       seed=a.seed, sigma=p.sigma, eps=p.t_eps)
+            model = run.model()  # on the preset's device (a GPU for `gpu`): the noise is drawn there too
+            x = sample(model, (a.n, 1, 28, 28), method=how, n_steps=None if how == "ode" else a.steps,
+                       seed=a.seed, sigma=p.sigma, eps=p.t_eps, device=str(next(model.parameters()).device)).cpu()
             r = sq.confident_share(net, x)
             _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
                   f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.0%} labelled with confidence >= 0.9")
