@@ -73,8 +73,9 @@ def proxy_loss(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.
     retraining are then the same function.
     """
     g = torch.Generator().manual_seed(seed)
-    stds = torch.logspace(np.log10(0.01), np.log10(sde.SIGMA), 8)
-    t = sde.time_of_std(stds)
+    # the levels span the model's own noise scale (every screened preset has sigma 25)
+    stds = torch.logspace(np.log10(0.01), np.log10(model.sigma), 8)
+    t = sde.time_of_std(stds, model.sigma)
     out = 0
     for j in range(len(stds)):
         z = torch.randn((1, *x.shape[1:]), generator=g).to(x)

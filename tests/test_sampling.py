@@ -27,3 +27,22 @@ def test_sampling_is_seeded(gaussian):
     b = sample(score, (3, 1, 8, 8), n_steps=50, seed=1)
     c = sample(score, (3, 1, 8, 8), n_steps=50, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_app_samples_with_the_run_s_own_noise_scale(tmp_path):
+    # A run trained with another sigma and t_eps than the engine's defaults: the app's "Generate a
+    # sample" must draw the same digit as `python -m engine sample` (which takes both from the
+    # run's preset), not one integrated on the default noise scale.
+    import dataclasses
+
+    from engine import data, training
+    from engine.presets import PRESETS
+    from engine.store import load_run
+    from webapp.service import _sample
+    preset = dataclasses.replace(PRESETS["tiny"], sigma=10.0, t_eps=1e-3)
+    training.train(preset, seed=0, out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    want = sample(run.model(), (1, 1, 28, 28), method="ode", seed=3, sigma=10.0, eps=1e-3)
+    got = _sample(run, 3, lambda d: None)["x"]
+    assert got.shape == (1, 28, 28)
+    assert torch.equal(torch.from_numpy(got), data.quantize(want.clamp(0, 1))[0])

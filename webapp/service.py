@@ -119,7 +119,7 @@ def from_upload(name: str, blob: bytes) -> tuple[torch.Tensor, Optional[np.ndarr
 
 def _sample(run: Run, seed: int, cb: Callback) -> dict:
     from engine.sampling import sample
-    x = sample(run.model(), (1, 1, 28, 28), method="ode", seed=seed,
+    x = sample(run.model(), (1, 1, 28, 28), method="ode", seed=seed, sigma=run.preset.sigma, eps=run.preset.t_eps,
                callback=lambda i: cb({"stage": "sampling", "i": i.get("i", 0), "n": i.get("n")}))[0]
     return {"x": data.quantize(x.clamp(0, 1)).numpy()}
 
