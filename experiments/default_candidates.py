@@ -144,15 +144,25 @@ def stage_training(run) -> dict:
             "run_digest": run.digest}
 
 
-def stage_samples(run, n: int, classifier) -> dict:
-    p = run.preset
+def _samples(model, p, n: int, classifier) -> dict:
     t0 = time.perf_counter()
-    model = run.model()  # on the preset's device (a GPU for --base gpu), which the noise is drawn on too
+    # the noise is drawn on the model's device (a GPU for --base gpu)
     x = sample(model, (n, 1, 28, 28), method="sde", n_steps=500, seed=0, sigma=p.sigma, eps=p.t_eps,
                device=str(next(model.parameters()).device)).cpu()
     r = sq.confident_share(classifier, x)
     return {"confident": int(round(r["share"] * n)), "n": n, "histogram": r["histogram"],
             "seconds": time.perf_counter() - t0}
+
+
+def stage_samples(run, n: int, classifier) -> dict:
+    out = _samples(run.model(), run.preset, n, classifier)
+    if run.preset.ema:
+        # the same training's last iterate, unaveraged (the average never feeds back into
+        # training), from the same noise: what the average alone changes
+        from engine.bpd import model_for
+        out["last_iterate"] = _samples(model_for(run.preset, run.seed, run.load_final().params), run.preset, n,
+                                       classifier)
+    return out
 
 
 def stage_figure2(run, n: int) -> dict:
@@ -191,7 +201,9 @@ def table(results: dict) -> str:
         t, s, f, rot, m = (r.get(k) for k in STAGES)
         cells = [name,
                  f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
-                 f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})" if s else "…",
+                 (f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})"
+                  + (f"; last iterate {s['last_iterate']['confident']}/{s['n']}" if "last_iterate" in s else "")
+                  if s else "…"),
                  " / ".join(f"{f[g]:.2f}" for g in GROUPS) if f else "…", f"{f['gap']:+.2f}" if f else "…",
                  f"{f['seconds'] / (4 * f['n']):.1f}" if f else "…",
                  f"{rot['gap']:+.3f} ± {rot['gap_se']:.3f} (n {rot['n']})" if rot else "…",
@@ -206,6 +218,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/default_candidates")
     ap.add_argument("--runs", default="runs/candidates")
     ap.add_argument("--base", default="cpu", help="the preset the candidates change")
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="train and evaluate on this device instead of the preset's (cpu, cuda)")
     ap.add_argument("--only", help="semicolon-separated candidate names (names may hold commas)")
     ap.add_argument("--n", type=int, default=8, help="test digits per Figure 2 group")
     ap.add_argument("--gap-n", type=int, default=50, help="originals of the rotation stage (the report's n)")
@@ -236,7 +249,8 @@ def main() -> None:
     settings = {"base": a.base, "n": a.n, "samples": a.samples, "queries": a.queries, "drop_sets": a.drop_sets}
     if a.gap_n != 50:  # a key only when it differs, so that the stages stored before it are kept
         settings["gap_n"] = a.gap_n
-    presets = {name: dataclasses.replace(PRESETS[a.base], **{**BASE.get(a.base, {}), **CANDIDATES[name]})
+    device = {"device": a.device} if a.device else {}  # part of the preset, so of its runs' digest
+    presets = {name: dataclasses.replace(PRESETS[a.base], **{**BASE.get(a.base, {}), **CANDIDATES[name], **device})
                for name in names}
     for name, preset in presets.items():
         r = results.setdefault(name, {})
