@@ -108,6 +108,12 @@ CANDIDATES: dict[str, dict] = {
     # It is the net (40/64, digits in every class) but that net costs 3x per step and per BPD:
     # does the fourth level alone, at a quarter of its parameters, make digits?
     "12000 steps + lr 1e-3 + 4 levels, 128": {"steps": 12000, "lr": 1e-3, "channels": (16, 32, 64, 128)},
+    # The same with its weights averaged over the last ~1,000 iterates: does the average, which
+    # diffusion models usually sample from, make more of the samples digits? The sample stage
+    # scores the last iterate of the same training too, from the same noise.
+    "gpu net + 5000 images + 12000 steps + lr 1e-3 + ema 0.999": {
+        "steps": 12000, "lr": 1e-3, "n_train": 5000, "channels": (32, 64, 128, 256), "embed_dim": 256, "groups": 8,
+        "ema": 0.999},
     # It does (27/64, digits in every class, 1.25x the default's seconds per BPD): with the
     # default's smooth setting (lr 2.5e-4, eps 1e-2), does it keep them, and MAGIC's smoothness?
     "12000 steps + lr 2.5e-4 + eps 1e-2 + 4 levels, 128": {"steps": 12000, "lr": 2.5e-4, "eps_root": 1e-2,
