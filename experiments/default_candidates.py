@@ -1,7 +1,8 @@
 """Which training makes a default model worth exploring? A screen of candidates around `cpu`.
 
     python experiments/default_candidates.py [--only "A;B"] [--n 8] [--samples 64] [--drop-sets 12]
-        [--jobs 2] [--stages training,samples,figure2,smoothness] [--base cpu] [--out results/default_candidates]
+        [--jobs 2] [--stages training,samples,figure2,smoothness] [--base cpu] [--device cpu|cuda]
+        [--out results/default_candidates]
 
 Each candidate is the base preset with the changes its name says. For each, cheapest first:
 - training (stored in runs/candidates/<name>; resumes), its time and final loss;
@@ -224,7 +225,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/default_candidates")
     ap.add_argument("--runs", default="runs/candidates")
     ap.add_argument("--base", default="cpu", help="the preset the candidates change")
-    ap.add_argument("--device", choices=("cpu", "cuda"), help="train and evaluate on this device instead of the preset's (cpu, cuda)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="train and evaluate on this device instead of the preset's")
     ap.add_argument("--only", help="semicolon-separated candidate names (names may hold commas)")
     ap.add_argument("--n", type=int, default=8, help="test digits per Figure 2 group")
     ap.add_argument("--gap-n", type=int, default=50, help="originals of the rotation stage (the report's n)")
