@@ -25,10 +25,6 @@ from engine.presets import PRESETS  # noqa: E402
 from engine.training import make_model  # noqa: E402
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,10 +51,10 @@ def main() -> None:
         L.bits_per_dim(model, x[:1], **kw, chunk=max(chunks))  # warm-up (kernels, allocator)
         seconds, bpd = {}, {}
         for c in chunks:
-            _sync(dev)
+            devices.synchronize(dev)
             t0 = time.perf_counter()
             bpd[c] = torch.cat([L.bits_per_dim(model, x[i: i + 1], **kw, chunk=c) for i in range(a.images)])
-            _sync(dev)
+            devices.synchronize(dev)
             seconds[c] = (time.perf_counter() - t0) / a.images
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     lines = [f"Exact BPD per image on {name}, `{a.preset}` network ({sum(q.numel() for q in model.parameters()):,} "

@@ -31,10 +31,6 @@ from engine.errors import UserError  # noqa: E402
 from engine.presets import PRESETS, Preset  # noqa: E402
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def pick_preset(dry_run: bool, steps: int, offline: bool = False) -> tuple[Preset, str]:
     """The shortened gpu preset and a line saying which data it trains on."""
@@ -69,10 +65,10 @@ def check(dry_run: bool, steps: int, queries: int, offline: bool = False) -> lis
 
     # determinism: two runs bit-identical; a dropped example changes the result
     a = train.train(p, seed=0, images=images)
-    _sync(dev)
+    devices.synchronize(dev)
     t0 = time.perf_counter()
     b = train.train(p, seed=0, images=images)
-    _sync(dev)
+    devices.synchronize(dev)
     train_s = time.perf_counter() - t0
     same = all(torch.equal(a.params[k], b.params[k]) for k in a.params)
     w = np.ones(p.n_train, np.float32)
@@ -89,10 +85,10 @@ def check(dry_run: bool, steps: int, queries: int, offline: bool = False) -> lis
     x = data.load_test()[0][:2 if dry_run else 4].to(dev)
     with torch.no_grad():
         bits_per_dim(model, x[:1], **p.likelihood_kwargs)  # warm-up (kernels, allocator)
-        _sync(dev)
+        devices.synchronize(dev)
         t0 = time.perf_counter()
         bpd = bits_per_dim(model, x, **p.likelihood_kwargs)
-        _sync(dev)
+        devices.synchronize(dev)
     bpd_s = (time.perf_counter() - t0) / len(x)
     rows.append(("exact BPD", f"{bpd_s:.2f} s per image ({p.bpd_steps} RK4 steps; mean {float(bpd.mean()):.3f} bits/dim)"))
 
@@ -108,14 +104,14 @@ def check(dry_run: bool, steps: int, queries: int, offline: bool = False) -> lis
         rows.append(("fresh-process replay", f"steps {s0}-{s1}: {fresh.stdout.strip() or fresh.stderr.strip()[-200:]}"))
         times, grad_s = {}, {}
         for q in (1, queries):
-            _sync(dev)
+            devices.synchronize(dev)
             t0 = time.perf_counter()
             _, qgrads = run_bpd(run, data.load_test()[0][:q], grad=True)
-            _sync(dev)
+            devices.synchronize(dev)
             grad_s[q] = time.perf_counter() - t0
             t0 = time.perf_counter()
             gw = metagradient(run, images, qgrads)
-            _sync(dev)
+            devices.synchronize(dev)
             times[q] = time.perf_counter() - t0
             if not torch.isfinite(gw).all():
                 raise RuntimeError("non-finite metagradient")

@@ -86,3 +86,10 @@ def default_jobs(preset: Preset) -> int:
     if resolve(preset).type == "cuda":
         return max(1, torch.cuda.device_count())
     return max(1, os.cpu_count() or 1)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a timer read after
+    it measures the work; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

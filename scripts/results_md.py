@@ -134,7 +134,8 @@ def section(title: str, report: str, meta: str | None, images: list[str], how: s
         elif "command" in m:
             made = f"Made by `{m['command']}` at commit {m['commit']}" + (
                 f" (run config {m['run_digest'][:12]})" if "run_digest" in m else "") + "."
-    head = path.read_text().splitlines()[:3]
+    text = path.read_text().rstrip()
+    head = text.splitlines()[:3]
     if made is None and head and head[0].startswith("# python "):
         made = f"Made by `{head[0][2:]}`."
     # a markdown report whose stamp is its first paragraph under the title (results/gpu.md)
@@ -142,7 +143,6 @@ def section(title: str, report: str, meta: str | None, images: list[str], how: s
     if made is None and stamps:
         made = f"Made by `{stamps[0].group(1)}` at commit {stamps[0].group(2)}."
     out += [made or f"Made by `{how}` (this file predates results that record their command and commit).", ""]
-    text = path.read_text().rstrip()
     if path.suffix == ".md":
         out += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in text.splitlines()]
     else:
