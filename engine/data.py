@@ -92,10 +92,14 @@ def query_indices(k: int, seed: int = 0) -> list[int]:
 
 # ---------------------------------------------------------------- comparison transforms
 
-def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate (..., 28, 28) images counter-clockwise about the centre (bilinear, zero fill)."""
+def rotate(x: torch.Tensor, degrees: float, interpolation: str = "bilinear") -> torch.Tensor:
+    """Rotate (..., 28, 28) images counter-clockwise about the centre (zero fill), resampling
+    "bilinear" or "nearest" (torchvision's default); multiples of 90 degrees are exact either way."""
+    orders = {"nearest": 0, "bilinear": 1}
+    if interpolation not in orders:
+        raise ValueError(f"interpolation is nearest or bilinear, not {interpolation!r}")
     a = x.detach().cpu().numpy()
-    r = ndimage.rotate(a, degrees, axes=(-1, -2), reshape=False, order=1, mode="constant")
+    r = ndimage.rotate(a, degrees, axes=(-1, -2), reshape=False, order=orders[interpolation], mode="constant")
     return quantize(torch.from_numpy(np.clip(r, 0, 1)).to(x.dtype))
 
 

@@ -141,6 +141,13 @@ def test_comparison_transforms():
     x, _ = data.load_test()
     r = data.rotate(x[:2], 90)
     assert torch.allclose(r, torch.rot90(x[:2], 1, dims=(-2, -1)), atol=1 / 255 + 1e-6)
+    assert torch.allclose(data.rotate(x[:2], 90, "nearest"), r, atol=1 / 255 + 1e-6)
+    # off the right angles, nearest keeps the digit's own grey levels; bilinear makes new ones
+    levels = set(x[:2].flatten().tolist())
+    assert set(data.rotate(x[:2], 45, "nearest").flatten().tolist()) <= levels
+    assert not set(data.rotate(x[:2], 45).flatten().tolist()) <= levels
+    with pytest.raises(ValueError):
+        data.rotate(x[:2], 45, "bicubic")
     assert torch.allclose(data.average(x[:4]), torch.round(x[:4].mean(0) * 255) / 255)
     noise = data.uniform_noise(100, torch.Generator().manual_seed(0))
     assert noise.shape == (100, 1, 28, 28) and abs(noise.mean().item() - 0.5) < 0.01
