@@ -79,3 +79,41 @@ def test_report_states_its_digits_and_the_paired_rotation_gap(tiny_figure2, tmp_
     assert "MNIST test digits" in (folders["test"] / "figure2.md").read_text()
     with pytest.raises(UserError, match="test or train"):
         figure2.run_figure2(tiny_run, tmp_path / "x", n=3, images="validation")
+
+
+def test_rotation_angles_pairs_the_figure2_digits_and_resumes(tiny_figure2, tmp_path, monkeypatch):
+    # experiments/rotation_angles.py: its 90-degree gap is the Figure 2 report's (same digits, same
+    # rotation), right angles are one row for both resamplings, and a finished transform is not redone
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import rotation_angles as ra
+    tiny_run, reports, _ = tiny_figure2
+    x = figure2.figure2_inputs(2, 90.0, 4, 0)["original"]
+    names = list(ra.transforms(x, [45, 90], [45, 90], ["bilinear", "nearest"]))
+    assert names == ["original", "rotated 45 (bilinear)", "rotated 45 (nearest)", "rotated 90 (either)",
+                     "rotated 45 and back (bilinear)", "rotated 45 and back (nearest)"]  # 90 and back = original
+    out = tmp_path / "ra"
+    calls = []
+    real = ra.run_bpd
+    monkeypatch.setattr(ra, "run_bpd", lambda run, x: (calls.append(len(x)), real(run, x))[1])
+    argv = ["rotation_angles.py", "--run", str(tiny_run.path), "--n", "2", "--angles", "90,45",
+            "--back", "", "--interpolations", "nearest", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    ra.main()
+    r = json.loads((out / "rotation_angles.json").read_text())
+    assert sorted(r["transforms"]) == ["original", "rotated 45 (nearest)", "rotated 90 (nearest)"]
+    assert r["transforms"]["rotated 90 (nearest)"]["gap"] == pytest.approx(reports["test"]["rotation_gap"]["mean"],
+                                                                          abs=1e-4)
+    assert not (out / "rotation_angles_partial.json").exists() and len(calls) == 3
+    # interrupted after two transforms: the third alone is computed again
+    keep = {k: r["transforms"][k]["bpd"] for k in ("original", "rotated 90 (nearest)")}
+    from engine.presets import digest
+    key = digest({"run": tiny_run.digest, "n": 2, "images": "test", "bpd_steps": tiny_run.preset.bpd_steps})
+    (out / "rotation_angles_partial.json").write_text(json.dumps({"key": key, "bpd": keep}))
+    calls.clear()
+    ra.main()
+    assert len(calls) == 1 and json.loads((out / "rotation_angles.json").read_text())["transforms"] == r["transforms"]
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--angles", "x", "--out", str(out)])
+    with pytest.raises(SystemExit, match="comma-separated degrees"):
+        ra.main()
