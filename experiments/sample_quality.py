@@ -71,7 +71,7 @@ def main() -> None:
     print(f"classifier test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     # the ceiling: real test digits, as many as the samples, through the same threshold
     ref = sq.confident_share(net, data.load_test()[0][data.query_indices(a.n, 7)])
-    print(f"{a.n} MNIST test digits: {ref['share']:.0%} confident", flush=True)
+    print(f"{a.n} MNIST test digits: {ref['share']:.1%} confident", flush=True)
     samplers = a.samplers.split(",")
     if not set(samplers) <= {"sde", "pc", "ode"}:
         sys.exit("error: --samplers takes sde, pc and ode")
@@ -88,12 +88,12 @@ def main() -> None:
                        seed=a.seed, sigma=p.sigma, eps=p.t_eps, device=str(next(model.parameters()).device)).cpu()
             r = sq.confident_share(net, x)
             _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
-                  f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.0%} labelled with confidence >= 0.9")
+                  f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.1%} labelled with confidence >= 0.9")
             rows.append({"run": str(run.path), "preset": p.name, "preset_label": presets.label(p), "run_digest": run.digest, "sampler": how,
                          "share": r["share"], "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
                          "labels": r["labels"], "confidence": r["confidence"],
                          "sample_seconds": time.perf_counter() - t1})
-            print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.0%}); "
+            print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.1%}); "
                   f"per class {r['histogram']}; {rows[-1]['sample_seconds']:.0f} s", flush=True)
     st = provenance.stamp()
     atomic.save_json({**st, "classifier": {"recipe": sq.RECIPE, "test_accuracy": acc},
@@ -102,11 +102,11 @@ def main() -> None:
     md = [f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
           f"{acc:.2%} on the 10,000 MNIST test digits. {a.n} samples per run and sampler (seed {a.seed}; sde and pc "
           f"{a.steps} steps, ode 32 RK4 steps). "
-          f"The same threshold on {a.n} real test digits: {ref['share']:.0%} confident (the ceiling).", "",
+          f"The same threshold on {a.n} real test digits: {ref['share']:.1%} confident (the ceiling).", "",
           "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | seconds |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['run']} | {r['preset_label']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
-           f"({r['share']:.0%}) | {' '.join(map(str, r['histogram']))} | {r['sample_seconds']:.0f} |" for r in rows]
+           f"({r['share']:.1%}) | {' '.join(map(str, r['histogram']))} | {r['sample_seconds']:.0f} |" for r in rows]
     atomic.save_text("\n".join(md) + "\n", Path(a.out) / "sample_quality.md")
     print(f"wrote {a.out}/sample_quality.md")
 
