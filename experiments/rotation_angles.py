@@ -45,20 +45,17 @@ def transforms(originals: torch.Tensor, angles: list[float], back: list[float],
     """Name -> transformed copies of `originals` (n, 1, 28, 28), the originals first; a transform
     whose images equal an earlier one's is left out (right angles resample exactly)."""
     out = {"original": originals}
-    cand = {}
-    for a in angles:
-        for m in interpolations:
-            cand[f"rotated {a:g} ({m})"] = data.rotate(originals, a, m)
-    for a in back:
-        for m in interpolations:
-            cand[f"rotated {a:g} and back ({m})"] = data.rotate(data.rotate(originals, a, m), -a, m)
-    for name, x in cand.items():
-        same = [k for k, y in out.items() if torch.equal(x, y)]
-        if not same:
-            out[name] = x
-        elif name.endswith(")") and same[0].startswith(name.rsplit(" (", 1)[0] + " ("):
-            # 90 degrees: bilinear and nearest give the same images; one row, named for both
-            out[name.rsplit(" (", 1)[0] + " (either)"] = out.pop(same[0])
+    rows = [(f"rotated {a:g}", lambda m, a=a: data.rotate(originals, a, m)) for a in angles]
+    rows += [(f"rotated {a:g} and back", lambda m, a=a: data.rotate(data.rotate(originals, a, m), -a, m))
+             for a in back]
+    for name, make in rows:
+        xs = {m: make(m) for m in interpolations}
+        first = next(iter(xs.values()))
+        if len(xs) > 1 and all(torch.equal(first, x) for x in xs.values()):
+            xs = {"either": first}  # right angles: every resampling gives the same images
+        for m, x in xs.items():
+            if not any(torch.equal(x, y) for y in out.values()):
+                out[f"{name} ({m})"] = x
     return out
 
 
