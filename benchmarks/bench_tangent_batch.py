@@ -25,7 +25,6 @@ from engine.presets import PRESETS  # noqa: E402
 from engine.training import make_model  # noqa: E402
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpu", choices=sorted(PRESETS))

@@ -31,7 +31,6 @@ from engine.errors import UserError  # noqa: E402
 from engine.presets import PRESETS, Preset  # noqa: E402
 
 
-
 def pick_preset(dry_run: bool, steps: int, offline: bool = False) -> tuple[Preset, str]:
     """The shortened gpu preset and a line saying which data it trains on."""
     p = PRESETS["gpu"]
