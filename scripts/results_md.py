@@ -15,6 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# the best-sampling net screened (experiments/default_candidates.py), which several reports measure
+GPU_NET = "runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run"
+
 # (title, the report's Markdown or text, its JSON (provenance), images, how to make it)
 SECTIONS = [
     ("Attribution methods against retraining (LDS)", "results/comparison.md", "results/comparison.json",
@@ -45,8 +48,7 @@ SECTIONS = [
      "results/rotation_angles/rotation_angles.json", [], "python experiments/rotation_angles.py"),
     ("The same under the best-sampling net screened (the `gpu` net, 5,000 images, 12,000 steps, EMA)",
      "results/rotation_angles_gpu_net/rotation_angles.md", "results/rotation_angles_gpu_net/rotation_angles.json", [],
-     "python experiments/rotation_angles.py --run runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3"
-     "___ema_0.999/run --n 20 --angles 15,90 --back '' --out results/rotation_angles_gpu_net"),
+     f"python experiments/rotation_angles.py --run {GPU_NET} --n 20 --angles 15,90 --back '' --out results/rotation_angles_gpu_net"),
     ("Sample quality: are the samples digits?", "results/sample_quality/sample_quality.md",
      "results/sample_quality/sample_quality.json",
      ["results/sample_quality/cpu_sde.png", "results/sample_quality/cpu_pc.png", "results/sample_quality/cpu_ode.png"],
@@ -54,15 +56,15 @@ SECTIONS = [
     ("Samplers on the best-sampling net screened (the `gpu` net, 5,000 images, EMA), 1,000 steps",
      "results/sample_quality_gpu_net/sample_quality.md", "results/sample_quality_gpu_net/sample_quality.json",
      ["results/sample_quality_gpu_net/cpu_pc.png"],
-     "python experiments/sample_quality.py --run runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run "
+     f"python experiments/sample_quality.py --run {GPU_NET} "
      "--samplers sde,pc,ode --steps 1000 --out results/sample_quality_gpu_net"),
     ("The same, 4,000 steps", "results/sample_quality_gpu_net_4000/sample_quality.md",
      "results/sample_quality_gpu_net_4000/sample_quality.json", ["results/sample_quality_gpu_net_4000/cpu_pc.png"],
-     "python experiments/sample_quality.py --run runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run "
+     f"python experiments/sample_quality.py --run {GPU_NET} "
      "--samplers sde,pc --steps 4000 --out results/sample_quality_gpu_net_4000"),
     ("The same predictor-corrector sampler, 256 samples", "results/sample_quality_gpu_net_4000_n256/sample_quality.md",
      "results/sample_quality_gpu_net_4000_n256/sample_quality.json", [],
-     "python experiments/sample_quality.py --run runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run "
+     f"python experiments/sample_quality.py --run {GPU_NET} "
      "--samplers pc --steps 4000 --n 256 --out results/sample_quality_gpu_net_4000_n256"),
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
      "results/figure4_small/figure4.json", ["results/figure4_small/figure4.png", "results/figure4_small/figure4_classes.png"],
