@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str) -> No
         if i < n:
             ax.imshow(np.clip(x[i, 0], 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{labels[i]} {conf[i]:.2f}", fontsize=7, color="black" if conf[i] >= 0.9 else "red")
-    fig.suptitle(title, fontsize=8)
+    # long run paths and preset labels wrap instead of running off the figure's edge
+    fig.suptitle("\n".join(textwrap.fill(line, 12 * cols) for line in title.splitlines()), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
