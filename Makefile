@@ -61,7 +61,7 @@ bench: setup
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
 # cores, with the committed retraining banks: about 8 hours (the comparison's MAGIC, query-agnostic
 # MAGIC and TRAK ensembles, the precomputes, of which the exact J of `small` is about 3.2 h, Figure 2,
-# the default's basis against exact MAGIC, 40 min);
+# the default's basis against exact MAGIC, 40 min, rotated digits, 1 h);
 # from an empty results/ folder the banks add about 4 hours.
 results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine train --preset small --out runs/small
@@ -79,6 +79,9 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64
 	$(BIN)/python experiments/sample_quality.py --run $(RUN) --samplers sde,pc,ode --out results/sample_quality
+	$(BIN)/python experiments/sample_quality.py --run $(RUN) --samplers sde,pc --steps 4000 --out results/sample_quality_cpu_4000
+	$(BIN)/python experiments/rotation_angles.py --run $(RUN) --out results/rotation_angles
+	$(BIN)/python experiments/rotation_angles.py --run $(RUN) --images train --out results/rotation_angles_train
 	$(MAKE) bench
 	$(BIN)/python scripts/results_md.py --out RESULTS.md
 
