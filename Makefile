@@ -59,7 +59,7 @@ bench: setup
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
-# cores, with the committed retraining banks: about 8 hours (the comparison's MAGIC, query-agnostic
+# cores, with the committed retraining banks: about 9 hours (the comparison's MAGIC, query-agnostic
 # MAGIC and TRAK ensembles, the precomputes, of which the exact J of `small` is about 3.2 h, Figure 2,
 # the default's basis against exact MAGIC, 40 min, rotated digits, 1 h);
 # from an empty results/ folder the banks add about 4 hours.
