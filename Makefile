@@ -59,9 +59,9 @@ bench: setup
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
-# cores, with the committed retraining banks: about 9 hours (the comparison's MAGIC, query-agnostic
+# cores, with the committed retraining banks: about 10 hours (the comparison's MAGIC, query-agnostic
 # MAGIC and TRAK ensembles, the precomputes, of which the exact J of `small` is about 3.2 h, Figure 2,
-# the default's basis against exact MAGIC, 40 min, rotated digits, 1 h);
+# the default's basis against exact MAGIC, 40 min, rotated digits, 1 h, Figure 2 with 2 and 8 digits averaged, 40 min);
 # from an empty results/ folder the banks add about 4 hours.
 results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine train --preset small --out runs/small
@@ -74,6 +74,8 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2 --out results/precompute
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
+	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 2 --out results/figure2_k2
+	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 8 --out results/figure2_k8
 	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/precompute_cpu
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
