@@ -207,7 +207,8 @@ def main() -> None:
     st = provenance.stamp()
     lines = [f"# {' '.join(['python', *sys.argv])} (commit {st['commit']})",
              f"# the {a.preset} preset " + ("trained afresh" if not a.run else f"from a copy of {a.run}")
-             + f"; influences made by: {', '.join(sorted(set(made_by))) or 'none'}; seconds"]
+             + f"; influences made by: {', '.join(sorted(set(made_by))) or 'none'}; seconds",
+             f"# measured on {provenance.machine()}"]
     lines += [f"{label:58s}{value}" for label, value in rows]
     text = "\n".join(lines)
     print(text)

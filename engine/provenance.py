@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -61,6 +62,25 @@ def commit() -> str:
 
 def stamp() -> dict:
     return {"command": command(), "commit": commit()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> str:
+    """The machine a timing was measured on, in words: CPU model, the cores this process may use
+    and the instruction set torch dispatches to (timings and float rounding both depend on it)."""
+    import torch
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cores} cores, torch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}"
 
 
 def save_table(lines: list[str], path) -> None:

@@ -36,16 +36,6 @@ from engine.store import load_run  # noqa: E402
 ISAS = {"avx2": ("avx2", "AVX2", "AVX2")}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _flat(run) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in run.load_final().model_params.values()]).double()
 
@@ -75,7 +65,7 @@ def main() -> None:
     print(f"trained {other_path} with torch's CPU capability {capability} ({time.perf_counter() - t0:.0f} s)", flush=True)
     other = load_run(other_path)
     wa, wb = _flat(run), _flat(other)
-    rows = {"cpu": _cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+    rows = {"cpu": provenance.cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
             "other_capability": capability, "preset": run.preset.name, "run_digest": run.digest,
             "weights_relative_l2": float((wa - wb).norm() / wa.norm()), "weights_max_abs": float((wa - wb).abs().max()),
             "gradient_tolerance": R.GRADIENT_TOL, "runs": []}
