@@ -112,19 +112,24 @@ class ScoreNet(nn.Module):
             return y.reshape(c, b, *y.shape[1:])
 
         def norm_act(norm, a, da):  # GroupNorm then SiLU, with their derivatives
+            # d out = silu'(y) w rstd (dg - mean(dg) - xhat mean(xhat dg)) per group. The factors that
+            # do not depend on the tangent are multiplied together at the primal's size first, and
+            # mean(xhat dg) is a batched dot product: three tangent-sized tensors per layer instead
+            # of eight (elementwise products and their backward were a third of a BPD gradient's time).
             g = norm.num_groups
             ag = a.reshape(b, g, -1)
             mu = ag.mean(-1, keepdim=True)
             rstd = torch.rsqrt(ag.var(-1, unbiased=False, keepdim=True) + norm.eps)
             xhat = (ag - mu) * rstd
-            dg = da.reshape(c, b, g, -1)
-            dxhat = rstd * (dg - dg.mean(-1, keepdim=True) - xhat * (xhat * dg).mean(-1, keepdim=True))
             shape = a.shape
             w = norm.weight[None, :, None, None]
             y = xhat.reshape(shape) * w + norm.bias[None, :, None, None]
-            dy = dxhat.reshape(c, *shape) * w
             sig = torch.sigmoid(y)
-            return y * sig, dy * (sig * (1 + y * (1 - sig)))
+            factor = (sig * (1 + y * (1 - sig)) * w).reshape(b, g, -1) * rstd  # (B, G, N)
+            dg = da.reshape(c, b, g, -1)
+            m_xd = torch.einsum("bgn,cbgn->cbg", xhat, dg).unsqueeze(-1) / ag.shape[-1]
+            inner = torch.addcmul(dg - dg.mean(-1, keepdim=True), xhat, m_xd, value=-1.0)
+            return y * sig, (inner * factor).reshape(c, *shape)
 
         skips = []
         h, dh = x, v
