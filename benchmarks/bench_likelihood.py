@@ -2,8 +2,10 @@
 
     python benchmarks/bench_likelihood.py [--run RUN] [--batch 8] [--device cpu|cuda]
 
-- exact, batched: engine.likelihood.bits_per_dim on a batch (the product's path: batched
-  tangents through ScoreNet.forward_with_tangents, checkpointed chunks);
+- exact, batched: engine.likelihood.bits_per_dim on a batch (the product's path: batched basis
+  tangents through ScoreNet.jacobian_diagonal, checkpointed chunks);
+- "whole output layer": the same through ScoreNet.forward_with_tangents, which runs the output
+  convolution on every tangent where jacobian_diagonal reads each tangent's own pixel only;
 - exact, generic: the same through torch.func.jvp on replicated inputs (any score_fn);
 - exact, naive: one reverse-mode autograd.grad per coordinate (a Python loop over 784);
 - Hutchinson, one probe, on the same grid (an unbiased but noisy estimate);
@@ -49,6 +51,21 @@ def naive_divergence(model, x, t):
     return div
 
 
+class WholeOutputLayer(torch.nn.Module):
+    """The model without `jacobian_diagonal`: the exact divergence then takes the diagonal out of
+    forward_with_tangents' full J v (the path before jacobian_diagonal existed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t):
+        return self.model(x, t)
+
+    def forward_with_tangents(self, x, t, v):
+        return self.model.forward_with_tangents(x, t, v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", help="a run directory (default: the cpu preset's architecture, untrained)")
@@ -66,7 +83,8 @@ def main() -> None:
         preset = PRESETS["cpu"]
         model = make_model(preset, 0).to(a.device).eval()
     dev = a.device
-    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if dev.startswith("cuda")
+            else f"{provenance.machine()}, {torch.get_num_threads()} threads")
     x, _ = data.load_test()
     xb = x[: a.batch].to(dev)
     x1 = x[:1].to(dev)
@@ -77,6 +95,8 @@ def main() -> None:
     with torch.no_grad():
         rows["exact, batched (B=%d)" % a.batch] = timed(lambda: L.bits_per_dim(model, xb, **kw)) / a.batch
         rows["exact, batch of 1"] = timed(lambda: L.bits_per_dim(model, x1, **kw))
+        if hasattr(model, "jacobian_diagonal"):
+            rows["exact, batch of 1, whole output layer"] = timed(lambda: L.bits_per_dim(WholeOutputLayer(model), x1, **kw))
         rows["exact, generic torch.func.jvp"] = timed(lambda: L.exact_divergence(lambda z, s: model(z, s), x1, t1)) * evals
         rows["Hutchinson, 1 probe"] = timed(lambda: L.bits_per_dim(model, x1, divergence="hutchinson", **kw), repeat=3)
     rows["exact, naive per-coordinate loop"] = timed(lambda: naive_divergence(model, x1, t1)) * evals
@@ -88,15 +108,18 @@ def main() -> None:
     rows["exact + gradient, backprop through solve"] = timed(with_grad)
     # what engine.bpd uses: phase 1 the path, phase 2 each divergence chunk differentiated at once
     rows["exact + gradient, two-phase (used)"] = timed(lambda: L.bits_per_dim_and_grad(model, x1, params, **kw))
+    if hasattr(model, "jacobian_diagonal"):
+        rows["exact + gradient, two-phase, whole output layer"] = timed(
+            lambda: L.bits_per_dim_and_grad(WholeOutputLayer(model), x1, params, **kw))
 
     base = rows["exact, batched (B=%d)" % a.batch]
     lines = [f"Exact BPD benchmark on {name}; preset {preset.name}"
              + (f" (run {a.run}, {preset.steps} steps, digest {run.digest[:12]}, trained)" if a.run
                else " (untrained: the architecture only)")
              + f", RK4 {preset.bpd_steps} steps ({evals} evaluations), {sum(p.numel() for p in params)} parameters",
-             f"{'method':42s} {'s / image':>10s} {'x batched exact':>16s} {'x batch of 1':>13s}"]
+             f"{'method':48s} {'s / image':>10s} {'x batched exact':>16s} {'x batch of 1':>13s}"]
     one = rows["exact, batch of 1"]
-    lines += [f"{k:42s} {v:10.2f} {v / base:16.2f} {v / one:13.2f}" for k, v in rows.items()]
+    lines += [f"{k:48s} {v:10.2f} {v / base:16.2f} {v / one:13.2f}" for k, v in rows.items()]
     print("\n".join(lines))
     if a.out:
         provenance.save_table(lines, a.out)

@@ -8,7 +8,8 @@ tangents. Because the network treats samples independently (GroupNorm, no BatchN
 tangent e_i replicated over a batch of B images gives the i-th diagonal entry of every image
 at once, so a chunk of C tangents is one network call on C*B inputs (or, for a model with a
 `forward_with_tangents(x, t, v)` method such as `engine.model.ScoreNet`, one primal pass on the
-B inputs with the C tangents pushed through it). Each chunk runs inside a
+B inputs with the C tangents pushed through it; with a `jacobian_diagonal(x, t, idx)` method,
+only the entries asked for come out of the last layer). Each chunk runs inside a
 non-reentrant checkpoint: torch.func's forward mode works there (its reverse mode does not),
 so memory is one chunk's graph plus the ODE states, and the result stays differentiable
 w.r.t. everything `score_fn` closes over (the model's parameters).
@@ -83,6 +84,10 @@ def _diag_chunk(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, start: int,
     b = x.shape[0]
     d = x[0].numel()
     idx = torch.arange(start, start + c, device=x.device)
+    diagonal = getattr(score_fn, "jacobian_diagonal", None)
+    if diagonal is not None:  # a model that computes only the entries asked for (engine.model.ScoreNet)
+        out, entries = diagonal(x, t, idx)
+        return out, entries.sum(0)
     tangent = torch.zeros(c, b, d, dtype=x.dtype, device=x.device)
     rows = torch.arange(c, device=x.device)
     tangent[rows, :, idx] = 1.0

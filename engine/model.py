@@ -98,18 +98,47 @@ class ScoreNet(nn.Module):
         Returns:
             score (B, 1, 28, 28) and J v (C, B, 1, 28, 28).
         """
+        (h, skip), (dh, dskip), inv = self._tangent_trunk(x, t, v)
+        h, dh = torch.cat([h, skip], dim=1), torch.cat([dh, dskip], dim=2)
+        return self.out(h) * inv, _conv_tangent(self.out, dh) * inv
+
+    def jacobian_diagonal(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and the diagonal Jacobian entries d score_i / d x_i for the pixels `idx`.
+
+        The tangents are the basis vectors e_i, so of the output layer's tangent only pixel i is
+        needed: a k x k dot product there, where `forward_with_tangents` runs the whole output
+        convolution on every tangent and its gradient (a quarter of an exact BPD's gradient, measured).
+
+        Args:
+            x: (B, 1, H, W); t: (B,); idx: (C,) flat pixel indices into H*W.
+        Returns:
+            score (B, 1, H, W) and the entries (C, B).
+        """
+        c, b = idx.numel(), x.shape[0]
+        height, width = x.shape[-2:]
+        v = torch.zeros(c, b, height * width, dtype=x.dtype, device=x.device)
+        v[torch.arange(c, device=x.device), :, idx] = 1.0
+        (h, skip), (dh, dskip), inv = self._tangent_trunk(x, t, v.reshape(c, *x.shape))
+        k, pad = self.out.kernel_size[0], self.out.padding[0]
+        off = torch.arange(k, device=x.device) - pad
+        rr = torch.div(idx, width, rounding_mode="floor")[:, None] + off  # (C, k): rows of pixel i's neighbourhood
+        cc = (idx % width)[:, None] + off
+        inside = (((rr >= 0) & (rr < height))[:, :, None] & ((cc >= 0) & (cc < width))[:, None, :]).to(x.dtype)  # zero padding
+        j = torch.arange(c, device=x.device)[:, None, None]
+        rows, cols = rr.clamp(0, height - 1)[:, :, None], cc.clamp(0, width - 1)[:, None, :]
+        w = self.out.weight[0]  # (2 ch0, k, k): its first half reads h, the second the skip
+        n = dh.shape[2]
+        # dh[j, :, :, rows, cols]: (C, k, k, B, ch), tangent j's values around its own pixel
+        diag = (torch.einsum("cyxbh,hyx,cyx->cb", dh[j, :, :, rows, cols], w[:n], inside)
+                + torch.einsum("cyxbh,hyx,cyx->cb", dskip[j, :, :, rows, cols], w[n:], inside))
+        return self.out(torch.cat([h, skip], dim=1)) * inv, diag * inv.reshape(1, b)
+
+    def _tangent_trunk(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
+        """Every layer but the output one, with tangents v (C, B, 1, H, W): ((h, skip), (dh, dskip),
+        1/std (B, 1, 1, 1)); the output layer reads cat([h, skip]) and cat([dh, dskip])."""
         c, b = v.shape[:2]
         std = sde.marginal_std(t, self.sigma)
         emb = self.embed(torch.log(std))
-
-        def lin(layer, dh, **kw):  # a conv's derivative: the conv without its bias
-            flat = dh.reshape(c * b, *dh.shape[2:])
-            if isinstance(layer, nn.ConvTranspose2d):
-                out_pad = layer._output_padding(flat, kw.get("output_size"), layer.stride, layer.padding, layer.kernel_size, 2, layer.dilation)
-                y = F.conv_transpose2d(flat, layer.weight, None, layer.stride, layer.padding, out_pad, layer.groups, layer.dilation)
-            else:
-                y = F.conv2d(flat, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-            return y.reshape(c, b, *y.shape[1:])
 
         def norm_act(norm, a, da):  # GroupNorm then SiLU, with their derivatives
             # d out = silu'(y) w rstd (dg - mean(dg) - xhat mean(xhat dg)) per group. The factors that
@@ -134,16 +163,30 @@ class ScoreNet(nn.Module):
         skips = []
         h, dh = x, v
         for conv, dense, norm in zip(self.enc, self.enc_t, self.enc_n):
-            h, dh = norm_act(norm, conv(h) + dense(emb)[:, :, None, None], lin(conv, dh))
+            h, dh = norm_act(norm, conv(h) + dense(emb)[:, :, None, None], _conv_tangent(conv, dh))
             skips.append((h, dh))
         h, dh = skips.pop()
-        for conv, dense, norm in zip(self.dec, self.dec_t, self.dec_n):
+        for level, (conv, dense, norm) in enumerate(zip(self.dec, self.dec_t, self.dec_n)):
             skip, dskip = skips.pop()
             size = skip.shape[-2:]
-            h, dh = norm_act(norm, conv(h, output_size=size) + dense(emb)[:, :, None, None], lin(conv, dh, output_size=size))
+            h, dh = norm_act(norm, conv(h, output_size=size) + dense(emb)[:, :, None, None],
+                             _conv_tangent(conv, dh, output_size=size))
+            if level == len(self.dec) - 1:
+                return (h, skip), (dh, dskip), 1 / std[:, None, None, None]
             h, dh = torch.cat([h, skip], dim=1), torch.cat([dh, dskip], dim=2)
-        inv = 1 / std[:, None, None, None]
-        return self.out(h) * inv, lin(self.out, dh) * inv
+        raise ValueError("a ScoreNet needs at least two levels")
+
+
+def _conv_tangent(layer: nn.Module, dh: torch.Tensor, output_size=None) -> torch.Tensor:
+    """A conv layer's derivative, the conv without its bias, on tangents (C, B, ch, H, W)."""
+    c, b = dh.shape[:2]
+    flat = dh.reshape(c * b, *dh.shape[2:])
+    if isinstance(layer, nn.ConvTranspose2d):
+        out_pad = layer._output_padding(flat, output_size, layer.stride, layer.padding, layer.kernel_size, 2, layer.dilation)
+        y = F.conv_transpose2d(flat, layer.weight, None, layer.stride, layer.padding, out_pad, layer.groups, layer.dilation)
+    else:
+        y = F.conv2d(flat, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return y.reshape(c, b, *y.shape[1:])
 
 
 def build_model(channels: Sequence[int], embed_dim: int, groups: int, seed: int, sigma: float = sde.SIGMA) -> ScoreNet:

@@ -72,6 +72,27 @@ def test_forward_with_tangents_matches_torch_func_jvp(net):
         assert torch.allclose(jv[j], want, atol=1e-10)
 
 
+def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_gradient(net):
+    # border pixels (the output conv's zero padding) and interior ones, on a full-size image
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.05, 0.7], dtype=torch.float64)
+    idx = torch.tensor([0, 27, 28, 29, 390, 755, 783, 100])
+    out, diag = net.jacobian_diagonal(x, t, idx)
+    v = torch.zeros(len(idx), 2, 784, dtype=torch.float64)
+    v[torch.arange(len(idx)), :, idx] = 1.0
+    out2, jv = net.forward_with_tangents(x, t, v.reshape(len(idx), 2, 1, 28, 28))
+    want = jv.reshape(len(idx), 2, 784)[torch.arange(len(idx)), :, idx]
+    assert torch.allclose(out, out2, atol=1e-12)
+    assert torch.allclose(diag, want, rtol=1e-10, atol=1e-12), (diag - want).abs().max()
+    params = list(net.parameters())
+    g1 = torch.autograd.grad((diag * torch.arange(1.0, 3.0, dtype=torch.float64)).sum(), params, allow_unused=True)
+    g2 = torch.autograd.grad((want * torch.arange(1.0, 3.0, dtype=torch.float64)).sum(), params, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_bpd_gradient_wrt_network_parameters_matches_finite_differences(net):
     x = _img(2)
     params = [p for p in net.parameters()]
