@@ -126,11 +126,11 @@ class ScoreNet(nn.Module):
         inside = (((rr >= 0) & (rr < height))[:, :, None] & ((cc >= 0) & (cc < width))[:, None, :]).to(x.dtype)  # zero padding
         j = torch.arange(c, device=x.device)[:, None, None]
         rows, cols = rr.clamp(0, height - 1)[:, :, None], cc.clamp(0, width - 1)[:, None, :]
-        w = self.out.weight[0]  # (2 ch0, k, k): its first half reads h, the second the skip
-        n = dh.shape[2]
-        # dh[j, :, :, rows, cols]: (C, k, k, B, ch), tangent j's values around its own pixel
-        diag = (torch.einsum("cyxbh,hyx,cyx->cb", dh[j, :, :, rows, cols], w[:n], inside)
-                + torch.einsum("cyxbh,hyx,cyx->cb", dskip[j, :, :, rows, cols], w[n:], inside))
+        # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip;
+        # part[j, :, :, rows, cols] (C, k, k, B, ch) is tangent j's values around its own pixel
+        w = self.out.weight[0].split([dh.shape[2], dskip.shape[2]])
+        diag = sum(torch.einsum("cyxbh,hyx,cyx->cb", part[j, :, :, rows, cols], wp, inside)
+                   for part, wp in zip((dh, dskip), w))
         return self.out(torch.cat([h, skip], dim=1)) * inv, diag * inv.reshape(1, b)
 
     def _tangent_trunk(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
