@@ -36,15 +36,19 @@ def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str) -> No
     n = len(x)
     cols = 8
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25))
+    # long run paths and preset labels wrap instead of running off the figure's edge
+    title = "\n".join(textwrap.fill(line, 12 * cols) for line in title.splitlines())
+    head = 0.14 * (title.count("\n") + 1) + 0.05  # inches the title takes, kept free of the grid
+    height = rows * 1.25 + head
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, height))
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if i < n:
             ax.imshow(np.clip(x[i, 0], 0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{labels[i]} {conf[i]:.2f}", fontsize=7, color="black" if conf[i] >= 0.9 else "red")
-    # long run paths and preset labels wrap instead of running off the figure's edge
-    fig.suptitle("\n".join(textwrap.fill(line, 12 * cols) for line in title.splitlines()), fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
+    # tight_layout alone packs a tall grid up into the title (a 256-sample grid hid it)
+    fig.tight_layout(rect=(0, 0, 1, 1 - head / height))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
