@@ -73,7 +73,7 @@ SECTIONS = [
      f"python experiments/sample_quality.py --run {GPU_NET} "
      "--samplers sde,pc --steps 4000 --out results/sample_quality_gpu_net_4000"),
     ("The same predictor-corrector sampler, 256 samples", "results/sample_quality_gpu_net_4000_n256/sample_quality.md",
-     "results/sample_quality_gpu_net_4000_n256/sample_quality.json", [],
+     "results/sample_quality_gpu_net_4000_n256/sample_quality.json", ["results/sample_quality_gpu_net_4000_n256/cpu_pc.png"],
      f"python experiments/sample_quality.py --run {GPU_NET} "
      "--samplers pc --steps 4000 --n 256 --out results/sample_quality_gpu_net_4000_n256"),
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
