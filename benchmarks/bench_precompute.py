@@ -109,12 +109,14 @@ def main() -> None:
     fwd8 = per_step(lambda cb: forward_tangents(run, images, omega, callback=cb))
     rev8 = per_step(lambda cb: metagradient(run, images, flat_to_dicts(q, run.load_final().model_params), callback=cb))
     step = t_train / p.steps
-    dev = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
+    dev = (torch.cuda.get_device_name() if x.is_cuda
+           else f"{provenance.machine()}, {torch.get_num_threads()} threads")
     lines = [f"Per-query cost on {dev}; run {a.run} (preset {p.name}, n = {p.n_train}, {p.steps} steps, "
              f"{sum(q.numel() for q in params)} parameters), test digit {a.query}",
              f"{'stage':58s} {'seconds':>9s} {'x BPD':>7s} {'replay /':>9s}"]
     lines += [f"{k:58s} {v:9.2f} {v / base:7.2f} {t_replay / v:9.2f}" for k, v in rows]
-    lines += ["", f"Precompute cost (compute seconds as the chunks recorded them; training the run here took {t_train:.1f} s)",
+    lines += ["", f"Precompute cost (compute seconds as the chunks recorded them, on the machine that computed them; "
+              f"training the run here took {t_train:.1f} s)",
               f"{'representation':16s} {'rank':>5s} {'compute s':>10s} {'x training':>11s} {'MB on disk':>11s}"]
     for n, rep in reps.items():
         info = rep.info

@@ -9,7 +9,7 @@ tangent e_i replicated over a batch of B images gives the i-th diagonal entry of
 at once, so a chunk of C tangents is one network call on C*B inputs (or, for a model with a
 `forward_with_tangents(x, t, v)` method such as `engine.model.ScoreNet`, one primal pass on the
 B inputs with the C tangents pushed through it; with a `jacobian_diagonal(x, t, idx)` method,
-only the entries asked for come out of the last layer). Each chunk runs inside a
+each tangent is computed at full resolution only where its entry needs it). Each chunk runs inside a
 non-reentrant checkpoint: torch.func's forward mode works there (its reverse mode does not),
 so memory is one chunk's graph plus the ODE states, and the result stays differentiable
 w.r.t. everything `score_fn` closes over (the model's parameters).

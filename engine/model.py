@@ -105,76 +105,194 @@ class ScoreNet(nn.Module):
     def jacobian_diagonal(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and the diagonal Jacobian entries d score_i / d x_i for the pixels `idx`.
 
-        The tangents are the basis vectors e_i, so of the output layer's tangent only pixel i is
-        needed: a k x k dot product there, where `forward_with_tangents` runs the whole output
-        convolution on every tangent and its gradient (a quarter of an exact BPD's gradient, measured).
+        The tangents are the basis vectors e_i, and at full resolution (the first and the last
+        layers) each is computed only where it is needed, not on every pixel as in
+        `forward_with_tangents` (most of an exact BPD's gradient, measured):
+
+        - first layer: conv(e_i) is the flipped kernel at pixel i. Its GroupNorm tangent is
+          factor (dg - mean(dg) - xhat mean(xhat dg)): a k x k patch at pixel i minus two maps per
+          group scaled by per-tangent sums over the patch. The next (stride-2) conv takes the patch
+          to a 3 x 3 window and the maps to 2G maps shared by every tangent.
+        - last decoder layer: its GroupNorm needs mean(dg), mean(xhat dg) of dg = convT(dh) over
+          the whole group; they are inner products <dg, u> = <dh, conv2d(u)> (conv2d with the same
+          weight is convT's adjoint), so dg is computed only at the k x k pixels around pixel i,
+          which is all the output layer reads of tangent i (a k x k dot product there).
 
         Args:
             x: (B, 1, H, W); t: (B,); idx: (C,) flat pixel indices into H*W.
         Returns:
             score (B, 1, H, W) and the entries (C, B).
         """
-        c, b = idx.numel(), x.shape[0]
-        height, width = x.shape[-2:]
-        v = torch.zeros(c, b, height * width, dtype=x.dtype, device=x.device)
-        v[torch.arange(c, device=x.device), :, idx] = 1.0
-        (h, skip), (dh, dskip), inv = self._tangent_trunk(x, t, v.reshape(c, *x.shape))
-        k, pad = self.out.kernel_size[0], self.out.padding[0]
-        off = torch.arange(k, device=x.device) - pad
-        rr = torch.div(idx, width, rounding_mode="floor")[:, None] + off  # (C, k): rows of pixel i's neighbourhood
-        cc = (idx % width)[:, None] + off
-        inside = (((rr >= 0) & (rr < height))[:, :, None] & ((cc >= 0) & (cc < width))[:, None, :]).to(x.dtype)  # zero padding
-        j = torch.arange(c, device=x.device)[:, None, None]
-        rows, cols = rr.clamp(0, height - 1)[:, :, None], cc.clamp(0, width - 1)[:, None, :]
-        # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip;
-        # part[j, :, :, rows, cols] (C, k, k, B, ch) is tangent j's values around its own pixel
-        w = self.out.weight[0].split([dh.shape[2], dskip.shape[2]])
-        diag = sum(torch.einsum("cyxbh,hyx,cyx->cb", part[j, :, :, rows, cols], wp, inside)
-                   for part, wp in zip((dh, dskip), w))
-        return self.out(torch.cat([h, skip], dim=1)) * inv, diag * inv.reshape(1, b)
+        for conv, stride in ((self.enc[0], 1), (self.enc[1], 2), (self.dec[-1], 2)):
+            assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (stride, stride), \
+                "jacobian_diagonal assumes the ScoreNet's 3x3 layers (stride 1 first, then 2)"
+        std = sde.marginal_std(t, self.sigma)
+        emb = self.embed(torch.log(std))
+        at = _Around(idx, x)
+        h0, dskip, da1 = self._first_level_at(x, emb, at)
+        (h_in, _), (dh_in, _) = self._tangent_levels(emb, [(h0, None)], h0, None, 1, da1)
+        out, dh = self._last_level_at(h_in, dh_in, emb, at)
+        # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip
+        w_h, w_skip = self.out.weight[0].split([out.shape[1], h0.shape[1]])
+        diag = torch.einsum("cbyxh,hyx,cyx->cb", dh, w_h, at.inside) + torch.einsum("cbyxh,hyx,cyx->cb", dskip, w_skip, at.inside)
+        return self.out(torch.cat([out, h0], dim=1)) / std[:, None, None, None], diag / std[None, :]
+
+    def _first_level_at(self, x: torch.Tensor, emb: torch.Tensor, at: "_Around"):
+        """The first level on the basis tangents e_i: its output h0 (B, c0, H, W), its tangent around
+        pixel i (C, B, 3, 3, c0) and the next conv's tangent (C, B, c1, H/2, W/2)."""
+        c, b, dt = at.c, at.b, x.dtype
+        conv0, norm0, conv1 = self.enc[0], self.enc_n[0], self.enc[1]
+        h0, xhat0, factor0 = _norm_act(norm0, conv0(x) + self.enc_t[0](emb)[:, :, None, None])
+        c0, g0 = h0.shape[1], norm0.num_groups
+        # conv0(e_i)[o, r + dy, q + dx] = w[o, 0, 1 - dy, 1 - dx], zero off the image
+        patch = conv0.weight[:, 0].flip(-2, -1).permute(1, 2, 0)[None, None] * at.inside[:, None, :, :, None]  # (C, 1, 3, 3, c0)
+        sums = torch.stack([patch.expand(c, b, 3, 3, c0), patch * at(xhat0)])  # (2, C, B, 3, 3, c0)
+        sums = sums.reshape(2, c, b, 9, g0, c0 // g0).sum((3, 5)) / xhat0.shape[-1]  # mean(dg), mean(xhat dg): (2, C, B, G)
+        f0 = at(factor0)
+        dskip = f0 * (patch - at.per_channel(sums[0], c0) - at(xhat0) * at.per_channel(sums[1], c0))
+        # the next conv of that tangent: the patch f0 * patch through the stride-2 taps into a 3 x 3 window, and
+        # the 2G maps -factor0 and -factor0 xhat0 (one group's channels each) through the conv, combined per tangent
+        member = _group_members(c0, g0, x.device, dt)
+        maps = torch.cat([factor0.reshape(b, 1, c0, -1) * member[None, :, :, None],
+                          (factor0 * xhat0).reshape(b, 1, c0, -1) * member[None, :, :, None]], 1)  # (B, 2G, c0, HW)
+        dense = F.conv2d(maps.reshape(b * 2 * g0, c0, at.height, at.width), conv1.weight, None, conv1.stride, conv1.padding)
+        c1, h1, w1 = dense.shape[1:]
+        da1 = -torch.einsum("cbk,bkf->cbf", sums.permute(1, 2, 0, 3).reshape(c, b, 2 * g0), dense.reshape(b, 2 * g0, -1))
+        local = (f0 * patch).reshape(c * b, 9 * c0) @ _stride2_taps(conv1.weight, transposed=False)  # (C B, 4 x 9 c1)
+        local = local.reshape(c, b, 4, 3, 3, c1)[at.j, :, at.parity]  # (C, B, ey, ex, c1) at rows r // 2 - 1 ..
+        canvas = torch.zeros(c, b, c1, h1 + 2, w1 + 2, dtype=dt, device=x.device)  # a margin for windows at the edges
+        canvas[at.j[:, None, None], :, :, at.wr[:, :, None] + 1, at.wq[:, None, :] + 1] = local.permute(0, 2, 3, 1, 4)
+        return h0, dskip, da1.reshape(c, b, c1, h1, w1) + canvas[..., 1:h1 + 1, 1:w1 + 1]
+
+    def _last_level_at(self, h_in: torch.Tensor, dh_in: torch.Tensor, emb: torch.Tensor, at: "_Around"):
+        """The last decoder layer on input h_in (B, c_in, h, w) and its tangent dh_in (C, B, c_in, h, w):
+        its output (B, ch, H, W) and its tangent around pixel i (C, B, 3, 3, ch)."""
+        c, b, dt = at.c, at.b, h_in.dtype
+        conv, norm = self.dec[-1], self.dec_n[-1]
+        out, xhat, factor = _norm_act(norm, conv(h_in, output_size=(at.height, at.width)) + self.dec_t[-1](emb)[:, :, None, None])
+        ch, groups, n = out.shape[1], norm.num_groups, xhat.shape[-1]
+        member = _group_members(ch, groups, h_in.device, dt)
+        u = torch.cat([member[None, :, :, None, None].expand(b, groups, ch, at.height, at.width),
+                       member[None, :, :, None, None] * xhat.reshape(b, 1, ch, at.height, at.width)], 1) / n  # (B, 2G, ch, H, W)
+        adj = F.conv2d(u.reshape(-1, ch, at.height, at.width), conv.weight, None, conv.stride, conv.padding)  # <convT(dh), u> = <dh, adj>
+        sums = torch.einsum("cbf,bkf->cbk", dh_in.reshape(c, b, -1), adj.reshape(b, 2 * groups, -1))  # (C, B, 2G)
+        # dg at the 3 x 3 pixels around pixel i = (r, q) reads dh at rows r // 2 - 1 .. r // 2 + 1 (zero off the grid)
+        hh, ww = dh_in.shape[-2:]
+        on = (((at.wr >= 0) & (at.wr < hh))[:, :, None] & ((at.wq >= 0) & (at.wq < ww))[:, None, :]).to(dt)  # (C, ey, ex)
+        win = dh_in[at.j[:, None, None], :, :, at.wr.clamp(0, hh - 1)[:, :, None], at.wq.clamp(0, ww - 1)[:, None, :]]
+        win = (win * on[..., None, None]).permute(0, 3, 1, 2, 4).reshape(c * b, -1)  # (C B, (ey, ex, c_in))
+        dg = (win @ _stride2_taps(conv.weight, transposed=True)).reshape(c, b, 4, 3, 3, ch)[at.j, :, at.parity]  # (C, B, dy, dx, ch)
+        return out, at(factor) * (dg - at.per_channel(sums[..., :groups], ch) - at(xhat) * at.per_channel(sums[..., groups:], ch))
 
     def _tangent_trunk(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
         """Every layer but the output one, with tangents v (C, B, 1, H, W): ((h, skip), (dh, dskip),
         1/std (B, 1, 1, 1)); the output layer reads cat([h, skip]) and cat([dh, dskip])."""
-        c, b = v.shape[:2]
         std = sde.marginal_std(t, self.sigma)
         emb = self.embed(torch.log(std))
+        (h, skip), (dh, dskip) = self._tangent_levels(emb, [], x, v, 0, None, last=True)
+        return (h, skip), (dh, dskip), 1 / std[:, None, None, None]
 
-        def norm_act(norm, a, da):  # GroupNorm then SiLU, with their derivatives
-            # d out = silu'(y) w rstd (dg - mean(dg) - xhat mean(xhat dg)) per group. The factors that
-            # do not depend on the tangent are multiplied together at the primal's size first, and
-            # mean(xhat dg) is a batched dot product: three tangent-sized tensors per layer instead
-            # of eight (elementwise products and their backward were a third of a BPD gradient's time).
-            g = norm.num_groups
-            ag = a.reshape(b, g, -1)
-            mu = ag.mean(-1, keepdim=True)
-            rstd = torch.rsqrt(ag.var(-1, unbiased=False, keepdim=True) + norm.eps)
-            xhat = (ag - mu) * rstd
-            shape = a.shape
-            w = norm.weight[None, :, None, None]
-            y = xhat.reshape(shape) * w + norm.bias[None, :, None, None]
-            sig = torch.sigmoid(y)
-            factor = (sig * (1 + y * (1 - sig)) * w).reshape(b, g, -1) * rstd  # (B, G, N)
-            dg = da.reshape(c, b, g, -1)
-            m_xd = torch.einsum("bgn,cbgn->cbg", xhat, dg).unsqueeze(-1) / ag.shape[-1]
-            inner = torch.addcmul(dg - dg.mean(-1, keepdim=True), xhat, m_xd, value=-1.0)
-            return y * sig, (inner * factor).reshape(c, *shape)
-
-        skips = []
-        h, dh = x, v
-        for conv, dense, norm in zip(self.enc, self.enc_t, self.enc_n):
-            h, dh = norm_act(norm, conv(h) + dense(emb)[:, :, None, None], _conv_tangent(conv, dh))
+    def _tangent_levels(self, emb: torch.Tensor, skips: list, h: torch.Tensor, dh, start: int, da, last: bool = False):
+        """The encoder from level `start` (its input h, dh; or, given, its conv's tangent da) and the
+        decoder after it, up to (last=False) or through (last=True) the last decoder layer:
+        (h, skip), (dh, dskip) with h, dh that layer's input or output. `skips` holds the levels before start."""
+        for level in range(start, len(self.enc)):
+            conv, dense, norm = self.enc[level], self.enc_t[level], self.enc_n[level]
+            h, dh = _norm_act_tangent(norm, conv(h) + dense(emb)[:, :, None, None],
+                                      da if level == start and da is not None else _conv_tangent(conv, dh))
             skips.append((h, dh))
         h, dh = skips.pop()
         for level, (conv, dense, norm) in enumerate(zip(self.dec, self.dec_t, self.dec_n)):
             skip, dskip = skips.pop()
             size = skip.shape[-2:]
-            h, dh = norm_act(norm, conv(h, output_size=size) + dense(emb)[:, :, None, None],
-                             _conv_tangent(conv, dh, output_size=size))
+            if level == len(self.dec) - 1 and not last:
+                return (h, skip), (dh, dskip)
+            h, dh = _norm_act_tangent(norm, conv(h, output_size=size) + dense(emb)[:, :, None, None],
+                                      _conv_tangent(conv, dh, output_size=size))
             if level == len(self.dec) - 1:
-                return (h, skip), (dh, dskip), 1 / std[:, None, None, None]
+                return (h, skip), (dh, dskip)
             h, dh = torch.cat([h, skip], dim=1), torch.cat([dh, dskip], dim=2)
         raise ValueError("a ScoreNet needs at least two levels")
+
+
+def _norm_act_tangent(norm: nn.GroupNorm, a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm then SiLU on a (B, ch, H, W) and its derivative on tangents da (C, B, ch, H, W)."""
+    # d out = silu'(y) w rstd (dg - mean(dg) - xhat mean(xhat dg)) per group. The factors that do
+    # not depend on the tangent are multiplied together at the primal's size first, and
+    # mean(xhat dg) is a batched dot product: three tangent-sized tensors per layer instead of
+    # eight (elementwise products and their backward were a third of a BPD gradient's time).
+    out, xhat, factor = _norm_act(norm, a)
+    c, b = da.shape[:2]
+    dg = da.reshape(c, b, *xhat.shape[1:])
+    m_xd = torch.einsum("bgn,cbgn->cbg", xhat, dg).unsqueeze(-1) / xhat.shape[-1]
+    inner = torch.addcmul(dg - dg.mean(-1, keepdim=True), xhat, m_xd, value=-1.0)
+    return out, (inner * factor).reshape(c, *a.shape)
+
+
+def _norm_act(norm: nn.GroupNorm, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm then SiLU on a (B, ch, H, W), and what its derivative needs: the output, xhat
+    (B, G, N) and the factor silu'(y) w rstd (B, G, N) of d out = factor (dg - mean(dg) - xhat mean(xhat dg))."""
+    b, g = a.shape[0], norm.num_groups
+    ag = a.reshape(b, g, -1)
+    mu = ag.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(ag.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    xhat = (ag - mu) * rstd
+    w = norm.weight[None, :, None, None]
+    y = xhat.reshape(a.shape) * w + norm.bias[None, :, None, None]
+    sig = torch.sigmoid(y)
+    factor = (sig * (1 + y * (1 - sig)) * w).reshape(b, g, -1) * rstd
+    return y * sig, xhat, factor
+
+
+class _Around:
+    """Where the basis tangents e_i (flat pixel indices idx (C,) into H x W) live: each pixel's 3 x 3
+    neighbourhood (rows, cols clamped; inside (C, 3, 3) 0 off the image), the parity of its row and
+    column, and the 3 x 3 window of the half-resolution grid around it (wr, wq (C, 3), may be off it)."""
+
+    def __init__(self, idx: torch.Tensor, x: torch.Tensor):
+        self.c, self.b, (self.height, self.width) = idx.numel(), x.shape[0], x.shape[-2:]
+        height, width = self.height, self.width
+        r, q = torch.div(idx, width, rounding_mode="floor"), idx % width
+        off = torch.arange(3, device=idx.device) - 1
+        self.j = torch.arange(self.c, device=idx.device)
+        self.rows, self.cols = (r[:, None] + off).clamp(0, height - 1)[:, :, None], (q[:, None] + off).clamp(0, width - 1)[:, None, :]
+        self.inside = (((r[:, None] + off >= 0) & (r[:, None] + off < height))[:, :, None]
+                       & ((q[:, None] + off >= 0) & (q[:, None] + off < width))[:, None, :]).to(x.dtype)
+        self.parity = (r % 2) * 2 + q % 2
+        self.wr, self.wq = torch.div(r, 2, rounding_mode="floor")[:, None] + off, torch.div(q, 2, rounding_mode="floor")[:, None] + off
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        """A primal map (B, ch, H, W) around each pixel: (C, B, 3, 3, ch)."""
+        return m.reshape(self.b, -1, self.height, self.width)[:, :, self.rows, self.cols].permute(2, 0, 3, 4, 1)
+
+    @staticmethod
+    def per_channel(sums: torch.Tensor, ch: int) -> torch.Tensor:
+        """Per-group values (C, B, G) for every channel: (C, B, 1, 1, ch)."""
+        return sums.repeat_interleave(ch // sums.shape[-1], dim=-1)[:, :, None, None, :]
+
+
+def _group_members(ch: int, groups: int, device, dtype) -> torch.Tensor:
+    """(G, ch) 0/1: which channels GroupNorm puts in each group."""
+    return (torch.arange(ch, device=device)[None, :] // (ch // groups) == torch.arange(groups, device=device)[:, None]).to(dtype)
+
+
+def _stride2_taps(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A 3x3, stride-2, padding-1 layer between a 3 x 3 patch around fine pixel (r, q) and the 3 x 3
+    window of coarse pixels (r // 2 - 1 .., q // 2 - 1 ..), one matrix per parity of (r, q).
+
+    Fine row r + dy and coarse row r // 2 + ey meet at kernel tap p + dy + 1 - 2 ey (p = r % 2) when it
+    is in 0..2. Conv2d(weight (out, in, 3, 3)) maps the fine patch to the window: (9 in, 4 x 9 out) as
+    ((dy, dx, in), (parity, ey, ex, out)); ConvTranspose2d(weight (in, out, 3, 3)) maps the window to
+    the patch: (9 in, 4 x 9 out) as ((ey, ex, in), (parity, dy, dx, out)). Parity = 2 (r % 2) + q % 2.
+    """
+    off = torch.arange(3, device=weight.device) - 1
+    tap = torch.arange(2, device=weight.device)[:, None, None] + off[None, :, None] + 1 - 2 * off[None, None, :]  # (p, d, e)
+    sel = (tap[..., None] == torch.arange(3, device=weight.device)).to(weight.dtype)  # (p, d, e, k): 0 where off the kernel
+    if transposed:  # (in, out, ky, kx) -> ((ey, ex, in), (pr, pq, dy, dx, out))
+        m = torch.einsum("adyk,bexl,iokl->yxiabdeo", sel, sel, weight)
+    else:  # (out, in, ky, kx) -> ((dy, dx, in), (pr, pq, ey, ex, out))
+        m = torch.einsum("adyk,bexl,oikl->deiabyxo", sel, sel, weight)
+    return m.reshape(9 * weight.shape[1 if not transposed else 0], -1)
 
 
 def _conv_tangent(layer: nn.Module, dh: torch.Tensor, output_size=None) -> torch.Tensor:

@@ -72,16 +72,21 @@ def test_forward_with_tangents_matches_torch_func_jvp(net):
         assert torch.allclose(jv[j], want, atol=1e-10)
 
 
-def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_gradient(net):
-    # border pixels (the output conv's zero padding) and interior ones, on a full-size image
-    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("channels, size", [((8, 16), 28), ((8, 16, 16), 28), ((8, 16), 13)])
+def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_gradient(channels, size):
+    # border pixels (zero padding; both parities of row and column, which read different kernel
+    # taps of the last transposed conv) and interior ones; two and three levels, and an odd size
+    # (13 -> 7 -> 13: no output padding)
+    net = build_model(channels, 16, 4, seed=0).double()
+    x = torch.rand(2, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0.05, 0.7], dtype=torch.float64)
-    idx = torch.tensor([0, 27, 28, 29, 390, 755, 783, 100])
+    d = size * size
+    idx = torch.tensor([0, size - 1, size, size + 1, d // 2, d // 2 + 1, d - size - 2, d - 1, 3 * size + 4])
     out, diag = net.jacobian_diagonal(x, t, idx)
-    v = torch.zeros(len(idx), 2, 784, dtype=torch.float64)
+    v = torch.zeros(len(idx), 2, d, dtype=torch.float64)
     v[torch.arange(len(idx)), :, idx] = 1.0
-    out2, jv = net.forward_with_tangents(x, t, v.reshape(len(idx), 2, 1, 28, 28))
-    want = jv.reshape(len(idx), 2, 784)[torch.arange(len(idx)), :, idx]
+    out2, jv = net.forward_with_tangents(x, t, v.reshape(len(idx), 2, 1, size, size))
+    want = jv.reshape(len(idx), 2, d)[torch.arange(len(idx)), :, idx]
     assert torch.allclose(out, out2, atol=1e-12)
     assert torch.allclose(diag, want, rtol=1e-10, atol=1e-12), (diag - want).abs().max()
     params = list(net.parameters())
