@@ -4,8 +4,9 @@
 
 - exact, batched: engine.likelihood.bits_per_dim on a batch (the product's path: batched basis
   tangents through ScoreNet.jacobian_diagonal, checkpointed chunks);
-- "whole output layer": the same through ScoreNet.forward_with_tangents, which runs the output
-  convolution on every tangent where jacobian_diagonal reads each tangent's own pixel only;
+- "whole-image tangents": the same through ScoreNet.forward_with_tangents, which carries every
+  tangent over every pixel of every layer, where jacobian_diagonal computes the first and last
+  full-resolution layers' tangents only where entry i needs them;
 - exact, generic: the same through torch.func.jvp on replicated inputs (any score_fn);
 - exact, naive: one reverse-mode autograd.grad per coordinate (a Python loop over 784);
 - Hutchinson, one probe, on the same grid (an unbiased but noisy estimate);
@@ -51,9 +52,9 @@ def naive_divergence(model, x, t):
     return div
 
 
-class WholeOutputLayer(torch.nn.Module):
+class WholeImageTangents(torch.nn.Module):
     """The model without `jacobian_diagonal`: the exact divergence then takes the diagonal out of
-    forward_with_tangents' full J v (the path before jacobian_diagonal existed)."""
+    forward_with_tangents' whole-image J e_i (the path before jacobian_diagonal existed)."""
 
     def __init__(self, model):
         super().__init__()
@@ -96,7 +97,7 @@ def main() -> None:
         rows["exact, batched (B=%d)" % a.batch] = timed(lambda: L.bits_per_dim(model, xb, **kw)) / a.batch
         rows["exact, batch of 1"] = timed(lambda: L.bits_per_dim(model, x1, **kw))
         if hasattr(model, "jacobian_diagonal"):
-            rows["exact, batch of 1, whole output layer"] = timed(lambda: L.bits_per_dim(WholeOutputLayer(model), x1, **kw))
+            rows["exact, batch of 1, whole-image tangents"] = timed(lambda: L.bits_per_dim(WholeImageTangents(model), x1, **kw))
         rows["exact, generic torch.func.jvp"] = timed(lambda: L.exact_divergence(lambda z, s: model(z, s), x1, t1)) * evals
         rows["Hutchinson, 1 probe"] = timed(lambda: L.bits_per_dim(model, x1, divergence="hutchinson", **kw), repeat=3)
     rows["exact, naive per-coordinate loop"] = timed(lambda: naive_divergence(model, x1, t1)) * evals
@@ -109,17 +110,17 @@ def main() -> None:
     # what engine.bpd uses: phase 1 the path, phase 2 each divergence chunk differentiated at once
     rows["exact + gradient, two-phase (used)"] = timed(lambda: L.bits_per_dim_and_grad(model, x1, params, **kw))
     if hasattr(model, "jacobian_diagonal"):
-        rows["exact + gradient, two-phase, whole output layer"] = timed(
-            lambda: L.bits_per_dim_and_grad(WholeOutputLayer(model), x1, params, **kw))
+        rows["exact + gradient, two-phase, whole-image tangents"] = timed(
+            lambda: L.bits_per_dim_and_grad(WholeImageTangents(model), x1, params, **kw))
 
     base = rows["exact, batched (B=%d)" % a.batch]
     lines = [f"Exact BPD benchmark on {name}; preset {preset.name}"
              + (f" (run {a.run}, {preset.steps} steps, digest {run.digest[:12]}, trained)" if a.run
                else " (untrained: the architecture only)")
              + f", RK4 {preset.bpd_steps} steps ({evals} evaluations), {sum(p.numel() for p in params)} parameters",
-             f"{'method':48s} {'s / image':>10s} {'x batched exact':>16s} {'x batch of 1':>13s}"]
+             f"{'method':50s} {'s / image':>10s} {'x batched exact':>16s} {'x batch of 1':>13s}"]
     one = rows["exact, batch of 1"]
-    lines += [f"{k:48s} {v:10.2f} {v / base:16.2f} {v / one:13.2f}" for k, v in rows.items()]
+    lines += [f"{k:50s} {v:10.2f} {v / base:16.2f} {v / one:13.2f}" for k, v in rows.items()]
     print("\n".join(lines))
     if a.out:
         provenance.save_table(lines, a.out)
