@@ -127,7 +127,7 @@ SECTIONS = [
      ["results/app/1_draw_influences.png", "results/app/4_galleries.png"],
      "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app"),
     ("The same on an Intel Xeon (another kind of CPU than the shipped file's)", "results/bench_app_browser_xeon.txt", None, [],
-     "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser_xeon.txt --shots /tmp/shots_xeon2"),
+     "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser_xeon.txt --shots /tmp/shots_xeon3"),
     ("GPU", "results/gpu.md", None, [], "scripts/gpu_check.sh --offline --out results/gpu.md"),
     ("The `gpu` recipe on the bundled images, on one GPU", "results/default_candidates_gpu/candidates.md",
      "results/default_candidates_gpu/candidates.json", [],
