@@ -139,7 +139,7 @@ class ScoreNet(nn.Module):
 
     def _first_level_at(self, x: torch.Tensor, emb: torch.Tensor, at: "_Around"):
         """The first level on the basis tangents e_i: its output h0 (B, c0, H, W), its tangent around
-        pixel i (C, B, 3, 3, c0) and the next conv's tangent (C, B, c1, H/2, W/2)."""
+        pixel i (C, B, 3, 3, c0) and the next conv's tangent (C, B, c1, h, w) on the half-resolution grid."""
         c, b, dt = at.c, at.b, x.dtype
         conv0, norm0, conv1 = self.enc[0], self.enc_n[0], self.enc[1]
         h0, xhat0, factor0 = _norm_act(norm0, conv0(x) + self.enc_t[0](emb)[:, :, None, None])
@@ -281,9 +281,10 @@ def _stride2_taps(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     window of coarse pixels (r // 2 - 1 .., q // 2 - 1 ..), one matrix per parity of (r, q).
 
     Fine row r + dy and coarse row r // 2 + ey meet at kernel tap p + dy + 1 - 2 ey (p = r % 2) when it
-    is in 0..2. Conv2d(weight (out, in, 3, 3)) maps the fine patch to the window: (9 in, 4 x 9 out) as
-    ((dy, dx, in), (parity, ey, ex, out)); ConvTranspose2d(weight (in, out, 3, 3)) maps the window to
-    the patch: (9 in, 4 x 9 out) as ((ey, ex, in), (parity, dy, dx, out)). Parity = 2 (r % 2) + q % 2.
+    is in 0..2. Conv2d(weight (out, in, 3, 3)) maps the fine patch to the window, a (9 in, 4 x 9 out)
+    matrix with rows (dy, dx, in) and columns (parity, ey, ex, out); ConvTranspose2d(weight (in, out,
+    3, 3)) maps the window to the patch, rows (ey, ex, in) and columns (parity, dy, dx, out). Parity
+    is 2 (r % 2) + q % 2.
     """
     off = torch.arange(3, device=weight.device) - 1
     tap = torch.arange(2, device=weight.device)[:, None, None] + off[None, :, None] + 1 - 2 * off[None, None, :]  # (p, d, e)
