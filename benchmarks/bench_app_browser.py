@@ -196,14 +196,15 @@ def main() -> None:
         proc.wait(30)
     for f in pngs:  # the engine's own time for what the page computes, alone on the machine now
         eng.append(engine_seconds(str(run_dir), images.preprocess_image(f.read_bytes(), f.name))[0])
-    e = float(np.mean(eng[1:] if len(eng) > 1 else eng))  # the first call pays one-time costs
     strokes = [float(v) for label, v in rows if label.endswith("until its influences")]
     worker = [float(v) for label, v in rows if label.endswith("in the app's worker")]
-    rows.append(("engine alone: BPD with its gradient, in-process", f"{e:7.1f}"))
-    if strokes:
-        rows.append(("app / engine (strokes, mean)", f"{np.mean(strokes) / e:7.2f}x"))
-    if worker:  # how much of that is the computation itself slowed (a browser on the same cores) or the page
-        rows.append(("app's worker / engine (strokes, mean)", f"{np.mean(worker) / e:7.2f}x"))
+    if eng:  # timed on the uploads' test digits: none with --uploads 0
+        e = float(np.mean(eng[1:] if len(eng) > 1 else eng))  # the first call pays one-time costs
+        rows.append(("engine alone: BPD with its gradient, in-process", f"{e:7.1f}"))
+        if strokes:
+            rows.append(("app / engine (strokes, mean)", f"{np.mean(strokes) / e:7.2f}x"))
+        if worker:  # how much of that is the computation itself slowed (a browser on the same cores) or the page
+            rows.append(("app's worker / engine (strokes, mean)", f"{np.mean(worker) / e:7.2f}x"))
     st = provenance.stamp()
     lines = [f"# {' '.join(['python', *sys.argv])} (commit {st['commit']})",
              f"# the {a.preset} preset " + ("trained afresh" if not a.run else f"from a copy of {a.run}")
