@@ -256,10 +256,47 @@ def _norm_act_tangent(norm: nn.GroupNorm, a: torch.Tensor, da: torch.Tensor) -> 
     # eight (elementwise products and their backward were a third of a BPD gradient's time).
     out, xhat, factor = _norm_act(norm, a)
     c, b = da.shape[:2]
-    dg = da.reshape(c, b, *xhat.shape[1:])
-    m_xd = torch.einsum("bgn,cbgn->cbg", xhat, dg).unsqueeze(-1) / xhat.shape[-1]
-    inner = torch.addcmul(dg - dg.mean(-1, keepdim=True), xhat, m_xd, value=-1.0)
-    return out, (inner * factor).reshape(c, *a.shape)
+    return out, _NormTangent.apply(da.reshape(c, b, *xhat.shape[1:]), xhat, factor).reshape(c, *a.shape)
+
+
+class _NormTangent(torch.autograd.Function):
+    """factor (dg - mean(dg) - xhat mean(xhat dg)) per group: tangents dg (C, B, G, N), xhat and
+    factor (B, G, N) -> (C, B, G, N).
+
+    Written with its backward because autograd's took twice the passes over tangent-sized tensors
+    (and outer products as matmuls of inner size 1): the projection P dg = dg - mean(dg) - xhat
+    mean(xhat dg) is self-adjoint, so dg's gradient is P(factor g); the primal factors' gradients
+    are sums over the tangents, two of them matrix products over C.
+    """
+
+    @staticmethod
+    def forward(ctx, dg, xhat, factor):
+        inner, m = _project(dg, xhat)
+        ctx.save_for_backward(dg, xhat, factor, inner, m)
+        return inner * factor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the BPD needs first derivatives only; a second says so
+    def backward(ctx, g):
+        dg, xhat, factor, inner, m = ctx.saved_tensors
+        c, b, groups, n = dg.shape
+        a = g * factor
+        g_dg, s = _project(a, xhat)
+        g_factor = (g * inner).sum(0) if ctx.needs_input_grad[2] else None
+        g_xhat = None
+        if ctx.needs_input_grad[1]:
+            # d/dxhat of sum(a inner) = -(a m + dg s) summed over the tangents: matrix products over C
+            def over_c(coef, t):  # sum_c coef (C, B, G) * t (C, B, G, N) -> (B, G, N)
+                return torch.bmm(coef.reshape(c, b * groups).t()[:, None, :], t.reshape(c, b * groups, n).transpose(0, 1))
+            g_xhat = -(over_c(m, a) + over_c(s, dg)).reshape(b, groups, n)
+        return g_dg, g_xhat, g_factor
+
+
+def _project(dg: torch.Tensor, xhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P dg = dg - mean(dg) - xhat mean(xhat dg) over the last axis, for dg (C, B, G, N) and xhat
+    (B, G, N), and mean(xhat dg) (C, B, G)."""
+    m = torch.einsum("bgn,cbgn->cbg", xhat, dg) / xhat.shape[-1]
+    return torch.addcmul(dg - dg.mean(-1, keepdim=True), xhat, m.unsqueeze(-1), value=-1.0), m
 
 
 def _norm_act(norm: nn.GroupNorm, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

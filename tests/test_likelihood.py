@@ -66,10 +66,38 @@ def test_forward_with_tangents_matches_torch_func_jvp(net):
     t = torch.tensor([0.05, 0.7], dtype=torch.float64)
     v = torch.randn(3, 2, 1, 28, 28, dtype=torch.float64)  # full size: odd sizes (7 -> 14) matter here
     out, jv = net.forward_with_tangents(x, t, v)
+    params = list(net.parameters())
     for j in range(3):
         o, want = torch.func.jvp(lambda z: net(z, t), (x,), (v[j],))
         assert torch.allclose(out, o, atol=1e-12)
         assert torch.allclose(jv[j], want, atol=1e-10)
+        # and its gradient w.r.t. the parameters (hand-written backwards inside) against autograd's
+        g1 = torch.autograd.grad((jv[j] * x).sum(), params, retain_graph=True, allow_unused=True)
+        g2 = torch.autograd.grad((want * x).sum(), params, allow_unused=True)
+        for a, b, p in zip(g1, g2, params):  # None: the parameter does not reach J v (the output bias)
+            a, b = (torch.zeros_like(p) if u is None else u for u in (a, b))
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_hand_written_backwards_match_numerical_gradients():
+    from engine.model import _NormTangent, _SumsAndWindow
+    g = torch.Generator().manual_seed(3)
+    dg, xhat, factor = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+                        for s in ((3, 2, 4, 5), (2, 4, 5), (2, 4, 5)))
+    assert torch.autograd.gradcheck(_NormTangent.apply, (dg, xhat, factor))
+    with pytest.raises(RuntimeError):  # first derivatives only, and it says so
+        gx = torch.autograd.grad(_NormTangent.apply(dg, xhat, factor).sum(), xhat, create_graph=True)[0]
+        torch.autograd.grad(gx.sum(), dg)
+    dh = torch.randn(3, 2, 2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    adj = torch.randn(2, 6, 40, dtype=torch.float64, generator=g, requires_grad=True)
+    # windows over the edges (clamped rows repeat a position) and inside
+    wr, wq = torch.tensor([[-1, 0, 1], [1, 2, 3], [2, 3, 4]]), torch.tensor([[-1, 0, 1], [3, 4, 5], [0, 1, 2]])
+    fn = lambda dh, adj: _SumsAndWindow.apply(dh, adj, torch.arange(3), wr, wq)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (dh, adj))
+    assert torch.autograd.gradgradcheck(fn, (dh, adj))
+    sums, win = fn(dh, adj)
+    assert win[0, :, 0].abs().sum() == 0 and win[1, :, :, 2].abs().sum() == 0  # off the grid: zero
+    assert torch.equal(win[2, :, 1, 2], dh[2, :, :, 3, 2])
 
 
 @pytest.mark.parametrize("channels, size", [((8, 16), 28), ((8, 16, 16), 28), ((8, 16), 13)])
