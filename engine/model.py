@@ -10,7 +10,7 @@ backward through training), and deterministic initialisation from an explicit se
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,9 @@ class ScoreNet(nn.Module):
           factor (dg - mean(dg) - xhat mean(xhat dg)): a k x k patch at pixel i minus two maps per
           group scaled by per-tangent sums over the patch. The next (stride-2) conv takes the patch
           to a 3 x 3 window and the maps to 2G maps shared by every tangent.
+        - second level: its tangent stays in that local form, a 3 x 3 window plus coefficients on
+          maps shared by every tangent (its GroupNorm adds 2G maps, its conv runs on the window and
+          the maps); whole maps start at the third level.
         - last decoder layer: its GroupNorm needs mean(dg), mean(xhat dg) of dg = convT(dh) over
           the whole group; they are inner products <dg, u> = <dh, conv2d(u)> (conv2d with the same
           weight is convT's adjoint), so dg is computed only at the k x k pixels around pixel i,
@@ -128,18 +131,30 @@ class ScoreNet(nn.Module):
                 "jacobian_diagonal assumes the ScoreNet's 3x3 layers (stride 1 first, then 2)"
         std = sde.marginal_std(t, self.sigma)
         emb = self.embed(torch.log(std))
-        at = _Around(idx, x)
-        h0, dskip, da1 = self._first_level_at(x, emb, at)
-        (h_in, _), (dh_in, _) = self._tangent_levels(emb, [(h0, None)], h0, None, 1, da1)
-        out, dh = self._last_level_at(h_in, dh_in, emb, at)
+        at = _Around(idx, x.shape[0], *x.shape[-2:], x.dtype)
+        at1 = at.coarse()  # pixel i's place on the half-resolution grid
+        h0, dskip, local1 = self._first_level_at(x, emb, at, at1)
+        h1, local1 = self._local_level(1, h0, emb, local1, at1)
+        if len(self.enc) == 2:  # the last layer reads level 1's output alone
+            h_in, dh_in = h1, None
+        else:  # level 2's conv of the local tangent; from there on tangents are whole maps
+            win, coef, maps = local1
+            conv2 = self.enc[2]
+            shared = F.conv2d(maps.flatten(0, 1), conv2.weight, None, conv2.stride, conv2.padding)
+            da2 = torch.einsum("cbk,bkf->cbf", coef, shared.reshape(*maps.shape[:2], -1)).reshape(*coef.shape[:2], *shared.shape[1:])
+            da2 = da2 + _window_stride2(win, at1, conv2.weight, shared.shape[-2:])
+            (h, skip), (dh_in, _) = self._tangent_levels(emb, [(h0, None), (h1, None)], h1, None, 2, da2)
+            h_in = torch.cat([h, skip], dim=1)
+        out, dh = self._last_level_at(h_in, dh_in, local1, emb, at, at1)
         # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip
         w_h, w_skip = self.out.weight[0].split([out.shape[1], h0.shape[1]])
         diag = torch.einsum("cbyxh,hyx,cyx->cb", dh, w_h, at.inside) + torch.einsum("cbyxh,hyx,cyx->cb", dskip, w_skip, at.inside)
         return self.out(torch.cat([out, h0], dim=1)) / std[:, None, None, None], diag / std[None, :]
 
-    def _first_level_at(self, x: torch.Tensor, emb: torch.Tensor, at: "_Around"):
+    def _first_level_at(self, x: torch.Tensor, emb: torch.Tensor, at: "_Around", at1: "_Around"):
         """The first level on the basis tangents e_i: its output h0 (B, c0, H, W), its tangent around
-        pixel i (C, B, 3, 3, c0) and the next conv's tangent (C, B, c1, h, w) on the half-resolution grid."""
+        pixel i (C, B, 3, 3, c0) and the next conv's tangent on the half-resolution grid in local
+        form (a window around at1's pixels (C, B, 3, 3, c1), coefficients (C, B, 2G) on maps (B, 2G, c1, h, w))."""
         c, b, dt = at.c, at.b, x.dtype
         conv0, norm0, conv1 = self.enc[0], self.enc_n[0], self.enc[1]
         h0, xhat0, factor0 = _norm_act(norm0, conv0(x) + self.enc_t[0](emb)[:, :, None, None])
@@ -156,17 +171,34 @@ class ScoreNet(nn.Module):
         maps = torch.cat([factor0.reshape(b, 1, c0, -1) * member[None, :, :, None],
                           (factor0 * xhat0).reshape(b, 1, c0, -1) * member[None, :, :, None]], 1)  # (B, 2G, c0, HW)
         dense = F.conv2d(maps.reshape(b * 2 * g0, c0, at.height, at.width), conv1.weight, None, conv1.stride, conv1.padding)
-        c1, h1, w1 = dense.shape[1:]
-        da1 = -torch.einsum("cbk,bkf->cbf", sums.permute(1, 2, 0, 3).reshape(c, b, 2 * g0), dense.reshape(b, 2 * g0, -1))
-        local = (f0 * patch).reshape(c * b, 9 * c0) @ _stride2_taps(conv1.weight, transposed=False)  # (C B, 4 x 9 c1)
-        local = local.reshape(c, b, 4, 3, 3, c1)[at.j, :, at.parity]  # (C, B, ey, ex, c1) at rows r // 2 - 1 ..
-        canvas = torch.zeros(c, b, c1, h1 + 2, w1 + 2, dtype=dt, device=x.device)  # a margin for windows at the edges
-        canvas[at.j[:, None, None], :, :, at.wr[:, :, None] + 1, at.wq[:, None, :] + 1] = local.permute(0, 2, 3, 1, 4)
-        return h0, dskip, da1.reshape(c, b, c1, h1, w1) + canvas[..., 1:h1 + 1, 1:w1 + 1]
+        local = _stride2_window(f0 * patch, at, conv1.weight) * at1.inside[:, None, :, :, None]  # (C, B, 3, 3, c1) around at1's pixels
+        coef = -sums.permute(1, 2, 0, 3).reshape(c, b, 2 * g0)
+        return h0, dskip, (local, coef, dense.reshape(b, 2 * g0, *dense.shape[1:]))
 
-    def _last_level_at(self, h_in: torch.Tensor, dh_in: torch.Tensor, emb: torch.Tensor, at: "_Around"):
-        """The last decoder layer on input h_in (B, c_in, h, w) and its tangent dh_in (C, B, c_in, h, w):
-        its output (B, ch, H, W) and its tangent around pixel i (C, B, 3, 3, ch)."""
+    def _local_level(self, level: int, h: torch.Tensor, emb: torch.Tensor, local, at: "_Around"):
+        """Encoder level `level` on input h (B, c_in, h, w), its conv's tangent given in local form
+        (window (C, B, 3, 3, ch) around at's pixels, zero off the grid; coefficients (C, B, K) on
+        maps (B, K, ch, h, w)): its output and its tangent in local form, with K + 2G maps."""
+        conv, norm = self.enc[level], self.enc_n[level]
+        win, coef, maps = local
+        out, xhat, factor = _norm_act(norm, conv(h) + self.enc_t[level](emb)[:, :, None, None])
+        b, ch, g, k = out.shape[0], out.shape[1], norm.num_groups, maps.shape[1]
+        # the maps' tangents through the GroupNorm: a batch of K tangents
+        normed = _NormTangent.apply(maps.transpose(0, 1).reshape(k, b, g, -1), xhat, factor).reshape(k, b, *out.shape[1:])
+        # the window's: factor * window, minus its two sums per group on the maps -factor, -factor xhat
+        xw = at(xhat.reshape(out.shape))
+        sums = torch.stack([win, win * xw]).reshape(2, at.c, b, 9, g, ch // g).sum((3, 5)) / xhat.shape[-1]  # (2, C, B, G)
+        member = _group_members(ch, g, out.device, out.dtype)[None, :, :, None]
+        new = torch.cat([factor.reshape(b, 1, ch, -1) * member, (factor * xhat).reshape(b, 1, ch, -1) * member], 1)
+        return out, (at(factor.reshape(out.shape)) * win, torch.cat([coef, -sums[0], -sums[1]], -1),
+                     torch.cat([normed.transpose(0, 1), new.reshape(b, 2 * g, *out.shape[1:])], 1))
+
+    def _last_level_at(self, h_in: torch.Tensor, dh_in: Optional[torch.Tensor], local, emb: torch.Tensor,
+                       at: "_Around", at1: "_Around"):
+        """The last decoder layer on input h_in (B, c_in, h, w) = cat([h, skip]) and its tangent: h's
+        whole (dh_in (C, B, c_h, h, w), None where h_in is the skip alone) and the skip's in local form
+        (window, coefficients, maps as `_local_level` gives them). Its output (B, ch, H, W) and its
+        tangent around pixel i (C, B, 3, 3, ch)."""
         c, b, dt = at.c, at.b, h_in.dtype
         conv, norm = self.dec[-1], self.dec_n[-1]
         out, xhat, factor = _norm_act(norm, conv(h_in, output_size=(at.height, at.width)) + self.dec_t[-1](emb)[:, :, None, None])
@@ -175,10 +207,21 @@ class ScoreNet(nn.Module):
         u = torch.cat([member[None, :, :, None, None].expand(b, groups, ch, at.height, at.width),
                        member[None, :, :, None, None] * xhat.reshape(b, 1, ch, at.height, at.width)], 1) / n  # (B, 2G, ch, H, W)
         adj = F.conv2d(u.reshape(-1, ch, at.height, at.width), conv.weight, None, conv.stride, conv.padding)  # <convT(dh), u> = <dh, adj>
-        # dg at the 3 x 3 pixels around pixel i = (r, q) reads dh at rows r // 2 - 1 .. r // 2 + 1 (zero off the grid)
-        sums, win = _SumsAndWindow.apply(dh_in, adj.reshape(b, 2 * groups, -1), at.j, at.wr, at.wq)  # (C, B, 2G), (C, B, 3, 3, c_in)
-        win = win.reshape(c * b, -1)  # (C B, (ey, ex, c_in))
-        dg = (win @ _stride2_taps(conv.weight, transposed=True)).reshape(c, b, 4, 3, 3, ch)[at.j, :, at.parity]  # (C, B, dy, dx, ch)
+        # dg at the 3 x 3 pixels around pixel i = (r, q) reads dh at rows r // 2 - 1 .. r // 2 + 1 (zero off the grid):
+        # the 3 x 3 neighbourhood of at1's pixel
+        c_h = 0 if dh_in is None else dh_in.shape[2]
+        adj = adj.reshape(b, 2 * groups, *h_in.shape[1:])
+        win, coef, maps = local
+        k, c_s = maps.shape[1], maps.shape[2]
+        adj_s = adj[:, :, c_h:]
+        on = at1.inside[:, None, :, :, None]
+        sums = (torch.einsum("cbyxh,cbyxgh->cbg", win, at1(adj_s.flatten(1, 2)).unflatten(-1, (2 * groups, c_s)))
+                + torch.einsum("cbk,bkg->cbg", coef, torch.einsum("bkf,bgf->bkg", maps.flatten(2), adj_s.flatten(2))))
+        win = win + torch.einsum("cbk,cbyxkh->cbyxh", coef, at1(maps.flatten(1, 2)).unflatten(-1, (k, c_s))) * on
+        if dh_in is not None:
+            sums_h, win_h = _SumsAndWindow.apply(dh_in, adj[:, :, :c_h].flatten(2), at.j, at.wr, at.wq)  # (C, B, 2G), (C, B, 3, 3, c_h)
+            sums, win = sums + sums_h, torch.cat([win_h, win], -1)  # (C, B, ey, ex, c_in)
+        dg = _by_parity(win, _stride2_taps(conv.weight, transposed=True), at.parity)  # (C, B, dy, dx, ch)
         return out, at(factor) * (dg - at.per_channel(sums[..., :groups], ch) - at(xhat) * at.per_channel(sums[..., groups:], ch))
 
     def _tangent_trunk(self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
@@ -206,7 +249,7 @@ class ScoreNet(nn.Module):
                 return (h, skip), (dh, dskip)
             h, dh = _norm_act_tangent(norm, conv(h, output_size=size) + dense(emb)[:, :, None, None],
                                       _conv_tangent(conv, dh, output_size=size))
-            if level == len(self.dec) - 1:
+            if level == len(self.dec) - 1 or dskip is None:  # None: the caller holds that skip's tangent
                 return (h, skip), (dh, dskip)
             h, dh = torch.cat([h, skip], dim=1), torch.cat([dh, dskip], dim=2)
         raise ValueError("a ScoreNet needs at least two levels")
@@ -319,26 +362,63 @@ class _Around:
     neighbourhood (rows, cols clamped; inside (C, 3, 3) 0 off the image), the parity of its row and
     column, and the 3 x 3 window of the half-resolution grid around it (wr, wq (C, 3), may be off it)."""
 
-    def __init__(self, idx: torch.Tensor, x: torch.Tensor):
-        self.c, self.b, (self.height, self.width) = idx.numel(), x.shape[0], x.shape[-2:]
-        height, width = self.height, self.width
+    def __init__(self, idx: torch.Tensor, b: int, height: int, width: int, dtype: torch.dtype):
+        self.c, self.b, self.height, self.width, self.dtype = idx.numel(), b, height, width, dtype
         r, q = torch.div(idx, width, rounding_mode="floor"), idx % width
+        self.r, self.q = r, q
         off = torch.arange(3, device=idx.device) - 1
         self.j = torch.arange(self.c, device=idx.device)
         self.rows, self.cols = (r[:, None] + off).clamp(0, height - 1)[:, :, None], (q[:, None] + off).clamp(0, width - 1)[:, None, :]
         self.inside = (((r[:, None] + off >= 0) & (r[:, None] + off < height))[:, :, None]
-                       & ((q[:, None] + off >= 0) & (q[:, None] + off < width))[:, None, :]).to(x.dtype)
+                       & ((q[:, None] + off >= 0) & (q[:, None] + off < width))[:, None, :]).to(dtype)
         self.parity = (r % 2) * 2 + q % 2
         self.wr, self.wq = torch.div(r, 2, rounding_mode="floor")[:, None] + off, torch.div(q, 2, rounding_mode="floor")[:, None] + off
 
+    def coarse(self) -> "_Around":
+        """The same tangents placed at (r // 2, q // 2) on the grid a 3x3, stride-2, padding-1 conv makes."""
+        h, w = (self.height + 1) // 2, (self.width + 1) // 2
+        return _Around(torch.div(self.r, 2, rounding_mode="floor") * w + torch.div(self.q, 2, rounding_mode="floor"),
+                       self.b, h, w, self.dtype)
+
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         """A primal map (B, ch, H, W) around each pixel: (C, B, 3, 3, ch)."""
-        return m.reshape(self.b, -1, self.height, self.width)[:, :, self.rows, self.cols].permute(2, 0, 3, 4, 1)
+        # gathered channels-last: each entry copies ch contiguous numbers (channel-first gathers were slow)
+        last = m.reshape(self.b, -1, self.height, self.width).permute(0, 2, 3, 1).contiguous()
+        return last[:, self.rows, self.cols].transpose(0, 1)
 
     @staticmethod
     def per_channel(sums: torch.Tensor, ch: int) -> torch.Tensor:
         """Per-group values (C, B, G) for every channel: (C, B, 1, 1, ch)."""
         return sums.repeat_interleave(ch // sums.shape[-1], dim=-1)[:, :, None, None, :]
+
+
+def _stride2_window(patch: torch.Tensor, at: "_Around", weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3, stride-2, padding-1 conv (weight (out, in, 3, 3)) of tangents that are zero but for the
+    3 x 3 patch (C, B, 3, 3, in) around at's pixels: the 3 x 3 window (C, B, 3, 3, out) of the next
+    grid at rows at.wr, columns at.wq (entries off that grid are not zeroed)."""
+    return _by_parity(patch, _stride2_taps(weight, transposed=False), at.parity)
+
+
+def _by_parity(rows: torch.Tensor, taps: torch.Tensor, parity: torch.Tensor) -> torch.Tensor:
+    """rows (C, B, *S) times the tap matrix of each tangent's parity (taps (prod S, 4 x 9 out), as
+    `_stride2_taps` makes it): (C, B, 3, 3, out). One matrix product per parity, on its tangents only."""
+    c, b = rows.shape[:2]
+    flat, taps = rows.reshape(c, b, -1), taps.reshape(taps.shape[0], 4, -1)
+    out = flat.new_empty(c, b, taps.shape[-1])
+    for p in range(4):
+        sel = (parity == p).nonzero().squeeze(1)
+        if sel.numel():
+            out[sel] = flat[sel] @ taps[:, p]
+    return out.reshape(c, b, 3, 3, -1)
+
+
+def _window_stride2(patch: torch.Tensor, at: "_Around", weight: torch.Tensor, size) -> torch.Tensor:
+    """`_stride2_window` placed on the next grid of `size` (h, w): whole maps (C, B, out, h, w)."""
+    local = _stride2_window(patch, at, weight)
+    c, b, (h, w) = local.shape[0], local.shape[1], size
+    canvas = local.new_zeros(c, b, local.shape[-1], h + 2, w + 2)  # a margin for windows at the edges
+    canvas[at.j[:, None, None], :, :, at.wr[:, :, None] + 1, at.wq[:, None, :] + 1] = local.permute(0, 2, 3, 1, 4)
+    return canvas[..., 1:h + 1, 1:w + 1]
 
 
 def _group_members(ch: int, groups: int, device, dtype) -> torch.Tensor:
