@@ -199,7 +199,7 @@ class ScoreNet(nn.Module):
         whole (dh_in (C, B, c_h, h, w), None where h_in is the skip alone) and the skip's in local form
         (window, coefficients, maps as `_local_level` gives them). Its output (B, ch, H, W) and its
         tangent around pixel i (C, B, 3, 3, ch)."""
-        c, b, dt = at.c, at.b, h_in.dtype
+        b, dt = at.b, h_in.dtype
         conv, norm = self.dec[-1], self.dec_n[-1]
         out, xhat, factor = _norm_act(norm, conv(h_in, output_size=(at.height, at.width)) + self.dec_t[-1](emb)[:, :, None, None])
         ch, groups, n = out.shape[1], norm.num_groups, xhat.shape[-1]
