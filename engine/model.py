@@ -115,7 +115,9 @@ class ScoreNet(nn.Module):
           to a 3 x 3 window and the maps to 2G maps shared by every tangent.
         - second level: its tangent stays in that local form, a 3 x 3 window plus coefficients on
           maps shared by every tangent (its GroupNorm adds 2G maps, its conv runs on the window and
-          the maps); whole maps start at the third level.
+          the maps); so does the third when it is the bottleneck, and the first decoder conv runs
+          on its window (3 x 3 to 7 x 7) and maps. Whole maps start after that conv (or at the
+          third level of deeper nets).
         - last decoder layer: its GroupNorm needs mean(dg), mean(xhat dg) of dg = convT(dh) over
           the whole group; they are inner products <dg, u> = <dh, conv2d(u)> (conv2d with the same
           weight is convT's adjoint), so dg is computed only at the k x k pixels around pixel i,
@@ -126,7 +128,7 @@ class ScoreNet(nn.Module):
         Returns:
             score (B, 1, H, W) and the entries (C, B).
         """
-        for conv, stride in ((self.enc[0], 1), (self.enc[1], 2), (self.dec[-1], 2)):
+        for conv, stride in ((self.enc[0], 1), *((layer, 2) for layer in [*self.enc[1:], *self.dec])):
             assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (stride, stride), \
                 "jacobian_diagonal assumes the ScoreNet's 3x3 layers (stride 1 first, then 2)"
         std = sde.marginal_std(t, self.sigma)
@@ -137,14 +139,24 @@ class ScoreNet(nn.Module):
         h1, local1 = self._local_level(1, h0, emb, local1, at1)
         if len(self.enc) == 2:  # the last layer reads level 1's output alone
             h_in, dh_in = h1, None
-        else:  # level 2's conv of the local tangent; from there on tangents are whole maps
+        else:
             win, coef, maps = local1
             conv2 = self.enc[2]
             shared = F.conv2d(maps.flatten(0, 1), conv2.weight, None, conv2.stride, conv2.padding)
-            da2 = torch.einsum("cbk,bkf->cbf", coef, shared.reshape(*maps.shape[:2], -1)).reshape(*coef.shape[:2], *shared.shape[1:])
-            da2 = da2 + _window_stride2(win, at1, conv2.weight, shared.shape[-2:])
-            (h, skip), (dh_in, _) = self._tangent_levels(emb, [(h0, None), (h1, None)], h1, None, 2, da2)
-            h_in = torch.cat([h, skip], dim=1)
+            shared = shared.reshape(*maps.shape[:2], *shared.shape[1:])  # (B, K, c2, h2, w2)
+            if len(self.enc) == 3:  # the bottleneck local too: the first decoder conv runs on its window and maps
+                at2 = at1.coarse()
+                local2 = (_stride2_window(win, at1, conv2.weight) * at2.inside[:, None, :, :, None], coef, shared)
+                h2, local2 = self._local_level(2, h1, emb, local2, at2)
+                dec, size = self.dec[0], h1.shape[-2:]
+                h, dh_in = _norm_act_tangent(self.dec_n[0], dec(h2, output_size=size) + self.dec_t[0](emb)[:, :, None, None],
+                                             _convT_local(dec, local2, at2, size))
+                h_in = torch.cat([h, h1], dim=1)
+            else:  # from level 2 on, tangents are whole maps
+                da2 = torch.einsum("cbk,bkf->cbf", coef, shared.flatten(2)).reshape(*coef.shape[:2], *shared.shape[2:])
+                da2 = da2 + _window_stride2(win, at1, conv2.weight, shared.shape[-2:])
+                (h, skip), (dh_in, _) = self._tangent_levels(emb, [(h0, None), (h1, None)], h1, None, 2, da2)
+                h_in = torch.cat([h, skip], dim=1)
         out, dh = self._last_level_at(h_in, dh_in, local1, emb, at, at1)
         # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip
         w_h, w_skip = self.out.weight[0].split([out.shape[1], h0.shape[1]])
@@ -419,6 +431,26 @@ def _window_stride2(patch: torch.Tensor, at: "_Around", weight: torch.Tensor, si
     canvas = local.new_zeros(c, b, local.shape[-1], h + 2, w + 2)  # a margin for windows at the edges
     canvas[at.j[:, None, None], :, :, at.wr[:, :, None] + 1, at.wq[:, None, :] + 1] = local.permute(0, 2, 3, 1, 4)
     return canvas[..., 1:h + 1, 1:w + 1]
+
+
+def _convT_local(conv: nn.ConvTranspose2d, local, at: "_Around", size) -> torch.Tensor:
+    """A 3x3, stride-2, padding-1 transposed conv of tangents in local form (window (C, B, 3, 3, in)
+    around at's pixels p, zero off the grid; coefficients (C, B, K) on maps (B, K, in, h, w)) onto the
+    grid of `size` (H, W): whole maps (C, B, out, H, W). The window's part is the conv of the window
+    alone (padding 0: the 7 x 7 fine pixels 2 p - 3 .. 2 p + 3), added where it falls on the grid."""
+    win, coef, maps = local
+    c, b, k, (h, w) = win.shape[0], win.shape[1], maps.shape[1], size
+    shared = _conv_tangent(conv, maps.transpose(0, 1), output_size=size)  # (K, B, out, H, W)
+    dense = torch.einsum("cbk,kbf->cbf", coef, shared.flatten(2)).reshape(c, b, -1, h, w)
+    part = F.conv_transpose2d(win.permute(0, 1, 4, 2, 3).reshape(c * b, -1, 3, 3), conv.weight, None, 2, 0)  # (C B, out, 7, 7)
+    off = torch.arange(7, device=win.device) - 3
+    rows, cols = 2 * at.r[:, None] + off, 2 * at.q[:, None] + off  # (C, 7)
+    on = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]).to(win.dtype)  # (C, 7, 7)
+    part = part.reshape(c, b, -1, 7, 7).permute(0, 3, 4, 1, 2) * on[..., None, None]  # (C, 7, 7, B, out)
+    # accumulate: clamped rows and columns repeat a position (their entries are 0)
+    dense.permute(0, 3, 4, 1, 2).index_put_((at.j[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]),
+                                            part, accumulate=True)
+    return dense
 
 
 def _group_members(ch: int, groups: int, device, dtype) -> torch.Tensor:

@@ -100,11 +100,13 @@ def test_hand_written_backwards_match_numerical_gradients():
     assert torch.equal(win[2, :, 1, 2], dh[2, :, :, 3, 2])
 
 
-@pytest.mark.parametrize("channels, size", [((8, 16), 28), ((8, 16, 16), 28), ((8, 16), 13)])
+@pytest.mark.parametrize("channels, size", [((8, 16), 28), ((8, 16, 16), 28), ((8, 16), 13), ((8, 8, 16), 13),
+                                           ((8, 8, 16, 16), 28)])
 def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_gradient(channels, size):
     # border pixels (zero padding; both parities of row and column, which read different kernel
-    # taps of the first stride-2 conv and of the last transposed conv) and interior ones; two and
-    # three levels, and an odd size (13 -> 7 -> 13: no output padding)
+    # taps of the first stride-2 conv and of the last transposed conv) and interior ones; two, three
+    # (the bottleneck in local form) and four levels (whole maps from the third), and odd sizes
+    # (13 -> 7 -> 4 -> 7 -> 13: no output padding)
     net = build_model(channels, 16, 4, seed=0).double()
     x = torch.rand(2, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0.05, 0.7], dtype=torch.float64)
