@@ -439,17 +439,17 @@ def _convT_local(conv: nn.ConvTranspose2d, local, at: "_Around", size) -> torch.
     grid of `size` (H, W): whole maps (C, B, out, H, W). The window's part is the conv of the window
     alone (padding 0: the 7 x 7 fine pixels 2 p - 3 .. 2 p + 3), added where it falls on the grid."""
     win, coef, maps = local
-    c, b, k, (h, w) = win.shape[0], win.shape[1], maps.shape[1], size
+    c, b, (h, w) = win.shape[0], win.shape[1], size
     shared = _conv_tangent(conv, maps.transpose(0, 1), output_size=size)  # (K, B, out, H, W)
-    dense = torch.einsum("cbk,kbf->cbf", coef, shared.flatten(2)).reshape(c, b, -1, h, w)
+    dense = torch.einsum("cbk,kbf->cbf", coef, shared.flatten(2)).reshape(c, b, -1, h * w)
     part = F.conv_transpose2d(win.permute(0, 1, 4, 2, 3).reshape(c * b, -1, 3, 3), conv.weight, None, 2, 0)  # (C B, out, 7, 7)
     off = torch.arange(7, device=win.device) - 3
     rows, cols = 2 * at.r[:, None] + off, 2 * at.q[:, None] + off  # (C, 7)
     on = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]).to(win.dtype)  # (C, 7, 7)
-    part = part.reshape(c, b, -1, 7, 7).permute(0, 3, 4, 1, 2) * on[..., None, None]  # (C, 7, 7, B, out)
-    # accumulate: clamped rows and columns repeat a position (their entries are 0)
-    dense.permute(0, 3, 4, 1, 2).index_put_((at.j[:, None, None], rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]),
-                                            part, accumulate=True)
+    # added in place at flat positions; clamped rows and columns repeat a position (their entries are 0)
+    where = (rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]).reshape(c, 1, 1, 49)
+    part = (part.reshape(c, b, -1, 7, 7) * on[:, None, None]).reshape(c, b, -1, 49)
+    return dense.scatter_add_(3, where.expand(part.shape), part).reshape(c, b, -1, h, w)
     return dense
 
 
