@@ -149,14 +149,14 @@ class ScoreNet(nn.Module):
                 local2 = (_stride2_window(win, at1, conv2.weight) * at2.inside[:, None, :, :, None], coef, shared)
                 h2, local2 = self._local_level(2, h1, emb, local2, at2)
                 dec, size = self.dec[0], h1.shape[-2:]
-                h, dh_in = _norm_act_tangent(self.dec_n[0], dec(h2, output_size=size) + self.dec_t[0](emb)[:, :, None, None],
-                                             _convT_local(dec, local2, at2, size))
+                h, xhat, factor = _norm_act(self.dec_n[0], dec(h2, output_size=size) + self.dec_t[0](emb)[:, :, None, None])
+                dh_in = (_convT_local(dec, local2, at2, size), xhat, factor)  # its GroupNorm is taken in the last layer
                 h_in = torch.cat([h, h1], dim=1)
             else:  # from level 2 on, tangents are whole maps
                 da2 = torch.einsum("cbk,bkf->cbf", coef, shared.flatten(2)).reshape(*coef.shape[:2], *shared.shape[2:])
                 da2 = da2 + _window_stride2(win, at1, conv2.weight, shared.shape[-2:])
-                (h, skip), (dh_in, _) = self._tangent_levels(emb, [(h0, None), (h1, None)], h1, None, 2, da2)
-                h_in = torch.cat([h, skip], dim=1)
+                (h, skip), (dh, _) = self._tangent_levels(emb, [(h0, None), (h1, None)], h1, None, 2, da2)
+                h_in, dh_in = torch.cat([h, skip], dim=1), (dh, None, None)
         out, dh = self._last_level_at(h_in, dh_in, local1, emb, at, at1)
         # the output conv reads cat([h, skip]): its weight's first channels read dh, the rest dskip
         w_h, w_skip = self.out.weight[0].split([out.shape[1], h0.shape[1]])
@@ -205,12 +205,14 @@ class ScoreNet(nn.Module):
         return out, (at(factor.reshape(out.shape)) * win, torch.cat([coef, -sums[0], -sums[1]], -1),
                      torch.cat([normed.transpose(0, 1), new.reshape(b, 2 * g, *out.shape[1:])], 1))
 
-    def _last_level_at(self, h_in: torch.Tensor, dh_in: Optional[torch.Tensor], local, emb: torch.Tensor,
+    def _last_level_at(self, h_in: torch.Tensor, dh_in: Optional[tuple], local, emb: torch.Tensor,
                        at: "_Around", at1: "_Around"):
         """The last decoder layer on input h_in (B, c_in, h, w) = cat([h, skip]) and its tangent: h's
-        whole (dh_in (C, B, c_h, h, w), None where h_in is the skip alone) and the skip's in local form
-        (window, coefficients, maps as `_local_level` gives them). Its output (B, ch, H, W) and its
-        tangent around pixel i (C, B, 3, 3, ch)."""
+        whole, dh_in = (dg (C, B, c_h, h, w), xhat, factor): factor P(dg) with the projection of
+        h's GroupNorm (xhat, factor (B, G, N), as `_norm_act` gives them), or dg itself where they
+        are None; dh_in None where h_in is the skip alone. The skip's tangent in local form (window,
+        coefficients, maps as `_local_level` gives them). Its output (B, ch, H, W) and its tangent
+        around pixel i (C, B, 3, 3, ch)."""
         b, dt = at.b, h_in.dtype
         conv, norm = self.dec[-1], self.dec_n[-1]
         out, xhat, factor = _norm_act(norm, conv(h_in, output_size=(at.height, at.width)) + self.dec_t[-1](emb)[:, :, None, None])
@@ -221,7 +223,7 @@ class ScoreNet(nn.Module):
         adj = F.conv2d(u.reshape(-1, ch, at.height, at.width), conv.weight, None, conv.stride, conv.padding)  # <convT(dh), u> = <dh, adj>
         # dg at the 3 x 3 pixels around pixel i = (r, q) reads dh at rows r // 2 - 1 .. r // 2 + 1 (zero off the grid):
         # the 3 x 3 neighbourhood of at1's pixel
-        c_h = 0 if dh_in is None else dh_in.shape[2]
+        c_h = 0 if dh_in is None else dh_in[0].shape[2]
         adj = adj.reshape(b, 2 * groups, *h_in.shape[1:])
         win, coef, maps = local
         k, c_s = maps.shape[1], maps.shape[2]
@@ -231,7 +233,7 @@ class ScoreNet(nn.Module):
                 + torch.einsum("cbk,bkg->cbg", coef, torch.einsum("bkf,bgf->bkg", maps.flatten(2), adj_s.flatten(2))))
         win = win + torch.einsum("cbk,cbyxkh->cbyxh", coef, at1(maps.flatten(1, 2)).unflatten(-1, (k, c_s))) * on
         if dh_in is not None:
-            sums_h, win_h = _SumsAndWindow.apply(dh_in, adj[:, :, :c_h].flatten(2), at.j, at.wr, at.wq)  # (C, B, 2G), (C, B, 3, 3, c_h)
+            sums_h, win_h = _read_normed(dh_in, adj[:, :, :c_h], at, at1)  # (C, B, 2G), (C, B, 3, 3, c_h)
             sums, win = sums + sums_h, torch.cat([win_h, win], -1)  # (C, B, ey, ex, c_in)
         dg = _by_parity(win, _stride2_taps(conv.weight, transposed=True), at.parity)  # (C, B, dy, dx, ch)
         return out, at(factor) * (dg - at.per_channel(sums[..., :groups], ch) - at(xhat) * at.per_channel(sums[..., groups:], ch))
@@ -301,6 +303,29 @@ class _SumsAndWindow(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_adj = torch.bmm(g_sums.permute(1, 2, 0), dh.reshape(c, b, -1).transpose(0, 1))  # (B, K, ch h w)
         return g_dh, g_adj, None, None, None
+
+
+def _read_normed(dh_in: tuple, adj: torch.Tensor, at: "_Around", at1: "_Around") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the last layer reads of a whole tangent dh = factor P(dg) (dh_in = (dg (C, B, ch, h, w),
+    xhat, factor), or (dh, None, None)): its inner products with adj (B, K, ch, h, w), (C, B, K), and its
+    3 x 3 windows around at1's pixels, zero off the grid, (C, B, 3, 3, ch).
+
+    P is self-adjoint, so <factor P(dg), a> = <dg, P(factor a)>: the GroupNorm's tangent is never
+    formed on the whole grid, only in the windows, from dg's two means per group (two more inner
+    products)."""
+    dg, xhat, factor = dh_in
+    b, k, ch = adj.shape[:3]
+    if xhat is None:
+        return _SumsAndWindow.apply(dg, adj.flatten(2), at.j, at.wr, at.wq)
+    g, n = xhat.shape[1:]
+    member = _group_members(ch, g, dg.device, dg.dtype)[None, :, :, None]
+    pa = _project((factor.reshape(b, 1, g, n) * adj.reshape(b, k, g, n)).transpose(0, 1), xhat)[0].transpose(0, 1)  # (B, K, G, N)
+    means = torch.cat([member.expand(b, g, ch, n // (ch // g)), xhat.reshape(b, 1, ch, -1) * member], 1) / n  # (B, 2G, ch, h w)
+    sums, win = _SumsAndWindow.apply(dg, torch.cat([pa.reshape(b, k, -1), means.reshape(b, 2 * g, -1)], 1), at.j, at.wr, at.wq)
+    shape = (b, ch, *dg.shape[-2:])
+    win = at1(factor.reshape(shape)) * (win - at1.per_channel(sums[..., k:k + g], ch)
+                                        - at1(xhat.reshape(shape)) * at1.per_channel(sums[..., k + g:], ch))
+    return sums[..., :k], win * at1.inside[:, None, :, :, None]
 
 
 def _norm_act_tangent(norm: nn.GroupNorm, a: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
