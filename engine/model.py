@@ -281,28 +281,30 @@ class _SumsAndWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dh, adj, j, wr, wq):
-        c, b, _, hh, ww = dh.shape
+    def forward(ctx, dh, adj, wr, wq):
+        c, b, ch, hh, ww = dh.shape
         on_r, on_q = (wr >= 0) & (wr < hh), (wq >= 0) & (wq < ww)
-        rows, cols = wr.clamp(0, hh - 1)[:, :, None], wq.clamp(0, ww - 1)[:, None, :]
-        on = (on_r[:, :, None] & on_q[:, None, :]).to(dh.dtype)[..., None, None]  # (C, 3, 3, 1, 1)
+        flat = (wr.clamp(0, hh - 1)[:, :, None] * ww + wq.clamp(0, ww - 1)[:, None, :]).reshape(c, 1, 9)
+        on = (on_r[:, :, None] & on_q[:, None, :]).to(dh.dtype).reshape(c, 1, 9)  # (C, 1, 9)
         sums = torch.bmm(dh.reshape(c, b, -1).transpose(0, 1), adj.transpose(1, 2)).transpose(0, 1)  # (C, B, K)
-        win = dh.permute(0, 3, 4, 1, 2)[j[:, None, None], rows, cols] * on  # (C, 3, 3, B, ch)
-        ctx.save_for_backward(dh, adj, j, rows, cols, on)
-        return sums, win.permute(0, 3, 1, 2, 4)
+        win = dh.reshape(c, b * ch, -1).gather(2, flat.expand(c, b * ch, 9)) * on  # (C, B ch, 9)
+        ctx.save_for_backward(dh, adj, flat, on)
+        return sums, win.reshape(c, b, ch, 3, 3).permute(0, 1, 3, 4, 2)
 
     @staticmethod
     def backward(ctx, g_sums, g_win):
-        dh, adj, j, rows, cols, on = ctx.saved_tensors
-        c, b = dh.shape[:2]
+        dh, adj, flat, on = ctx.saved_tensors
+        c, b, ch = dh.shape[:3]
         g_dh = g_adj = None
         if ctx.needs_input_grad[0]:
-            g_dh = torch.bmm(g_sums.transpose(0, 1), adj).transpose(0, 1).reshape(dh.shape)  # (C, B, ch, h, w)
-            # accumulate: clamped rows and columns repeat a position (their window entries are 0)
-            g_dh.permute(0, 3, 4, 1, 2).index_put_((j[:, None, None], rows, cols), g_win.permute(0, 2, 3, 1, 4) * on, accumulate=True)
+            g_dh = torch.bmm(g_sums.transpose(0, 1), adj).transpose(0, 1).reshape(c, b * ch, -1)  # (C, B ch, h w)
+            # scatter_add_ (deterministic on CPU; index_put_'s accumulate is not): clamped rows
+            # and columns repeat a position, with window entries 0
+            g_win = (g_win.permute(0, 1, 4, 2, 3).reshape(c, b * ch, 9) * on)
+            g_dh = g_dh.scatter_add_(2, flat.expand(c, b * ch, 9), g_win).reshape(dh.shape)
         if ctx.needs_input_grad[1]:
             g_adj = torch.bmm(g_sums.permute(1, 2, 0), dh.reshape(c, b, -1).transpose(0, 1))  # (B, K, ch h w)
-        return g_dh, g_adj, None, None, None
+        return g_dh, g_adj, None, None
 
 
 def _read_normed(dh_in: tuple, adj: torch.Tensor, at: "_Around", at1: "_Around") -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,12 +318,12 @@ def _read_normed(dh_in: tuple, adj: torch.Tensor, at: "_Around", at1: "_Around")
     dg, xhat, factor = dh_in
     b, k, ch = adj.shape[:3]
     if xhat is None:
-        return _SumsAndWindow.apply(dg, adj.flatten(2), at.j, at.wr, at.wq)
+        return _SumsAndWindow.apply(dg, adj.flatten(2), at.wr, at.wq)
     g, n = xhat.shape[1:]
     member = _group_members(ch, g, dg.device, dg.dtype)[None, :, :, None]
     pa = _project((factor.reshape(b, 1, g, n) * adj.reshape(b, k, g, n)).transpose(0, 1), xhat)[0].transpose(0, 1)  # (B, K, G, N)
     means = torch.cat([member.expand(b, g, ch, n // (ch // g)), xhat.reshape(b, 1, ch, -1) * member], 1) / n  # (B, 2G, ch, h w)
-    sums, win = _SumsAndWindow.apply(dg, torch.cat([pa.reshape(b, k, -1), means.reshape(b, 2 * g, -1)], 1), at.j, at.wr, at.wq)
+    sums, win = _SumsAndWindow.apply(dg, torch.cat([pa.reshape(b, k, -1), means.reshape(b, 2 * g, -1)], 1), at.wr, at.wq)
     shape = (b, ch, *dg.shape[-2:])
     win = at1(factor.reshape(shape)) * (win - at1.per_channel(sums[..., k:k + g], ch)
                                         - at1(xhat.reshape(shape)) * at1.per_channel(sums[..., k + g:], ch))
@@ -419,9 +421,12 @@ class _Around:
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         """A primal map (B, ch, H, W) around each pixel: (C, B, 3, 3, ch)."""
-        # gathered channels-last: each entry copies ch contiguous numbers (channel-first gathers were slow)
-        last = m.reshape(self.b, -1, self.height, self.width).permute(0, 2, 3, 1).contiguous()
-        return last[:, self.rows, self.cols].transpose(0, 1)
+        # gathered channels-last by index_select: each entry copies ch contiguous numbers, and the
+        # backward (index_add) is deterministic; an advanced index's backward adds with atomics in
+        # parallel on CPU, so a BPD gradient moved in its last bits from run to run (measured)
+        last = m.reshape(self.b, -1, self.height * self.width).transpose(1, 2).contiguous()  # (B, H W, ch)
+        flat = (self.rows * self.width + self.cols).reshape(-1)  # (C 9,)
+        return last.index_select(1, flat).reshape(self.b, self.c, 3, 3, -1).transpose(0, 1)
 
     @staticmethod
     def per_channel(sums: torch.Tensor, ch: int) -> torch.Tensor:
@@ -445,7 +450,7 @@ def _by_parity(rows: torch.Tensor, taps: torch.Tensor, parity: torch.Tensor) -> 
     for p in range(4):
         sel = (parity == p).nonzero().squeeze(1)
         if sel.numel():
-            out[sel] = flat[sel] @ taps[:, p]
+            out[sel] = flat.index_select(0, sel) @ taps[:, p]
     return out.reshape(c, b, 3, 3, -1)
 
 

@@ -9,7 +9,12 @@ move by a few times 1e-9 bits/dim) and the BPD itself is unchanged. The toleranc
 and for another CPU's rounding: on another machine's CPU than the one that made the
 files, grad_w moved by 1.2e-5 relative and one retrained BPD difference by 9.5e-7 bits/dim (one
 float32 step at a BPD of 9), so grad_w is held to 1e-4 relative and a BPD difference to 4e-6
-bits/dim (four such steps), 8 and 4 times what was measured."""
+bits/dim (four such steps), 8 and 4 times what was measured. When `ScoreNet.jacobian_diagonal` came
+to keep tangents in a local form (the same sums, again in another float32 order; its BPD gradient is
+as far from a float64 one as before: 8.8e-7 against 8.6e-7 relative on the `cpu` default), grad_w
+moved by 2.0e-5 and 1.2e-5 relative and one entry of 5.3e-5 by 4.3e-7, more than the entry-wise
+floor of 1e-5 of the largest entry then allowed: that floor is now 1e-4 of it, the vector's own
+tolerance."""
 
 import json
 import sys
@@ -43,7 +48,7 @@ def test_attribute_is_unchanged(outputs):
         g, w = got["grad_w"], want["grad_w"]
         rel = np.linalg.norm(g - w, axis=1) / np.linalg.norm(w, axis=1)
         assert (rel <= 1e-4).all(), rel
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
         np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-6)
         assert got["inputs"].tolist() == want["inputs"].tolist()
 
