@@ -5,8 +5,8 @@
 - exact, batched: engine.likelihood.bits_per_dim on a batch (the product's path: batched basis
   tangents through ScoreNet.jacobian_diagonal, checkpointed chunks);
 - "whole-image tangents": the same through ScoreNet.forward_with_tangents, which carries every
-  tangent over every pixel of every layer, where jacobian_diagonal computes the first and last
-  full-resolution layers' tangents only where entry i needs them;
+  tangent over every pixel of every layer, where jacobian_diagonal keeps each tangent local (a
+  window around pixel i plus coefficients on maps shared by all tangents) wherever it can;
 - exact, generic: the same through torch.func.jvp on replicated inputs (any score_fn);
 - exact, naive: one reverse-mode autograd.grad per coordinate (a Python loop over 784);
 - Hutchinson, one probe, on the same grid (an unbiased but noisy estimate);
