@@ -105,9 +105,9 @@ class ScoreNet(nn.Module):
     def jacobian_diagonal(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and the diagonal Jacobian entries d score_i / d x_i for the pixels `idx`.
 
-        The tangents are the basis vectors e_i, and at full resolution (the first and the last
-        layers) each is computed only where it is needed, not on every pixel as in
-        `forward_with_tangents` (most of an exact BPD's gradient, measured):
+        The tangents are the basis vectors e_i, and each is kept local wherever the network
+        allows, not carried over every pixel of every layer as in `forward_with_tangents` (most of
+        an exact BPD's gradient, measured):
 
         - first layer: conv(e_i) is the flipped kernel at pixel i. Its GroupNorm tangent is
           factor (dg - mean(dg) - xhat mean(xhat dg)): a k x k patch at pixel i minus two maps per

@@ -95,7 +95,9 @@ def test_the_tuned_allocator_stops_the_page_faults_and_changes_no_bit(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         got[mode] = json.loads(out.strip().splitlines()[-1])
     assert got["setup"]["tuned"] and not got["default"]["tuned"]
-    assert got["setup"]["faults"] < got["default"]["faults"] / 3, got  # measured: 6-15x fewer
+    # measured: 6-15x fewer on the first machines; 2.2-2.8x on an AMD EPYC (3388-4412 against
+    # 1569-1570, where a factor of 3 failed one run in two): untuned, it would be about 1x
+    assert got["setup"]["faults"] < got["default"]["faults"] / 2, got
     a, b = (torch.load(tmp_path / f"{m}.pt") for m in ("default", "setup"))
     flat = lambda t: [x for part in t for x in (part.values() if isinstance(part, dict) else [part])]  # noqa: E731
     assert all(torch.equal(x, y) for x, y in zip(flat(a), flat(b), strict=True))
