@@ -480,7 +480,6 @@ def _convT_local(conv: nn.ConvTranspose2d, local, at: "_Around", size) -> torch.
     where = (rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]).reshape(c, 1, 1, 49)
     part = (part.reshape(c, b, -1, 7, 7) * on[:, None, None]).reshape(c, b, -1, 49)
     return dense.scatter_add_(3, where.expand(part.shape), part).reshape(c, b, -1, h, w)
-    return dense
 
 
 def _group_members(ch: int, groups: int, device, dtype) -> torch.Tensor:
