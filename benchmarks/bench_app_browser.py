@@ -3,7 +3,7 @@ drawings whose influences must appear on their own. Driven by headless Chromium 
 against `streamlit run`.
 
     python benchmarks/bench_app_browser.py [--preset cpu] [--run DIR] [--strokes 3] [--uploads 2]
-        [--out results/bench_app_browser.txt] [--shots results/app] [--no-exact]
+        [--picks 5] [--out results/bench_app_browser.txt] [--shots results/app] [--no-exact]
 
 Without --run it does what `make app` does on a fresh clone, after the install: trains the preset
 into an empty folder (`python -m engine train`, timed), then serves the app on it with its defaults
@@ -13,7 +13,9 @@ Then: seconds from the end of each stroke on the canvas until the new drawing's 
 opponents are on the page (each stroke makes a new image), which computation made them (the
 caption), seconds from the last stroke until its exact replay has replaced that preview (the
 galleries still computing beside it on a fresh start), and seconds from each upload of an unseen test digit until its bits/dim is on the page
-(then one upload again: a memo hit); screenshots of every page go to --shots. Ratios are against
+(then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
+typed into the Draw page's index box one a second as a visitor clicking through them would, until
+that digit's influences are on the page; screenshots of every page go to --shots. Ratios are against
 the engine's own BPD with its gradient in this process (the floor of a precomputed attribution).
 """
 
@@ -75,6 +77,14 @@ def _top_text(page) -> str:
     return loc.first.inner_text() if loc.count() else ""
 
 
+def _fresh(page, text) -> bool:
+    """Whether `text` is on the page in an element of the current script run (Streamlit leaves the
+    previous run's elements up, marked stale, until the new run replaces or drops them)."""
+    loc = page.get_by_text(text)
+    return any(loc.nth(k).evaluate("e => e.closest('[data-stale]')?.getAttribute('data-stale') === 'false'")
+               for k in range(loc.count()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu")
@@ -82,6 +92,7 @@ def main() -> None:
     ap.add_argument("--strokes", type=int, default=3)
     ap.add_argument("--uploads", type=int, default=2)
     ap.add_argument("--first-index", type=int, default=4321)
+    ap.add_argument("--picks", type=int, default=5, help="test digits picked one a second on the Draw page")
     ap.add_argument("--out")
     ap.add_argument("--shots", default="results/app")
     ap.add_argument("--no-exact", dest="exact", action="store_false",
@@ -185,6 +196,23 @@ def main() -> None:
             if times:
                 rows.append(("upload 1 again (memo hit)", f"{times[-1]:7.2f}"))
             page.screenshot(path=str(shots / "2_upload.png"), full_page=True)
+            if a.picks:  # a visitor clicking through test digits: only the last one's influences are wanted
+                page.get_by_text("MNIST test image", exact=True).click()
+                box = page.get_by_label("Test image index (0-9999)")
+                picks = [a.first_index + 1000 + 7 * j for j in range(a.picks)]  # digits no other stage asked for
+                for j, i in enumerate(picks):
+                    if j:
+                        time.sleep(1.0)
+                    box.fill(str(i))
+                    box.press("Enter")
+                t1 = time.perf_counter()
+                while not (_fresh(page, f"MNIST test image {picks[-1]}: a") and _fresh(page, TOP)):
+                    if time.perf_counter() - t1 > 900:
+                        raise RuntimeError(f"no influences 900 s after picking test digit {picks[-1]}")
+                    time.sleep(0.1)
+                dt = time.perf_counter() - t1
+                rows.append((f"{a.picks} test digits picked 1 s apart: the last one until its influences", f"{dt:7.1f}"))
+                print(f"picks: the last digit's influences {dt:.1f} s after it was picked", flush=True)
             for k, name in enumerate(["Compare likelihoods", "Galleries", "Verify"]):
                 page.get_by_role("link", name=name).click()
                 page.get_by_role("heading", name=re.compile(name.split()[0])).first.wait_for()

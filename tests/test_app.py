@@ -306,3 +306,30 @@ def test_an_empty_canvas_asks_for_a_drawing(app_run):
     at.run()
     assert not at.exception and not at.error
     assert any("Draw a digit" in i.value for i in at.info)
+
+
+def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_run, monkeypatch):
+    # a visitor clicking through test digits waits for the last one's computation, not for each
+    # one passed on the way: each new image releases the previous one's job for this session
+    # (webapp.jobs.Jobs.release stops it when no other session waits for it; tests/test_jobs.py)
+    from webapp import service
+    released = []
+    jobs = service.jobs()
+    real = jobs.release
+    monkeypatch.setattr(jobs, "release", lambda key, owner: (released.append((key, owner)), real(key, owner)))
+    at = _new()
+    at.run()
+    at.radio(key="source").set_value("MNIST test image").run()
+    me, first = at.session_state["_session_id"], at.session_state["bpd_key"]
+    assert me in jobs.peek(first).owners or jobs.peek(first).done
+    at.number_input(key="test_index").set_value(1).run()
+    second = at.session_state["bpd_key"]
+    assert second != first and released == [(first, me)]
+    at.number_input(key="test_index").set_value(1).run()  # the same image again: nothing released
+    assert released == [(first, me)]
+    # the Compare page's four columns likewise, each for itself
+    at.switch_page("views/likelihoods.py").run()
+    before = {k: at.session_state[k] for k in ("cmp_original", "cmp_rotated", "cmp_averaged", "cmp_noise")}
+    at.number_input(key="cmp_index").set_value(3).run()
+    got = {key for key, owner in released[1:] if owner == me}
+    assert got == {v for k, v in before.items() if v != at.session_state[k]} and len(got) >= 3

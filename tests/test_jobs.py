@@ -60,6 +60,44 @@ def test_a_cancelled_job_stops_and_can_be_asked_for_again(tmp_path):
     assert again is not first and jobs.wait_all(20) and again.result["v"] == 1.0 and len(steps) == 200
 
 
+def test_a_job_stops_when_every_session_that_asked_for_it_has_moved_on(tmp_path):
+    # the visitor who clicks through digits: each digit's job is released when the next is asked
+    # for, and stops unless another session (or the app itself, with no owner) still waits for it
+    jobs = Jobs(Memo(tmp_path))
+    steps = {}
+
+    def slow(name):
+        def fn(cb):
+            for i in range(300):
+                cb({"i": i, "n": 300})
+                steps[name] = i + 1
+                time.sleep(0.01)
+            return {"v": 1.0}
+        return fn
+    shared = jobs.submit("shared", slow("shared"), owner="a")
+    assert jobs.submit("shared", slow("shared"), owner="b") is shared
+    mine = jobs.submit("mine", slow("mine"), owner="a")
+    app = jobs.submit("app", slow("app"))  # the app's own (no owner): never released
+    jobs.submit("app", slow("app"), owner="a")
+    time.sleep(0.1)
+    jobs.release("mine", "stranger")  # not an owner of it: nothing happens
+    jobs.release("shared", "a")  # b still waits for it
+    jobs.release("app", "a")
+    jobs.release("mine", "a")  # nobody waits for it now: it stops
+    time.sleep(0.2)
+    assert mine.error == "cancelled" and steps["mine"] < 300 and jobs.peek("mine") is None
+    assert not shared.error and not app.error
+    jobs.release("shared", "b")
+    assert jobs.wait_all(20)
+    assert shared.error == "cancelled" and steps["shared"] < 300
+    assert app.result["v"] == 1.0 and steps["app"] == 300
+    jobs.release("app", "a")  # done: a release changes nothing
+    assert jobs.peek("app").result["v"] == 1.0
+    # asked for again after it stopped, it starts afresh and runs to its end
+    again = jobs.submit("mine", slow("mine"), owner="c")
+    assert again is not mine and jobs.wait_all(20) and again.result["v"] == 1.0 and steps["mine"] == 300
+
+
 def _slow_in_worker(n: int, path: str, cb) -> dict:
     """A process job: reports progress, records each step in a file, returns its own pid."""
     import os

@@ -39,7 +39,8 @@ try:
         if st.button("Generate a sample", key="generate"):
             st.session_state["sample_asked"] = seed
         if "sample_asked" in st.session_state:
-            res = W.wait_for(service.sample_job(run, st.session_state["sample_asked"]))
+            res = W.wait_for(W.follow("sample_key", service.sample_job(run, st.session_state["sample_asked"],
+                                                                         owner=W.session_id())))
             if res:
                 st.session_state["sample"] = np.asarray(res["x"])
         if "sample" in st.session_state:
@@ -59,12 +60,11 @@ if preview is not None:
 c2.image(W.big(x), caption="model input (28x28, as MNIST was made)", width=168)
 with c3:
     # with a representation one job gives both, in seconds (the BPD is on its gradient's way);
-    # without, the BPD alone first, the replay on request
-    job = service.attribution_job(run, x) if name is not None else service.bpd_job(run, x)
-    old = st.session_state.get("bpd_key")
-    if source == "Draw" and old and old != job.key:
-        service.jobs().cancel(old)  # the drawing changed: its previous computation is no longer wanted
-    st.session_state["bpd_key"] = job.key
+    # without, the BPD alone first, the replay on request. A new image (another stroke, test
+    # digit, upload) releases the previous one's computation: it stops unless another visitor waits for it
+    me = W.session_id()
+    job = W.follow("bpd_key", service.attribution_job(run, x, owner=me) if name is not None
+                   else service.bpd_job(run, x, owner=me))
     res = W.wait_for(job)
     if res:
         st.markdown(W.bpd_words(res["bpd"], W.figure2_means(run)))
@@ -84,11 +84,7 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
         k = st.slider("How many of each", 4, 32, 16, key="k")
         if method.startswith("precomputed:") and method != "precomputed:exact":
             # progressive: the approximate preview now, the exact replay in the background
-            exact = service.replay_job(run, x)
-            old_exact = st.session_state.get("exact_key")
-            if old_exact and old_exact != exact.key:
-                service.jobs().cancel(old_exact)  # a previous image's replay is no longer wanted
-            st.session_state["exact_key"] = exact.key
+            exact = W.follow("exact_key", service.replay_job(run, x, owner=me))  # a previous image's: released
             done = W.wait_for(exact)
             if done:
                 st.caption(W.method_words(method, run, took) + " " + W.replaced_words(gw, np.asarray(done["grad_w"])))

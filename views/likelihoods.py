@@ -55,6 +55,8 @@ cols = st.columns(4)
 for col, (name, img) in zip(cols, experiments.variants(x, angle, k_avg, seed=i).items()):
     with col:
         st.image(W.big(img), caption=NAMES[name], width=168)
-        res = W.wait_for(service.bpd_job(run, img))
+        # another index, angle or k releases this column's previous BPD (clicking through digits
+        # waits for the last one's, not for every one passed on the way)
+        res = W.wait_for(W.follow(f"cmp_{name}", service.bpd_job(run, img, owner=W.session_id())))
         if res:
             st.metric("bits/dim", f"{res['bpd']:.3f}")

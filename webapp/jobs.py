@@ -89,6 +89,10 @@ class Job:
     started: float = field(default_factory=time.time)
     cancelled: bool = False
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this attempt across processes
+    # who waits for it: the sessions that asked (see Jobs.release), and whether anyone asked
+    # without saying who (the app's own background work, a test): such a job is never released
+    owners: set = field(default_factory=set)
+    pinned: bool = False
 
     @property
     def fraction(self) -> Optional[float]:
@@ -152,17 +156,21 @@ class Jobs:
         self._stopping = False  # set by shutdown(): a job that then loses its worker or manager was cut short
 
     def submit(self, key: str, fn: Callable[[Callable[[dict], None]], dict], label: str = "",
-               lane: str = "background") -> Job:
+               lane: str = "background", owner: Optional[str] = None) -> Job:
         """Start fn(callback) -> dict for `key` unless memoized or running; `lane` picks the
         worker pool ("interactive" for short jobs a page waits on, "requested" for long ones a
-        visitor asked for, "background" for the rest)."""
+        visitor asked for, "background" for the rest). `owner` names who asks (a session): the
+        job then stops once every owner has released it (`release`) before it is done; asked for
+        without an owner, it always runs to its end."""
         if lane not in self.lanes:
             raise ValueError(f"unknown lane {lane!r}")
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and not job.error:
+                self._claim(job, owner)
                 return job
             job = Job(key, label)
+            self._claim(job, owner)
             hit = self.memo.get(key)
             if hit is not None:
                 job.result, job.done, job.stage = hit, True, "done"
@@ -173,6 +181,13 @@ class Jobs:
             self._jobs[key] = job
             self._forget_finished()
             return job
+
+    @staticmethod
+    def _claim(job: Job, owner: Optional[str]) -> None:
+        if owner is None:
+            job.pinned = True
+        else:
+            job.owners.add(owner)
 
     def _forget_finished(self, keep: int = 256) -> None:
         """Drop the oldest finished jobs past `keep` (their results stay in the memo, where peek
@@ -195,12 +210,30 @@ class Jobs:
         """Stop a running job at its next progress report (e.g. the BPD of a drawing that changed);
         it leaves the table, so asking for the key again starts afresh."""
         with self._lock:
+            self._cancel(key)
+
+    def release(self, key: str, owner: str) -> None:
+        """`owner` no longer waits for `key` (its visitor moved on to another image). The job is
+        cancelled when nobody else waits for it: no other session asked for it and nothing asked
+        without an owner. A visitor who clicks through ten digits thus waits for the last one's
+        computation alone, not for the nine before it, while a digit another visitor also looks at
+        keeps computing."""
+        with self._lock:
             job = self._jobs.get(key)
-            if job is not None and not job.done:
-                job.cancelled = True
-                del self._jobs[key]
-                if self._shared is not None:
-                    self._shared[("cancel", job.token)] = True
+            if job is None or job.done or owner not in job.owners:
+                return
+            job.owners.discard(owner)
+            if not job.owners and not job.pinned:
+                self._cancel(key)
+
+    def _cancel(self, key: str) -> None:
+        """cancel() with the lock held."""
+        job = self._jobs.get(key)
+        if job is not None and not job.done:
+            job.cancelled = True
+            del self._jobs[key]
+            if self._shared is not None:
+                self._shared[("cancel", job.token)] = True
 
     def wait_all(self, timeout: float = 600.0) -> bool:
         """Block until every submitted job is done (for tests and clean shutdowns); True if all are."""

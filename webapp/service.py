@@ -124,11 +124,11 @@ def _sample(run: Run, seed: int, cb: Callback) -> dict:
     return {"x": data.quantize(x.clamp(0, 1)).numpy()}
 
 
-def sample_job(run: Run, seed: int):
+def sample_job(run: Run, seed: int, owner: Optional[str] = None):
     """One generated digit (1, 28, 28) from the run's model, fixed by `seed` (probability-flow
-    ODE), in a worker process: the server never runs the network itself."""
+    ODE), in a worker process: the server never runs the network itself. `owner` as for `bpd_job`."""
     return jobs().submit(make_key("sample", run.digest, None, {"seed": seed}), functools.partial(_sample, run, seed),
-                         label="generating a sample", lane="interactive")
+                         label="generating a sample", lane="interactive", owner=owner)
 
 
 # ---------------------------------------------------------------- computations
@@ -139,10 +139,11 @@ def _bpd(run: Run, x: torch.Tensor, cb: Callback) -> dict:
     return {"bpd": float(b[0])}
 
 
-def bpd_job(run: Run, x: torch.Tensor):
-    """Exact BPD of one image (1, 28, 28) under the run's model."""
+def bpd_job(run: Run, x: torch.Tensor, owner: Optional[str] = None):
+    """Exact BPD of one image (1, 28, 28) under the run's model. `owner`: the session asking
+    (the job stops when its owners release it, webapp.jobs.Jobs.release); None: run to the end."""
     return jobs().submit(make_key("bpd", run.digest, x.numpy(), run.preset.likelihood_kwargs),
-                         functools.partial(_bpd, run, x), label="bits/dim", lane="interactive")
+                         functools.partial(_bpd, run, x), label="bits/dim", lane="interactive", owner=owner)
 
 
 def install_shipped(run: Run) -> list[str]:
@@ -214,16 +215,17 @@ def _attribution(run: Run, x: torch.Tensor, replay: bool, cb: Callback) -> dict:
     return {"grad_w": gw[0], "bpd": float(bpd[0]), "method": method, "seconds": time.perf_counter() - t0}
 
 
-def attribution_job(run: Run, x: torch.Tensor):
+def attribution_job(run: Run, x: torch.Tensor, owner: Optional[str] = None):
     """MAGIC scores grad_w (n,), the BPD of one image (1, 28, 28) and how they were made: from
-    the run's precomputed replay when it has a valid one, else by a replay of training."""
+    the run's precomputed replay when it has a valid one, else by a replay of training. `owner`
+    as for `bpd_job`."""
     name, _ = precomputed(run)
     # from a representation it is one BPD with its gradient (seconds): the interactive lane, never
     # queued behind the galleries or a replay; a replay (minutes) is the visitor's own, never queued
     # behind the galleries either
     return jobs().submit(attribution_key(run, x), functools.partial(_attribution, run, x, name is None),
                          label="attribution" if name is None else "bits/dim and influences (precomputed replay)",
-                         lane="requested" if name is None else "interactive")
+                         lane="requested" if name is None else "interactive", owner=owner)
 
 
 def known_attribution(run: Run, x: torch.Tensor):
@@ -239,11 +241,11 @@ def replay_key(run: Run, x: torch.Tensor) -> str:
     return _attribution_key(run, x, "replay")
 
 
-def replay_job(run: Run, x: torch.Tensor):
+def replay_job(run: Run, x: torch.Tensor, owner: Optional[str] = None):
     """Exact MAGIC of one image by a replay of training, whatever representation the run has: what
-    replaces an approximate representation's preview when it lands."""
+    replaces an approximate representation's preview when it lands. `owner` as for `bpd_job`."""
     return jobs().submit(replay_key(run, x), functools.partial(_attribution, run, x, True),
-                         label="exact replay (it will replace the preview)", lane="requested")
+                         label="exact replay (it will replace the preview)", lane="requested", owner=owner)
 
 
 def gallery_queries() -> list[int]:

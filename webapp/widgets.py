@@ -29,6 +29,26 @@ def require_run() -> Run:
     st.stop()
 
 
+def session_id() -> str:
+    """This visitor's session, as the owner of the jobs its pages ask for (webapp.jobs.Jobs.release)."""
+    if "_session_id" not in st.session_state:
+        import uuid
+        st.session_state["_session_id"] = uuid.uuid4().hex
+    return st.session_state["_session_id"]
+
+
+def follow(slot: str, job):
+    """Record `job` as what this session's `slot` (a place on a page that shows one image's
+    computation) waits for now, releasing the job it waited for before when that was another:
+    a visitor who moves on to another image no longer waits for the previous one's computation,
+    which stops unless another session waits for it too. Returns `job`."""
+    old = st.session_state.get(slot)
+    if old and old != job.key:
+        service.jobs().release(old, session_id())
+    st.session_state[slot] = job.key
+    return job
+
+
 def wait_for(job) -> Optional[dict]:
     """A finished job's result; an error line if it failed; else a live progress bar (None)."""
     if job.error:
