@@ -211,6 +211,7 @@ def main() -> None:
                         raise RuntimeError(f"no influences 900 s after picking test digit {picks[-1]}")
                     time.sleep(0.1)
                 dt = time.perf_counter() - t1
+                made_by.append(page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text().split(" (")[0].split(";")[0])
                 rows.append((f"{a.picks} test digits picked 1 s apart: the last one until its influences", f"{dt:7.1f}"))
                 print(f"picks: the last digit's influences {dt:.1f} s after it was picked", flush=True)
             for k, name in enumerate(["Compare likelihoods", "Galleries", "Verify"]):
