@@ -130,6 +130,14 @@ SECTIONS = [
     ("The app on a fresh clone (headless Chromium): a stroke's influences", "results/bench_app_browser.txt", None,
      ["results/app/1_draw_influences.png", "results/app/4_galleries.png"],
      "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app"),
+    ("The app: a visitor clicking through 5 test digits, one a second, until the last one's influences",
+     "results/bench_app_picks.txt", None, [],
+     "python benchmarks/bench_app_browser.py --run runs/cpu --strokes 0 --uploads 0 --picks 5 --no-exact "
+     "--shots /tmp/shots_after --out results/bench_app_picks.txt"),
+    ("The same before jobs were released: the app at 6e2cf6d, with this benchmark as of 9ed9570 (its +changes)",
+     "results/bench_app_picks_6e2cf6d.txt", None, [],
+     "python benchmarks/bench_app_browser.py --run runs/cpu --strokes 0 --uploads 0 --picks 5 --no-exact "
+     "--out results/bench_app_picks_6e2cf6d.txt (in a checkout of 6e2cf6d)"),
     ("The same on an Intel Xeon (another kind of CPU than the shipped file's)", "results/bench_app_browser_xeon.txt", None, [],
      "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser_xeon.txt --shots /tmp/shots_xeon3"),
     ("GPU", "results/gpu.md", None, [], "scripts/gpu_check.sh --offline --out results/gpu.md"),
