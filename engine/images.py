@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
+from scipy.optimize import least_squares
 
 from engine.data import _test_set, _to_tensor
 from engine.errors import UserError
@@ -83,21 +84,23 @@ def to_gray(img: Image.Image) -> np.ndarray:
 
 def flatten_background(g: np.ndarray, blocks: int = 8) -> np.ndarray:
     """Even out a photo's paper: g (H, W) in [0, 1], ink brighter than paper -> the same with the
-    paper's light and grain taken off, or g itself (the very array) when the paper is already flat.
+    paper's light and grain taken off, or g itself (the very array) when it is not such a photo.
 
-    A phone photo of a digit on paper is lit unevenly (a gradient, vignetting) and grainy, where
-    MNIST's scans were flat; subtracting one background level then leaves the darker side of the
-    paper or its grain as "ink", and the crop keeps them. Here the image is cut into `blocks` x
-    `blocks` blocks; a block's median is its paper's level (ink covers less than half of most
-    blocks) and (median - lower quartile) / 0.674 its grain's standard deviation. A quadratic
-    surface in (x, y) is fitted to the blocks' levels by robust least squares (a Cauchy loss at the
-    scale of 2 grey levels, so that the blocks that are mostly ink barely pull on it); the surface
-    and 3 grain standard deviations (the median over the blocks within 6 grey levels of the
-    surface: the paper's) are subtracted. A smooth surface
-    cannot hollow out a stroke, and on a clean image (a drawing, an MNIST digit: the paper exactly
-    flat) it is flat too: an image whose correction would vary by less than a grey level is
-    returned unchanged (a drawing on the canvas, all but 8 of the 10,000 MNIST test digits; those
-    8 move by less than a grey level), so drawings and clean uploads keep their pixels.
+    A phone photo of a digit on paper is grainy and often lit unevenly (a gradient, vignetting),
+    where MNIST's scans were clean; subtracting one background level then leaves the grain or
+    the darker side of the paper as "ink", and the crop keeps it. Here the image is cut into
+    `blocks` x `blocks` blocks; a block's median is its paper's level (ink covers less than half
+    of most blocks) and (median - lower quartile) / 0.674 its grain's standard deviation. A
+    surface a + b x + c y + d x^2 + e y^2 (a gradient, vignetting) is fitted to the blocks'
+    levels by robust least squares (a Cauchy loss at the scale of 2 grey levels, so that the
+    blocks that are mostly ink barely pull on it). Then the image,
+    smoothed by a Gaussian of 1/300 of its size (else the grain's rare large values survive as
+    specks), less that surface and 4 standard deviations of the smoothed grain, is returned.
+
+    It is left as it is when fewer than 2/3 of the blocks lie within 6 grey levels of the surface
+    (the digit fills the image: cropped tight, where one level for the paper does as well), when
+    it has no grain (under 1 grey level: a drawing, a scan, an MNIST digit, none of which ever
+    changes), or when the "grain" is ink (over 1/12 of the range).
     """
     h, w = g.shape
     ey = np.linspace(0, h, min(blocks, h) + 1).round().astype(int)
@@ -112,22 +115,25 @@ def flatten_background(g: np.ndarray, blocks: int = 8) -> np.ndarray:
             cx.append((x0 + x1 - 1) / 2)
     level = np.array(level)
 
-    def terms(v: np.ndarray, u: np.ndarray) -> list:  # the quadratic's monomials, coordinates in [-1, 1]
-        return [np.ones_like(u * v), u + 0 * v, v + 0 * u, u * u + 0 * v, u * v, v * v + 0 * u]
+    def terms(v: np.ndarray, u: np.ndarray) -> list:  # the surface's monomials, coordinates in [-1, 1]
+        return [np.ones_like(u * v), u + 0 * v, v + 0 * u, u * u + 0 * v, v * v + 0 * u]
     to_u, to_v = (lambda x: 2 * x / max(w - 1, 1) - 1), (lambda y: 2 * y / max(h - 1, 1) - 1)
     a = np.stack(terms(to_v(np.array(cy)), to_u(np.array(cx))), 1)
-    # a robust fit (Cauchy loss at the scale of a few grey levels): the ink's blocks, far above the
-    # paper, pull on it no more than a few blocks' worth of paper would
-    from scipy.optimize import least_squares
     x0 = np.zeros(a.shape[1])
     x0[0] = np.median(level)
     coef = least_squares(lambda c: a @ c - level, x0, loss="cauchy", f_scale=2 / 255).x
-    paper = np.abs(a @ coef - level) <= 6 / 255
-    noise = 3 * float(np.median(np.array(grain)[paper]))
-    surface = sum(c * t for c, t in zip(coef, terms(to_v(np.arange(h))[:, None], to_u(np.arange(w))[None, :])))
-    if np.ptp(surface) + noise < 1 / 255:  # flat, clean paper: nothing to take off
+    paper = np.abs(a @ coef - level) <= 6 / 255  # the blocks that are paper
+    if paper.mean() < 2 / 3:  # the digit fills the image (cropped tight): the blocks' levels are mostly ink's
         return g
-    return np.clip(g - surface - noise, 0, None)
+    sd = float(np.median(np.array(grain)[paper]))
+    if not 1 / 255 <= sd <= 1 / 12:  # no grain (not a photo), or "grain" that is ink
+        return g
+    surface = sum(c * t for c, t in zip(coef, terms(to_v(np.arange(h))[:, None], to_u(np.arange(w))[None, :])))
+    smooth = ndimage.gaussian_filter(g, max(1.0, max(h, w) / 300))
+    grain = [(q50 - q25) / 0.674 for (q25, q50), keep in
+             zip((np.percentile(smooth[y0:y1, x0:x1], [25, 50]) for y0, y1 in zip(ey[:-1], ey[1:])
+                  for x0, x1 in zip(ex[:-1], ex[1:])), paper) if keep]
+    return np.clip(smooth - surface - 4 * float(np.median(grain)), 0, None)
 
 
 def preprocess_array(gray: np.ndarray, name: str = "image") -> torch.Tensor:
