@@ -86,6 +86,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python experiments/sample_quality.py --run $(RUN) --samplers sde,pc --steps 4000 --out results/sample_quality_cpu_4000
 	$(BIN)/python experiments/rotation_angles.py --run $(RUN) --out results/rotation_angles
 	$(BIN)/python experiments/rotation_angles.py --run $(RUN) --images train --out results/rotation_angles_train
+	$(BIN)/python experiments/photo_uploads.py --out results/photo_uploads
 	$(MAKE) bench
 	$(BIN)/python scripts/results_md.py --out RESULTS.md
 
