@@ -260,3 +260,29 @@ def test_the_verify_page_takes_a_gallery_digits_preview_and_says_how_it_was_made
         assert abs(shown - want) <= 1e-4, (line, want)
     finally:
         (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)
+
+
+def test_a_new_drawing_releases_the_previous_one_s_exact_replay_at_once(app_run, monkeypatch):
+    # with an approximate representation a drawing's exact replay starts after its preview; the
+    # next drawing releases it at once, before its own preview is in (webapp.jobs.Jobs.release
+    # stops it unless another session waits for it)
+    from engine.precompute import build, representation as R
+    from webapp import service
+    build.precompute(app_run, method="lowrank", rank=4, chunk=4)
+    released = []
+    jobs = service.jobs()
+    real = jobs.release
+    monkeypatch.setattr(jobs, "release", lambda key, owner: (released.append((key, owner)), real(key, owner)))
+    try:
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas(dx=23)
+        at = _until(at, lambda a: "exact_key" in a.session_state)
+        me, exact, first = at.session_state["_session_id"], at.session_state["exact_key"], at.session_state["bpd_key"]
+        assert me in jobs.peek(exact).owners or jobs.peek(exact).done
+        at.session_state["test_canvas"] = _stroke_canvas(dx=-23)
+        at.run()
+        assert (first, me) in released and (exact, me) in released
+        assert "exact_key" not in at.session_state or at.session_state["exact_key"] != exact
+    finally:
+        (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)

@@ -63,8 +63,11 @@ with c3:
     # without, the BPD alone first, the replay on request. A new image (another stroke, test
     # digit, upload) releases the previous one's computation: it stops unless another visitor waits for it
     me = W.session_id()
+    before = st.session_state.get("bpd_key")
     job = W.follow("bpd_key", service.attribution_job(run, x, owner=me) if name is not None
                    else service.bpd_job(run, x, owner=me))
+    if before != job.key and st.session_state.get("exact_key"):  # and the previous image's exact replay, at once
+        service.jobs().release(st.session_state.pop("exact_key"), me)
     res = W.wait_for(job)
     if res:
         st.markdown(W.bpd_words(res["bpd"], W.figure2_means(run)))
