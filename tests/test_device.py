@@ -68,10 +68,11 @@ def pullback():
     return torch.func.vmap(vjp_fn)(tuple({n: adj[j * k + i] for i, n in enumerate(names)} for j in range(3)))
 for _ in range(3):  # the heap grows to its working size first
     pullback()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faults = []  # per pullback: a few spike (the heap grows once more), so the test takes the median
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = pullback()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 torch.save(out, sys.argv[2])
 print(json.dumps({"tuned": bool(tuned), "faults": faults}))
 """
@@ -95,9 +96,12 @@ def test_the_tuned_allocator_stops_the_page_faults_and_changes_no_bit(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         got[mode] = json.loads(out.strip().splitlines()[-1])
     assert got["setup"]["tuned"] and not got["default"]["tuned"]
-    # measured: 6-15x fewer on the first machines; 2.2-2.8x on an AMD EPYC (3388-4412 against
-    # 1569-1570, where a factor of 3 failed one run in two): untuned, it would be about 1x
-    assert got["setup"]["faults"] < got["default"]["faults"] / 2, got
+    # the median over 8 pullbacks, each counted alone: tuned, most pullbacks fault 0 times, with
+    # rare spikes (0 / 0 twice on an AMD EPYC, against 5000-9000 untuned); the mean of 3, which
+    # this test took before, caught the spikes and gave 1.7-2.8x there, against 6-15x elsewhere
+    import statistics
+    tuned, default = statistics.median(got["setup"]["faults"]), statistics.median(got["default"]["faults"])
+    assert tuned * 10 < default, got
     a, b = (torch.load(tmp_path / f"{m}.pt") for m in ("default", "setup"))
     flat = lambda t: [x for part in t for x in (part.values() if isinstance(part, dict) else [part])]  # noqa: E731
     assert all(torch.equal(x, y) for x, y in zip(flat(a), flat(b), strict=True))
