@@ -93,14 +93,14 @@ def flatten_background(g: np.ndarray, blocks: int = 8) -> np.ndarray:
     of most blocks) and (median - lower quartile) / 0.674 its grain's standard deviation. A
     surface a + b x + c y + d x^2 + e y^2 (a gradient, vignetting) is fitted to the blocks'
     levels by robust least squares (a Cauchy loss at the scale of 2 grey levels, so that the
-    blocks that are mostly ink barely pull on it). Then the image,
-    smoothed by a Gaussian of 1/300 of its size (else the grain's rare large values survive as
-    specks), less that surface and 4 standard deviations of the smoothed grain, is returned.
+    blocks that are mostly ink barely pull on it). Then the image, smoothed by a Gaussian of 1/300
+    of its size (else the grain's rare large values survive as specks), less that surface and 4
+    standard deviations of the smoothed grain, is returned.
 
     It is left as it is when fewer than 2/3 of the blocks lie within 6 grey levels of the surface
     (the digit fills the image: cropped tight, where one level for the paper does as well), when
-    it has no grain (under 1 grey level: a drawing, a scan, an MNIST digit, none of which ever
-    changes), or when the "grain" is ink (over 1/12 of the range).
+    it has no grain (under 1 grey level: a drawing on the canvas, an MNIST digit; none of the
+    10,000 test digits changes), or when the "grain" is ink (over 1/12 of the range).
     """
     h, w = g.shape
     ey = np.linspace(0, h, min(blocks, h) + 1).round().astype(int)
@@ -130,10 +130,10 @@ def flatten_background(g: np.ndarray, blocks: int = 8) -> np.ndarray:
         return g
     surface = sum(c * t for c, t in zip(coef, terms(to_v(np.arange(h))[:, None], to_u(np.arange(w))[None, :])))
     smooth = ndimage.gaussian_filter(g, max(1.0, max(h, w) / 300))
-    grain = [(q50 - q25) / 0.674 for (q25, q50), keep in
-             zip((np.percentile(smooth[y0:y1, x0:x1], [25, 50]) for y0, y1 in zip(ey[:-1], ey[1:])
-                  for x0, x1 in zip(ex[:-1], ex[1:])), paper) if keep]
-    return np.clip(smooth - surface - 4 * float(np.median(grain)), 0, None)
+    smoothed = [(q50 - q25) / 0.674 for (q25, q50), keep in
+                zip((np.percentile(smooth[y0:y1, x0:x1], [25, 50]) for y0, y1 in zip(ey[:-1], ey[1:])
+                     for x0, x1 in zip(ex[:-1], ex[1:])), paper) if keep]  # the smoothed grain's sd, per paper block
+    return np.clip(smooth - surface - 4 * float(np.median(smoothed)), 0, None)
 
 
 def preprocess_array(gray: np.ndarray, name: str = "image") -> torch.Tensor:
