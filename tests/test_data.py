@@ -30,20 +30,12 @@ def _photo_of_digit(i: int) -> tuple[torch.Tensor, Image.Image]:
     return x[i], canvas
 
 
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pixel correlation, best over shifts of at most one pixel (centring by mass is only
-    defined to the nearest pixel, in MNIST as here)."""
-    a, b = a.reshape(28, 28).numpy(), b.reshape(28, 28).numpy()
-    return max(float(np.corrcoef(np.roll(a, (dy, dx), (0, 1)).ravel(), b.ravel())[0, 1])
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-
-
 @pytest.mark.parametrize("i", [0, 1, 2, 3])
 def test_an_upload_of_a_test_digit_comes_back_as_that_digit(i):
     original, photo = _photo_of_digit(i)
     x = images.preprocess_image(_png(photo))
     assert x.shape == (1, 28, 28) and x.min() >= 0 and x.max() == 1
-    assert _corr(x, original) > 0.85, _corr(x, original)
+    assert photos.match(x, original) > 0.85, photos.match(x, original)
     ys, xs = np.nonzero(x[0].numpy() > 0.1)
     assert ys.max() - ys.min() < 21 and xs.max() - xs.min() < 21  # fits the 20x20 box
     cy, cx = np.array(np.nonzero(x[0].numpy())).mean(1)
@@ -101,13 +93,13 @@ def test_odd_modes_read_the_same_as_grayscale():
     }
     for name, img in variants.items():
         got = images.preprocess_image(_png(img), name)
-        assert _corr(got, ref) > 0.95, name
+        assert photos.match(got, ref) > 0.95, name
 
 
 def test_white_on_black_and_black_on_white_agree():
     _, photo = _photo_of_digit(1)
     inverted = Image.fromarray(255 - np.asarray(photo))
-    assert _corr(images.preprocess_image(_png(photo)), images.preprocess_image(_png(inverted))) > 0.99
+    assert photos.match(images.preprocess_image(_png(photo)), images.preprocess_image(_png(inverted))) > 0.99
 
 
 def _huge_png_header(w: int, h: int) -> bytes:
