@@ -286,3 +286,34 @@ def test_a_new_drawing_releases_the_previous_one_s_exact_replay_at_once(app_run,
         assert "exact_key" not in at.session_state or at.session_state["exact_key"] != exact
     finally:
         (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)
+
+
+def test_the_verify_page_attributes_a_new_query_from_the_representation_without_a_button(app_run, monkeypatch):
+    # a query no gallery has attributed yet: with a representation Verify asks for its preview at
+    # once (seconds), as Draw does, and shows MAGIC's prediction from it; no button on the way
+    import re
+    import torch
+    from engine.attribution import attribute_precomputed, predict_removal, top_k
+    from engine.precompute import build, representation as R
+    from webapp import service
+    monkeypatch.setenv("APP_GALLERY_QUERIES", "5")
+    build.precompute(app_run, method="lowrank", rank=4, chunk=4)
+    try:
+        q = service.gallery_queries()[4]  # beyond every gallery the other tests make (at most 3 digits)
+        x = service.test_set()[0][q]
+        assert service.known_attribution(app_run, torch.from_numpy(x)) is None
+        at = _new()
+        at.run()
+        at.switch_page("views/verify.py").run()
+        at.selectbox(key="ver_query").set_value(f"test {q} (a {service.test_set()[1][q]})").run()
+        buttons = []
+        at = _until(at, lambda a: buttons.extend(b.key for b in a.button) or any("MAGIC predicts" in m.value for m in a.markdown),
+                    timeout=120)
+        assert "ver_attr" not in buttons
+        assert any("precomputed replay `lowrank4`" in c.value for c in at.caption)
+        gw, bpd = attribute_precomputed(app_run, R.load(app_run, "lowrank4"), torch.from_numpy(x)[None])
+        want = predict_removal(float(bpd[0]), gw[0], top_k(gw[0], 10)["proponents"])
+        line = next(m.value for m in at.markdown if "MAGIC predicts" in m.value)
+        assert abs(float(re.search(r"predicts \*\*([0-9.]+)\*\*", line).group(1)) - want) <= 1e-4, (line, want)
+    finally:
+        (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)

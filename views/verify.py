@@ -113,6 +113,10 @@ x = torch.from_numpy(np.asarray(choices[name], dtype=np.float32))
 st.image(W.big(x, 112), width=112)
 
 job = service.known_attribution(run, x)
+if job is None and service.precomputed(run)[0] is not None:
+    # from a representation an attribution takes seconds: asked for at once, as on the Draw page
+    # (another query releases it: webapp.jobs.Jobs.release)
+    job = W.follow("ver_key", service.attribution_job(run, x, owner=W.session_id()))
 if job is None:
     st.info("This image has no attribution yet.")
     if st.button("Compute its attribution", key="ver_attr"):
