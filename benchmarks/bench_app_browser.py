@@ -77,6 +77,11 @@ def _top_text(page) -> str:
     return loc.first.inner_text() if loc.count() else ""
 
 
+def _made_by(page) -> str:
+    """The computation the Draw page names for the influences it shows ("Computed from ...")."""
+    return page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text().split(" (")[0].split(";")[0]
+
+
 def _fresh(page, text) -> bool:
     """Whether `text` is on the page in an element of the current script run (Streamlit leaves the
     previous run's elements up, marked stale, until the new run replaces or drops them)."""
@@ -165,7 +170,7 @@ def main() -> None:
                 dt = time.perf_counter() - t1
                 first = first if first is not None else time.perf_counter() - t0 - setup_s
                 cap = page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text()
-                made_by.append(cap.split(" (")[0].split(";")[0])
+                made_by.append(_made_by(page))
                 rows.append((f"stroke {i + 1}: end of stroke until its influences", f"{dt:7.1f}"))
                 took = re.search(r"Computing it took ([0-9.]+) s", cap)  # the job's own time, in its worker
                 if took:
@@ -211,7 +216,7 @@ def main() -> None:
                         raise RuntimeError(f"no influences 900 s after picking test digit {picks[-1]}")
                     time.sleep(0.1)
                 dt = time.perf_counter() - t1
-                made_by.append(page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text().split(" (")[0].split(";")[0])
+                made_by.append(_made_by(page))
                 rows.append((f"{a.picks} test digits picked 1 s apart: the last one until its influences", f"{dt:7.1f}"))
                 print(f"picks: the last digit's influences {dt:.1f} s after it was picked", flush=True)
             for k, name in enumerate(["Compare likelihoods", "Galleries", "Verify"]):
