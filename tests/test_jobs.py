@@ -203,6 +203,51 @@ def test_a_visitor_s_job_is_not_queued_behind_the_background_and_both_pause_for_
         jobs.shutdown()
 
 
+def _threads_until(flag: str, cb) -> dict:
+    """A process job: reports progress every 20 ms and records its torch thread count at each
+    report, until the file `flag` exists."""
+    import torch
+    seen, end = [], time.time() + 120
+    while not Path(flag).exists() and time.time() < end:
+        cb({"stage": "work"})
+        seen.append(torch.get_num_threads())
+        time.sleep(0.02)
+    return {"seen": np.array(seen)}
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="sharing cores needs two of them")
+def test_a_replay_and_the_background_share_the_cores_and_one_alone_takes_them_all(tmp_path):
+    # a visitor's exact replay (lane "requested") alone uses every core; once the galleries (lane
+    # "background") start beside it, half each; the galleries, left alone, take them all
+    import functools
+    import os
+    cores = os.cpu_count()
+    jobs = Jobs(Memo(tmp_path / "memo"), workers=1)
+
+    def until(cond, timeout=60.0):
+        end = time.time() + timeout
+        while not cond():
+            assert time.time() < end
+            time.sleep(0.05)
+    try:
+        rq = jobs.submit("rq", functools.partial(_threads_until, str(tmp_path / "rq")), "rq", lane="requested")
+        until(lambda: rq.stage == "work")
+        time.sleep(0.3)
+        bg = jobs.submit("bg", functools.partial(_threads_until, str(tmp_path / "bg")), "bg", lane="background")
+        until(lambda: bg.stage == "work")
+        time.sleep(0.3)
+        (tmp_path / "rq").touch()
+        until(lambda: rq.done)
+        time.sleep(0.3)
+        (tmp_path / "bg").touch()
+        assert jobs.wait_all(60) and rq.error is None and bg.error is None
+        r, b = list(rq.result["seen"]), list(bg.result["seen"])
+        assert r[0] == cores and r[-1] == cores // 2, r
+        assert b[0] == cores // 2 and b[-1] == cores, b
+    finally:
+        jobs.shutdown()
+
+
 def _count_to(n: int, path: str) -> str:
     """An engine.executor job: records each step in a file."""
     for i in range(n):

@@ -106,20 +106,31 @@ class Job:
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
 
 
-def _in_worker(blob: bytes, key: str, shared) -> bytes:
+def _in_worker(blob: bytes, key: str, shared, lane: str = "interactive") -> bytes:
     """A process job: fn = pickle.loads(blob); its progress goes to shared[key];
-    shared[("cancel", key)] stops it (key is the job's token, unique to this attempt). The
+    shared[("cancel", key)] stops it (key is the job's token, unique to this attempt);
+    shared[("threads", lane)], where the scheduler set it, is the torch thread count the job
+    takes up at its start and at each progress report (Jobs._share_cores). The
     function and its result cross the process boundary as plain pickles, never through
     multiprocessing's own pickler: with torch imported, that one sends a tensor as a file
     descriptor fetched from the sending process's resource sharer, a single thread that serves
     one connection at a time; a paused worker (SIGSTOP) caught in that handshake held it, and the
     next drawing's job waited on it forever (measured in the browser benchmark)."""
     fn = pickle.loads(blob)
+    threads = [None]
+
+    def take_threads() -> None:
+        n = shared.get(("threads", lane))
+        if n and n != threads[0]:  # between two torch calls: the next parallel region uses n
+            _set_threads(n)
+            threads[0] = n
 
     def callback(info: dict) -> None:
         if shared.pop(("cancel", key), None):
             raise Cancelled(key)
         shared[key] = dict(info)
+        take_threads()
+    take_threads()
     return pickle.dumps(fn(callback), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -128,24 +139,32 @@ class Jobs:
 
     Process jobs go to one of three lanes, each its own pool: "interactive" (short jobs a page
     waits on, e.g. a new image's BPD; torch uses every core), "requested" (minutes-long jobs a
-    visitor asked for: an image's exact replay, a retrain on Verify; half the cores) and
-    "background" (what the app makes on its own: the galleries, a representation; half the
-    cores, nice 19). A BPD therefore never queues behind a minutes-long attribution, a visitor's
-    replay never behind the galleries, and while an interactive job computes the other lanes
-    are paused, so that several processes never spin full sets of torch threads on the same
-    cores (that runs many times slower).
+    visitor asked for: an image's exact replay, a retrain on Verify) and "background" (what the
+    app makes on its own: the galleries, a representation; nice 19). The last two share the
+    cores: half each while both compute, all of them to the one that computes alone (a replay
+    of the `cpu` model's training: 155 ms a step on 2 threads against 249 ms on 1, measured on
+    an AMD EPYC), taken up at the job's next progress report when the other starts or ends. A
+    BPD therefore never queues behind a minutes-long attribution, a visitor's replay never
+    behind the galleries, and while an interactive job computes the other lanes are paused, so
+    that several processes never spin full sets of torch threads on the same cores (that runs
+    many times slower).
 
     Args:
         memo: where results are kept (and found: a memoized key starts no job).
         workers: 0 runs jobs in threads of this process; n > 0 in n spawned processes per lane.
     """
 
+    SHARED = ("requested", "background")  # the lanes that share the cores (see the class docstring)
+
     def __init__(self, memo: Memo, workers: int = 0):
         self.memo = memo
         self.workers = workers
         cores = os.cpu_count() or 1
         half = max(1, cores // 2)
-        self.lanes = {"interactive": cores, "requested": half, "background": half}  # lane -> torch threads
+        self.cores = cores
+        # lane -> torch threads at a worker's start; the two shared lanes' are set per job (_share_cores)
+        self.lanes = {"interactive": cores, "requested": half, "background": half}
+        self._computing = {lane: 0 for lane in self.SHARED}  # process jobs computing now, per shared lane
         self._pools: dict[str, cf.ProcessPoolExecutor] = {}
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -302,6 +321,22 @@ class Jobs:
             if (on and self._interactive == 1) or (not on and self._interactive == 0):
                 self._signal_background("SIGSTOP" if on else "SIGCONT")
 
+    def _share_cores(self, lane: str, delta: int) -> None:
+        """One more (delta 1) or one fewer (-1) job computing in shared `lane`; then every job of
+        the two shared lanes gets its part of the cores: the lanes computing split them evenly,
+        and a lane's part is split among its jobs (at least one thread each). The workers take
+        their count up at their next progress report (_in_worker)."""
+        with self._lock:
+            self._computing[lane] += delta
+            busy = [name for name in self.SHARED if self._computing[name] > 0]
+            for name in busy if self._shared is not None else ():  # (None: the server is stopping)
+                self._shared[("threads", name)] = max(1, self.cores // len(busy) // self._computing[name])
+
+    def threads_for(self, lane: str) -> Optional[int]:
+        """The torch thread count a job of shared `lane` is to use now (None: not set, e.g. before
+        any process job ran there)."""
+        return None if self._shared is None else self._shared.get(("threads", lane))
+
     def background_paused(self) -> bool:
         """Whether the non-interactive lanes are paused now (an interactive job is computing)."""
         return self._interactive > 0
@@ -326,10 +361,14 @@ class Jobs:
         pool = self._start_pool(lane)
         shared = self._shared
         pause = lane == "interactive"
+        shares = lane in self.SHARED
         if pause:
             self._pause_background(True)
+        if shares:  # before the worker starts the job: it reads its thread count first
+            self._share_cores(lane, 1)
         with _neutral_main():  # processes start on submit
-            future = pool.submit(_in_worker, pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), job.token, shared)
+            future = pool.submit(_in_worker, pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL), job.token, shared,
+                                 lane)
         if not pause:
             with self._lock:  # a worker the pool started just now, while an interactive job computes
                 if self._interactive > 0:
@@ -361,6 +400,8 @@ class Jobs:
         finally:
             if pause:
                 self._pause_background(False)
+            if shares:
+                self._share_cores(lane, -1)
             shared.pop(job.token, None)
 
     def _run(self, job: Job, fn, lane: str) -> None:
