@@ -25,6 +25,8 @@ discretized solve rather than using odeint_adjoint (whose VE-SDE gradients were 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -171,7 +173,7 @@ FIXED_METHODS = ("rk4", "midpoint", "euler")
 def log_likelihood_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence[torch.Tensor], *,
                             sigma: float = sde.SIGMA, eps: float = sde.EPS, n_steps: int = DEFAULT_STEPS,
                             method: str = DEFAULT_METHOD, chunk: Optional[int] = None,
-                            callback: Optional[Callable[[dict], None]] = None
+                            callback: Optional[Callable[[dict], None]] = None, workers: Optional[int] = None
                             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """log p(x) with the exact divergence, and d sum(log p) / d params, without checkpoint recomputation.
 
@@ -190,10 +192,22 @@ def log_likelihood_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence
     x_k-gradients are pulled back through phase 1's graph with the prior's. Same values as
     `log_likelihood` up to summation order.
 
+    Phase 2's pieces (one chunk of one evaluation) are independent of one another, so `workers`
+    threads compute them, two pieces at once on one torch thread each rather than one piece on
+    two: torch's own threads barely speed up these small convolutions (a BPD with its gradient
+    on the `cpu` default, 2 cores: 6.35 s on 1 thread, 6.50 s on 2; results/bench_lane_threads.txt).
+    Each worker sums its pieces in a fixed order and the sums are added in worker order, so the
+    same number of workers gives the same bits; one worker sums exactly as a plain loop.
+
     Args:
         x: (B, *S) data points; params: the tensors to differentiate (score_fn's parameters).
         method: a fixed-grid method ("rk4", "midpoint", "euler").
-        callback: called after each divergence evaluation with {"i", "n", "t"}.
+        callback: called after each piece of phase 2 (one chunk of one evaluation) with
+            {"i": pieces done, "n": pieces}, in the calling thread; an exception it raises stops
+            the workers and propagates.
+        workers: threads for phase 2 (None: torch.get_num_threads(), the cores torch was given);
+            one for a score function without its own tangent code (torch.func.jvp's forward-AD
+            levels are global to the process).
     Returns:
         (B,) log-densities (detached) and one gradient per param (zeros where unused).
     """
@@ -218,32 +232,109 @@ def log_likelihood_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence
         # c_k (B,) each; None for an evaluation that does not reach the result (then skipped)
         weights = torch.autograd.grad(z[-1].sum(), [h for _, _, h in stages], retain_graph=True, allow_unused=True)
         prior = sde.prior_logp(xs[-1], sigma)
-    grads = [torch.zeros_like(p) for p in params]
-    div_sum = x.new_zeros(b)
-    x_grads = []
-    for k, ((xk, tk, _), ck) in enumerate(zip(stages, weights)):
-        if ck is None:
-            x_grads.append(torch.zeros_like(xk))
-            continue
-        xk_leaf = xk.detach().requires_grad_(True)
-        gx = torch.zeros_like(xk)
-        for start in range(0, d, chunk):
-            with torch.enable_grad():
-                _, dv = _diag_chunk(score_fn, xk_leaf, tk, start, min(chunk, d - start))
-                term = ck * dv
-                g = torch.autograd.grad(term.sum(), [xk_leaf, *params], allow_unused=True)
-            div_sum = div_sum + term.detach()
-            gx = gx + g[0]
-            grads = [a if gi is None else a + gi for a, gi in zip(grads, g[1:])]
-        x_grads.append(gx)
-        if callback is not None:
-            callback({"i": k + 1, "n": len(stages), "t": float(tk[0])})
+    # every (evaluation, chunk) piece is independent of the others given the path
+    pieces = [(k, start) for k, ck in enumerate(weights) if ck is not None for start in range(0, d, chunk)]
+    div_sum, grads, gx = _divergence_pieces(score_fn, stages, weights, params, d, chunk, pieces,
+                                            _workers(workers, len(pieces), score_fn), callback)
+    x_grads = [gx.get(k, torch.zeros_like(xk)) for k, (xk, _, _) in enumerate(stages)]
     with torch.enable_grad():
         # the path's dependence on params: through the prior at x_N and through every x_k
         total = prior.sum() + sum((gx * xk).sum() for gx, (xk, _, _) in zip(x_grads, stages))
         g = torch.autograd.grad(total, params, allow_unused=True)
     grads = [a if gi is None else a + gi for a, gi in zip(grads, g)]
     return prior.detach() + div_sum, grads
+
+
+def _workers(workers: Optional[int], pieces: int, score_fn: ScoreFn) -> int:
+    if not (hasattr(score_fn, "jacobian_diagonal") or hasattr(score_fn, "forward_with_tangents")):
+        return 1  # torch.func.jvp's forward-AD levels are global to the process: one thread only
+    return max(1, min(pieces, torch.get_num_threads() if workers is None else int(workers)))
+
+
+class _Stopped(Exception):
+    """Tells a phase-2 worker to stop: the calling thread's callback raised."""
+
+
+def _divergence_pieces(score_fn: ScoreFn, stages: list, weights: Sequence, params: list, d: int, chunk: int,
+                       pieces: list[tuple[int, int]], workers: int, callback: Optional[Callable[[dict], None]]
+                       ) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Phase 2 of `log_likelihood_and_grad`: over `pieces` (k, start), the sum of c_k times the
+    divergence terms of x_k's chunk at `start` (B,), its gradient w.r.t. each param, and w.r.t.
+    each x_k (a dict by k). Worker w takes pieces w, w + workers, ...; while they run, torch
+    uses one thread (afterwards the count it had, unless the callback set another meanwhile)."""
+    b = stages[0][0].shape[0]
+    n = len(pieces)
+
+    def work(mine: list[tuple[int, int]], report: Callable[[], None]):
+        div, grads, gx = stages[0][0].new_zeros(b), [torch.zeros_like(p) for p in params], {}
+        for k, start in mine:
+            xk, tk, _ = stages[k]
+            leaf = xk.detach().requires_grad_(True)
+            with torch.enable_grad():  # (grad mode is per thread)
+                _, dv = _diag_chunk(score_fn, leaf, tk, start, min(chunk, d - start))
+                term = weights[k] * dv
+                g = torch.autograd.grad(term.sum(), [leaf, *params], allow_unused=True)
+            div = div + term.detach()
+            gx[k] = g[0] if k not in gx else gx[k] + g[0]
+            grads = [a if gi is None else a + gi for a, gi in zip(grads, g[1:])]
+            report()
+        return div, grads, gx
+
+    if workers == 1:
+        count = iter(range(1, n + 1))
+        return work(pieces, lambda: callback and callback({"i": next(count), "n": n}))
+
+    progress: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    results: list = [None] * workers
+    errors: list[BaseException] = []
+
+    def report() -> None:
+        if stop.is_set():
+            raise _Stopped
+        progress.put(True)
+
+    def run(w: int) -> None:
+        try:
+            results[w] = work(pieces[w::workers], report)
+        except BaseException as e:  # raised again in the calling thread
+            errors.append(e)
+            stop.set()
+        finally:
+            progress.put(False)  # this worker has finished
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = [threading.Thread(target=run, args=(w,), daemon=True, name=f"divergence {w}") for w in range(workers)]
+    for t in pool:
+        t.start()
+    try:
+        i, running = 0, workers
+        while running:
+            if progress.get():
+                i += 1
+                if callback is not None and not stop.is_set():
+                    callback({"i": i, "n": n})
+            else:
+                running -= 1
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in pool:
+            t.join()
+        if torch.get_num_threads() == 1:
+            torch.set_num_threads(before)
+    failed = [e for e in errors if not isinstance(e, _Stopped)]
+    if failed:
+        raise failed[0]
+    div, grads, gx = results[0]
+    for div_w, grads_w, gx_w in results[1:]:
+        div = div + div_w
+        grads = [a + c for a, c in zip(grads, grads_w)]
+        for k, v in gx_w.items():
+            gx[k] = v if k not in gx else gx[k] + v
+    return div, grads, gx
 
 
 def bits_per_dim_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence[torch.Tensor], **kwargs

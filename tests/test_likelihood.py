@@ -166,19 +166,47 @@ def test_bpd_gradient_wrt_network_parameters_matches_finite_differences(net):
     assert abs(fd - analytic) / abs(fd) < 1e-5, (fd, analytic)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("method", ["rk4", "midpoint"])
-def test_two_phase_bpd_gradient_equals_backprop_through_the_solver(net, method):
+def test_two_phase_bpd_gradient_equals_backprop_through_the_solver(net, method, workers):
     # engine.likelihood.bits_per_dim_and_grad (the path engine.bpd takes) against plain autograd
-    # through the checkpointed solve, on the network (its fast tangent path) and per image of a batch
+    # through the checkpointed solve, on the network (its fast tangent path) and per image of a
+    # batch; its divergence pieces in one thread and split among three (not a divisor of their number)
     x = _img(2)
     params = list(net.parameters())
     want_b = L.bits_per_dim(net, x, n_steps=3, method=method)
     want = torch.autograd.grad(want_b.sum(), params, allow_unused=True)
-    got_b, got = L.bits_per_dim_and_grad(net, x, params, n_steps=3, method=method)
+    got_b, got = L.bits_per_dim_and_grad(net, x, params, n_steps=3, method=method, workers=workers)
     assert torch.allclose(got_b, want_b.detach(), rtol=1e-12)
     for g, w, p in zip(got, want, params):
         w = torch.zeros_like(p) if w is None else w
         assert (g - w).norm() <= 1e-10 * (1 + w.norm()), ((g - w).norm(), w.norm())
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_divergence_workers_give_the_same_bits_every_time_report_progress_and_stop_when_told(net):
+    import threading
+    x, params = _img(1), list(net.parameters())
+    seen = []
+    a = L.bits_per_dim_and_grad(net, x, params, n_steps=3, workers=2, callback=lambda i: seen.append((i["i"], i["n"])))
+    b = L.bits_per_dim_and_grad(net, x, params, n_steps=3, workers=2)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+    n = seen[0][1]
+    assert n >= 12 and seen == [(i, n) for i in range(1, n + 1)]  # every piece once, counted in the caller's thread
+    threads = torch.get_num_threads()
+    calls = []
+
+    def stop(info):  # a cancelled job's callback raises; the workers stop at their next piece
+        calls.append(info["i"])
+        if info["i"] == 2:
+            raise _Stop
+    with pytest.raises(_Stop):
+        L.bits_per_dim_and_grad(net, x, params, n_steps=3, workers=2, callback=stop)
+    assert calls == [1, 2] and torch.get_num_threads() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("divergence")]
 
 
 def test_two_phase_gradient_on_a_generic_score_function(gaussian):
