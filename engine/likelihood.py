@@ -260,8 +260,9 @@ def _divergence_pieces(score_fn: ScoreFn, stages: list, weights: Sequence, param
                        ) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
     """Phase 2 of `log_likelihood_and_grad`: over `pieces` (k, start), the sum of c_k times the
     divergence terms of x_k's chunk at `start` (B,), its gradient w.r.t. each param, and w.r.t.
-    each x_k (a dict by k). Worker w takes pieces w, w + workers, ...; while they run, torch
-    uses one thread (afterwards the count it had, unless the callback set another meanwhile)."""
+    each x_k (a dict by k). Worker w takes pieces w, w + workers, ...; on one torch thread each,
+    whatever the calling thread's count (which its callback may change meanwhile, as the app's
+    workers do)."""
     b = stages[0][0].shape[0]
     n = len(pieces)
 
@@ -296,6 +297,7 @@ def _divergence_pieces(score_fn: ScoreFn, stages: list, weights: Sequence, param
 
     def run(w: int) -> None:
         try:
+            torch.set_num_threads(1)  # this thread's own OpenMP count: `workers` pieces at once, no more
             results[w] = work(pieces[w::workers], report)
         except BaseException as e:  # raised again in the calling thread
             errors.append(e)
@@ -303,8 +305,6 @@ def _divergence_pieces(score_fn: ScoreFn, stages: list, weights: Sequence, param
         finally:
             progress.put(False)  # this worker has finished
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     pool = [threading.Thread(target=run, args=(w,), daemon=True, name=f"divergence {w}") for w in range(workers)]
     for t in pool:
         t.start()
@@ -323,8 +323,9 @@ def _divergence_pieces(score_fn: ScoreFn, stages: list, weights: Sequence, param
     finally:
         for t in pool:
             t.join()
-        if torch.get_num_threads() == 1:
-            torch.set_num_threads(before)
+        # the count is per thread (OpenMP), so the caller's is untouched; but the workers' calls
+        # also set the default that threads started later take up: back to the caller's count
+        torch.set_num_threads(torch.get_num_threads())
     failed = [e for e in errors if not isinstance(e, _Stopped)]
     if failed:
         raise failed[0]

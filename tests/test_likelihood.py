@@ -207,6 +207,12 @@ def test_divergence_workers_give_the_same_bits_every_time_report_progress_and_st
         L.bits_per_dim_and_grad(net, x, params, n_steps=3, workers=2, callback=stop)
     assert calls == [1, 2] and torch.get_num_threads() == threads
     assert not [t for t in threading.enumerate() if t.name.startswith("divergence")]
+    # the workers ran on one torch thread each; a thread started afterwards has the caller's count again
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [threads]
 
 
 def test_two_phase_gradient_on_a_generic_score_function(gaussian):
