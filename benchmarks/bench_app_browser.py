@@ -13,7 +13,7 @@ Then: seconds from the end of each stroke on the canvas until the new drawing's 
 opponents are on the page (each stroke makes a new image), which computation made them (the
 caption), seconds from the last stroke until its exact replay has replaced that preview (the
 galleries still computing beside it on a fresh start) and how much CPU the server process itself
-used meanwhile (in cores: CPU seconds per second; its workers not counted), and seconds from each upload of an unseen test digit until its bits/dim is on the page
+used meanwhile (in cores: CPU seconds per second; its workers not counted), and the browser, and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
 typed into the Draw page's index box one a second as a visitor clicking through them would, until
 that digit's influences are on the page; screenshots of every page go to --shots. Ratios are against
@@ -85,6 +85,19 @@ def _cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def _browser_cpu_seconds() -> float:
+    """CPU seconds used so far by every Chromium process alive now (the headless browser's)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text.split("(", 1)[1].startswith("chromium)"):
+            total += _cpu_seconds(int(stat.parent.name))
+    return total
 
 
 def _made_by(page) -> str:
@@ -190,12 +203,13 @@ def main() -> None:
                     time.sleep(3)  # the galleries' images load after the text (not part of the time above)
                     page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
             if a.strokes and a.exact:  # progressive: the last drawing's exact replay replaces its preview
-                cpu0 = _cpu_seconds(proc.pid)
+                cpu0, browser0 = _cpu_seconds(proc.pid), _browser_cpu_seconds()
                 page.get_by_text("The exact replay has replaced that preview").first.wait_for(timeout=1_800_000)
                 dt = time.perf_counter() - t1
                 rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
                 # the server process itself (not its workers) while the page shows the replay's progress
                 rows.append(("  the server's own CPU meanwhile, in cores", f"{(_cpu_seconds(proc.pid) - cpu0) / dt:7.3f}"))
+                rows.append(("  the browser's CPU meanwhile, in cores", f"{(_browser_cpu_seconds() - browser0) / dt:7.3f}"))
                 print(f"exact replay in place {dt:.1f} s after the last stroke", flush=True)
                 time.sleep(3)  # the rerun's images load after its text (a shot at once catches stale, blank ones)
                 page.screenshot(path=str(shots / "1b_draw_exact.png"), full_page=True)

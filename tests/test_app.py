@@ -333,3 +333,16 @@ def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_
     at.number_input(key="cmp_index").set_value(3).run()
     got = {key for key, owner in released[1:] if owner == me}
     assert got == {v for k, v in before.items() if v != at.session_state[k]} and len(got) >= 3
+
+
+def test_a_minutes_long_job_s_progress_refreshes_every_5_s_a_short_one_s_every_second(monkeypatch):
+    # each refresh is a rerun in the server and a redraw in the browser: a replay's ten minutes of
+    # progress need not take that CPU from it every second; a drawing's seconds-long job does
+    from webapp import widgets as W
+    from webapp.jobs import Job
+    seen = []
+    monkeypatch.setattr(W, "_progress", lambda key: seen.append((key, "1 s")))
+    monkeypatch.setattr(W, "_progress_slow", lambda key: seen.append((key, "5 s")))
+    for lane in ("interactive", "requested", "background"):
+        assert W.wait_for(Job(lane, "a job", lane=lane)) is None
+    assert seen == [("interactive", "1 s"), ("requested", "5 s"), ("background", "5 s")]

@@ -93,6 +93,7 @@ class Job:
     # without saying who (the app's own background work, a test): such a job is never released
     owners: set = field(default_factory=set)
     pinned: bool = False
+    lane: str = ""  # where it computes (Jobs.submit); "" for one found finished in the memo
 
     @property
     def fraction(self) -> Optional[float]:
@@ -188,7 +189,7 @@ class Jobs:
             if job is not None and not job.error:
                 self._claim(job, owner)
                 return job
-            job = Job(key, label)
+            job = Job(key, label, lane=lane)
             self._claim(job, owner)
             hit = self.memo.get(key)
             if hit is not None:

@@ -50,18 +50,30 @@ def follow(slot: str, job):
 
 
 def wait_for(job) -> Optional[dict]:
-    """A finished job's result; an error line if it failed; else a live progress bar (None)."""
+    """A finished job's result; an error line if it failed; else a live progress bar (None),
+    refreshed every second for a job a page waits on (seconds long: the page shows its result
+    within a second of the end) and every 5 s for the minutes-long ones of the other lanes (each
+    refresh is a rerun in the server and a redraw in the browser, which take CPU from the job)."""
     if job.error:
         st.error(f"{job.label or 'computation'} failed: {job.error}")
         return None
     if job.done:
         return job.result
-    _progress(job.key)
+    (_progress if job.lane == "interactive" else _progress_slow)(job.key)
     return None
 
 
 @st.fragment(run_every=1.0)
 def _progress(key: str) -> None:
+    _show_progress(key)
+
+
+@st.fragment(run_every=5.0)
+def _progress_slow(key: str) -> None:
+    _show_progress(key)
+
+
+def _show_progress(key: str) -> None:
     job = service.jobs().peek(key)
     if job is None or job.done:  # finished, or cancelled (the page then asks again)
         st.rerun()  # the whole page, now with the result
