@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_app.py --run $(RUN) --out results/bench_app.txt
 	$(BIN)/python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser.txt --shots results/app
 	$(BIN)/python benchmarks/bench_app_browser.py --run $(RUN) --strokes 0 --uploads 0 --picks 5 --no-exact --shots /tmp/shots_picks --out results/bench_app_picks.txt
+	$(BIN)/python benchmarks/bench_lane_threads.py --run $(RUN) --out results/bench_lane_threads.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run $(RUN) --out results/bench_precompute_cpu.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt
 	$(BIN)/python benchmarks/bench_tangent_batch.py --preset cpu --device cpu --images 2 --steps 8 --out results/bench_tangent_batch_cpu.txt

@@ -141,6 +141,13 @@ SECTIONS = [
      "results/bench_app_picks_6e2cf6d.txt", None, [],
      "python benchmarks/bench_app_browser.py --run runs/cpu --strokes 0 --uploads 0 --picks 5 --no-exact "
      "--out results/bench_app_picks_6e2cf6d.txt (in a checkout of 6e2cf6d)"),
+    ("The app before its server stopped a full garbage collection after every rerun: a stroke, then its exact "
+     "replay (the app at 11067eb)", "results/bench_app_exact_11067eb.txt", None, [],
+     "python benchmarks/bench_app_browser.py --run runs/cpu --strokes 1 --uploads 0 --picks 0 "
+     "--shots /tmp/shots_gc_on --out results/bench_app_exact_11067eb.txt (in a checkout of 11067eb)"),
+    ("The app's long jobs on 1 thread and on every core: the exact replay and a BPD with its gradient",
+     "results/bench_lane_threads.txt", None, [],
+     "python benchmarks/bench_lane_threads.py --run runs/cpu --out results/bench_lane_threads.txt"),
     ("The same on an Intel Xeon (another kind of CPU than the shipped file's)", "results/bench_app_browser_xeon.txt", None, [],
      "python benchmarks/bench_app_browser.py --preset cpu --out results/bench_app_browser_xeon.txt --shots /tmp/shots_xeon3"),
     ("GPU", "results/gpu.md", None, [], "scripts/gpu_check.sh --offline --out results/gpu.md"),
