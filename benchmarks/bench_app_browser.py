@@ -272,11 +272,8 @@ def main() -> None:
              + f"; influences made by: {', '.join(sorted(set(made_by))) or 'none'}; seconds",
              f"# measured on {provenance.machine()}"]
     lines += [f"{label:58s}{value}" for label, value in rows]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        from engine import atomic
-        atomic.save_text(text + "\n", Path(a.out))
+    from engine import atomic
+    atomic.print_report(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,7 @@ def main() -> None:
     for n, ms, steps, s in rows:
         lines.append(f"{n:7d} {ms:15.1f} {steps:14d} {rows[0][1] / ms:10.2f}x {s:11.2f} {rows[0][3] / s:10.2f}x "
                      f"{ms * run.preset.steps / 1000:23.0f}")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        atomic.save_text(text + "\n", Path(a.out))
+    atomic.print_report(lines, a.out)
 
 
 if __name__ == "__main__":

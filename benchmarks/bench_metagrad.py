@@ -129,10 +129,7 @@ def main() -> None:
              f"{'stage':48s} {'seconds':>9s} {'/ train':>8s} {'/ 1 query':>9s} {'peak MB':>8s}"]
     for label, m in rows:
         lines.append(f"{label:48s} {m.seconds:9.2f} {m.seconds / base:8.2f} {m.seconds / one:9.2f} {m.mb:8.1f}")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        atomic.save_text(text + "\n", Path(a.out))
+    atomic.print_report(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def save_text(text: str, path: Path) -> None:
     _write_atomic(path, lambda f: f.write(text), mode="w")
 
 
+def print_report(lines: list[str], out: "str | Path | None") -> str:
+    """A benchmark's report: its lines printed, and written whole to `out` when given. Returns the text."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        save_text(text + "\n", Path(out))
+    return text
+
+
 def save_npy(arr: np.ndarray, path: Path) -> None:
     _write_atomic(path, lambda f: np.save(f, arr, allow_pickle=False))
 
