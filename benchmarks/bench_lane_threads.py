@@ -8,9 +8,9 @@ The app's "requested" lane (a visitor's exact replay, a retrain) and its "backgr
 galleries, a representation) share the cores: half each while both compute, all of them to the
 one computing alone (webapp.jobs). This prints why that matters: milliseconds per training step
 of the replay (over the first `--seconds` of the sweep, after its first step; the steps cost
-alike) and seconds per BPD with its gradient (test digit 0, best of 2), at each thread count,
-switched in this very process with torch.set_num_threads as the app's workers switch, and the
-ratio to 1 thread.
+alike) and seconds per BPD with its gradient (test digit 0, best of 2; its divergence pieces go to
+as many threads as torch has, engine.likelihood), at each thread count, switched in this very
+process with torch.set_num_threads as the app's workers switch, and the ratio to 1 thread.
 """
 
 from __future__ import annotations
