@@ -121,6 +121,8 @@ def _in_worker(blob: bytes, key: str, shared, lane: str = "interactive") -> byte
     threads = [None]
 
     def take_threads() -> None:
+        if lane not in Jobs.SHARED:  # (the interactive lane keeps every core: no round trip to the manager)
+            return
         n = shared.get(("threads", lane))
         if n and n != threads[0]:  # between two torch calls: the next parallel region uses n
             _set_threads(n)
