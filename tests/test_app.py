@@ -335,6 +335,36 @@ def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_
     assert got == {v for k, v in before.items() if v != at.session_state[k]} and len(got) >= 3
 
 
+def test_a_replay_asked_for_by_the_button_stops_when_its_visitor_moves_on(app_run, monkeypatch):
+    # without a representation "Find them" starts minutes of replay: it belongs to the visitor who
+    # asked, and another image releases it like the BPD's job (it used to run to its end regardless)
+    from webapp import service
+    released = []
+    jobs = service.jobs()
+    real = jobs.release
+    monkeypatch.setattr(jobs, "release", lambda key, owner: (released.append((key, owner)), real(key, owner)))
+    at = _new()
+    at.run()
+    at.session_state["test_canvas"] = _stroke_canvas(dx=35)  # a drawing no other test attributes
+    at = _until(at, lambda a: _bpd_shown(a) is not None)
+    at.button(key="attribute").click().run()
+    me, asked = at.session_state["_session_id"], at.session_state["find_key"]
+    job = jobs.peek(asked)
+    assert job.done or me in job.owners
+    at.radio(key="source").set_value("MNIST test image").run()
+    assert (asked, me) in released and "find_key" not in at.session_state
+    assert jobs.peek(asked) is None or jobs.peek(asked).done  # cancelled (it leaves the table), unless it had finished
+    # the Verify page's button likewise
+    from webapp import service as svc
+    at.session_state["query"] = svc.from_canvas(_stroke_canvas(dx=45)).numpy()  # as Draw leaves it, a new drawing
+    at.switch_page("views/verify.py").run()
+    at.selectbox(key="ver_query").set_value("the image from Draw & attribute").run()
+    at.button(key="ver_attr").click().run()
+    asked = at.session_state["ver_key"]
+    at.selectbox(key="ver_query").set_value(at.selectbox(key="ver_query").options[1]).run()
+    assert (asked, me) in released and "ver_key" not in at.session_state
+
+
 def test_a_minutes_long_job_s_progress_refreshes_every_5_s_a_short_one_s_every_second(monkeypatch):
     # each refresh is a rerun in the server and a redraw in the browser: a replay's ten minutes of
     # progress need not take that CPU from it every second; a drawing's seconds-long job does

@@ -76,10 +76,15 @@ st.subheader("The training images behind it")
 st.caption("MAGIC: the exact derivative of this image's bits/dim with respect to each training image's weight, "
            "through the whole training run. **Proponents** make the image more likely (removing one raises its "
            "bits/dim); **opponents** make it less likely.")
-job = job if name is not None else service.jobs().peek(service.attribution_key(run, x))
+if name is None:  # without a representation the replay is asked for by a button, and belongs to who asked
+    key = service.attribution_key(run, x)
+    W.let_go("find_key", keep=key)  # another image now: the previous one's replay stops unless someone else waits
+    job = service.jobs().peek(key)
+    if job is not None and not job.done and not job.error:  # running (for this visitor or another): wait as an owner
+        job = W.follow("find_key", service.attribution_job(run, x, owner=me))
 if job is None and st.button(f"Find them (one backward pass through training: a few minutes on the "
                              f"`{run.preset.name}` model)", key="attribute"):
-    job = service.attribution_job(run, x)
+    job = W.follow("find_key", service.attribution_job(run, x, owner=me))
 if job is not None and (name is None or job.done):  # (a running precomputed job shows its progress above)
     res = W.wait_for(job)
     if res:

@@ -112,6 +112,7 @@ name = st.selectbox("Query", list(choices), key="ver_query")
 x = torch.from_numpy(np.asarray(choices[name], dtype=np.float32))
 st.image(W.big(x, 112), width=112)
 
+W.let_go("ver_key", keep=service.attribution_key(run, x))  # another query: the previous one's computation
 job = service.known_attribution(run, x)
 if job is None and service.precomputed(run)[0] is not None:
     # from a representation an attribution takes seconds: asked for at once, as on the Draw page
@@ -120,7 +121,7 @@ if job is None and service.precomputed(run)[0] is not None:
 if job is None:
     st.info("This image has no attribution yet.")
     if st.button("Compute its attribution", key="ver_attr"):
-        job = service.attribution_job(run, x)
+        job = W.follow("ver_key", service.attribution_job(run, x, owner=W.session_id()))
 res = W.wait_for(job) if job is not None else None
 if not res:
     evidence(run)

@@ -42,11 +42,18 @@ def follow(slot: str, job):
     computation) waits for now, releasing the job it waited for before when that was another:
     a visitor who moves on to another image no longer waits for the previous one's computation,
     which stops unless another session waits for it too. Returns `job`."""
-    old = st.session_state.get(slot)
-    if old and old != job.key:
-        service.jobs().release(old, session_id())
+    let_go(slot, keep=job.key)
     st.session_state[slot] = job.key
     return job
+
+
+def let_go(slot: str, keep: Optional[str] = None) -> None:
+    """Release the job this session's `slot` waited for unless it is `keep` (the key of what the
+    slot shows now): for a page whose visitor moved on to another image without asking for its
+    computation yet."""
+    old = st.session_state.get(slot)
+    if old and old != keep:
+        service.jobs().release(st.session_state.pop(slot), session_id())
 
 
 def wait_for(job) -> Optional[dict]:
