@@ -1,10 +1,11 @@
-"""Exact BPD per image against the number of tangent inputs per network call (the `chunk` of
-engine.likelihood.exact_divergence), as ratios against 196 (engine.likelihood.TANGENT_BATCH, the
-CPU's choice) measured in one process; the BPDs of every chunk size are compared too (chunking
-only regroups the same products, so they may differ by rounding alone).
+"""Exact BPD per image, alone and with its gradient w.r.t. the parameters, against the number of
+tangent inputs per network call (the `chunk` of engine.likelihood.exact_divergence), as ratios
+against 196 (engine.likelihood.TANGENT_BATCH, the CPU's choice for a network without
+`jacobian_diagonal`) measured in one process; the BPDs and gradients of every chunk size are
+compared too (chunking only regroups the same products, so they may differ by rounding alone).
 
     python benchmarks/bench_tangent_batch.py [--preset gpu] [--images 2] [--steps 16]
-        [--chunks 98,196,392,784] [--device cuda|cpu] [--out FILE]
+        [--chunks 98,196,392,784] [--device cuda|cpu] [--no-grad] [--out FILE]
 
 The network is the preset's, untrained (seed 0): the cost does not depend on the weights.
 """
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="RK4 steps of the likelihood grid")
     ap.add_argument("--chunks", default="98,196,392,784")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-grad", dest="grad", action="store_false",
+                    help="time the BPD alone, not also the BPD with its gradient w.r.t. the parameters")
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
     try:
@@ -55,13 +58,30 @@ def main() -> None:
             bpd[c] = torch.cat([L.bits_per_dim(model, x[i: i + 1], **kw, chunk=c) for i in range(a.images)])
             devices.synchronize(dev)
             seconds[c] = (time.perf_counter() - t0) / a.images
+    # with its gradient w.r.t. the parameters (two-phase, engine.likelihood.log_likelihood_and_grad):
+    # what a query's attribution from a representation costs
+    params = list(model.parameters())
+    g_seconds, grads = {}, {}
+    if a.grad:
+        for c in chunks:
+            devices.synchronize(dev)
+            t0 = time.perf_counter()
+            gs = [L.bits_per_dim_and_grad(model, x[i: i + 1], params, **kw, chunk=c)[1] for i in range(a.images)]
+            devices.synchronize(dev)
+            g_seconds[c] = (time.perf_counter() - t0) / a.images
+            grads[c] = torch.cat([torch.cat([g.flatten() for g in gi]) for gi in gs])
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     lines = [f"Exact BPD per image on {name}, `{a.preset}` network ({sum(q.numel() for q in model.parameters()):,} "
              f"parameters, untrained), {a.steps} RK4 steps, {a.images} test digits one at a time",
-             f"{'tangents per call':>18} {'s per image':>12} {'x (196)':>8} {'max |BPD - BPD(196)|':>22}"]
+             f"{'tangents per call':>18} {'s per image':>12} {'x (196)':>8} {'max |BPD - BPD(196)|':>22}"
+             + (f" {'s with gradient':>16} {'x (196)':>8} {'gradient rel. diff':>19}" if a.grad else "")]
     for c in chunks:
-        lines.append(f"{c:>18} {seconds[c]:>12.3f} {seconds[c] / seconds[196]:>8.2f} "
-                     f"{float((bpd[c] - bpd[196]).abs().max()):>22.2e}")
+        row = (f"{c:>18} {seconds[c]:>12.3f} {seconds[c] / seconds[196]:>8.2f} "
+               f"{float((bpd[c] - bpd[196]).abs().max()):>22.2e}")
+        if a.grad:
+            rel = float((grads[c] - grads[196]).norm() / grads[196].norm())
+            row += f" {g_seconds[c]:>16.3f} {g_seconds[c] / g_seconds[196]:>8.2f} {rel:>19.2e}"
+        lines.append(row)
     print("\n".join(lines))
     if a.out:
         provenance.save_table(lines, a.out)

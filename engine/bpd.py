@@ -3,9 +3,9 @@ with respect to the final parameters.
 
 Every caller (the CLI, the attribution, LDS references and retrains, Figure 2, the baselines,
 the app) goes through `bpd`, which owns the device and determinism (engine.device), the dtype
-(the preset's) and the batching (one image per likelihood call: on 2 CPU cores the exact
-divergence is fastest with ~196 tangent inputs per network call, and batching images only adds
-memory traffic; see engine.likelihood.TANGENT_BATCH).
+(the preset's) and the batching (one image per likelihood call, all of its tangents in as few
+network calls as engine.likelihood's default batches allow: batching images only added memory
+traffic when measured on 2 CPU cores; see engine.likelihood.TANGENT_BATCH).
 """
 
 from __future__ import annotations

@@ -47,13 +47,23 @@ DEFAULT_METHOD = "rk4"
 TANGENT_BATCH = 196
 # On a GPU the network calls are launch-bound at these sizes: all D tangents of an image in one
 # call (784 on MNIST) is 3.5x faster than 196 on an H200 with the `gpu` net, where on 2 CPU cores
-# it is 1.17x slower (benchmarks/bench_tangent_batch.py; results/bench_tangent_batch_*.txt).
+# it was 1.17x slower (benchmarks/bench_tangent_batch.py; results/bench_tangent_batch_*.txt).
 GPU_TANGENT_BATCH = 784
+# A network with `jacobian_diagonal` (engine.model.ScoreNet) carries each tangent as a small
+# window around its pixel, so most of a call is what every tangent shares (the primal pass, the
+# maps GroupNorm adds): fewer, larger calls win on the CPU too. 784 against 196 on 2 CPU cores,
+# `cpu` net: see results/bench_tangent_batch_cpu.txt (a BPD and a BPD with its gradient).
+DIAGONAL_TANGENT_BATCH = 784
 
 
-def _chunk(x: torch.Tensor, chunk: Optional[int]) -> int:
+def _chunk(x: torch.Tensor, chunk: Optional[int], score_fn: Optional[ScoreFn] = None) -> int:
+    """Tangents per network call for inputs x (B, *S): `chunk` if given, else the default batch
+    for score_fn's kind of network and x's device, divided by B; at least 1, at most D."""
     b, d = x.shape[0], x[0].numel()
-    return max(1, min(chunk or (GPU_TANGENT_BATCH if x.is_cuda else TANGENT_BATCH) // b, d))
+    if not chunk:
+        diagonal = score_fn is not None and hasattr(score_fn, "jacobian_diagonal")
+        chunk = (GPU_TANGENT_BATCH if x.is_cuda else DIAGONAL_TANGENT_BATCH if diagonal else TANGENT_BATCH) // b
+    return max(1, min(chunk, d))
 
 
 def exact_divergence(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, chunk: Optional[int] = None,
@@ -67,7 +77,7 @@ def exact_divergence(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, chunk:
     """
     b = x.shape[0]
     d = x[0].numel()
-    chunk = _chunk(x, chunk)
+    chunk = _chunk(x, chunk, score_fn)
     score = None
     div = x.new_zeros(b)
     for start in range(0, d, chunk):
@@ -128,7 +138,8 @@ def log_likelihood(score_fn: ScoreFn, x: torch.Tensor, *, sigma: float = sde.SIG
         n_steps, method: fixed-grid torchdiffeq solver ("rk4", "midpoint", "euler") on a grid of
             n_steps evenly spaced in log s(t); an adaptive method ("dopri5") uses rtol/atol instead.
         chunk: basis tangents per checkpointed network call in the exact divergence
-            (default TANGENT_BATCH // B).
+            (default: see `_chunk`; TANGENT_BATCH // B on the CPU for a network without
+            `jacobian_diagonal`).
         divergence: "exact", or "hutchinson" (n_probes Rademacher probes from `generator`).
         callback: called after each function evaluation with {"i", "n", "t"} (n is None for adaptive).
     Returns:
@@ -215,7 +226,7 @@ def log_likelihood_and_grad(score_fn: ScoreFn, x: torch.Tensor, params: Sequence
     if method not in FIXED_METHODS:
         raise ValueError(f"log_likelihood_and_grad needs a fixed-grid method {FIXED_METHODS}, not {method!r}")
     b, d = x.shape[0], x[0].numel()
-    chunk = _chunk(x, chunk)
+    chunk = _chunk(x, chunk, score_fn)
     stages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x_k, t_k, placeholder)
     params = list(params)
 
