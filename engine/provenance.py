@@ -31,9 +31,16 @@ def _git(*args: str) -> str:
         return ""
 
 
+# what commands write, not code: a chain of benchmarks in one checkout does not mark the second
+# "+changes" for the first one's results file
+OUTPUTS = ("results", "RESULTS.md")
+
+
 def _checkout() -> str:
+    """HEAD (short), with "+changes" when a tracked file other than the outputs differs from it."""
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in OUTPUTS))
+    return head + ("+changes" if changed else "")
 
 
 def _head() -> str:

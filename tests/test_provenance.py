@@ -1,5 +1,7 @@
 """A results file names the code that ran: the checkout when the command started."""
 
+import subprocess
+
 from engine import provenance
 
 
@@ -15,3 +17,24 @@ def test_the_commit_is_the_one_at_the_start(monkeypatch):
     assert provenance.commit() == "aaa1111 (checkout at bbb2222 when written)"
     state["now"] = "aaa1111+changes"  # the command's own results files dirty the checkout: not noted
     assert provenance.stamp()["commit"] == "aaa1111"
+
+
+def test_changed_results_are_not_changed_code(tmp_path, monkeypatch):
+    # a benchmark run after another in the same checkout names the commit, not "+changes" for the
+    # first one's results file; a changed source file is still said
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    for f in ("code.py", "RESULTS.md", "results/table.txt"):
+        (tmp_path / f).write_text("one\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    head = provenance._head()
+    assert len(head) >= 7 and provenance._checkout() == head
+    (tmp_path / "results/table.txt").write_text("two\n")
+    (tmp_path / "RESULTS.md").write_text("two\n")
+    assert provenance._checkout() == head
+    (tmp_path / "code.py").write_text("two\n")
+    assert provenance._checkout() == head + "+changes"
