@@ -41,13 +41,15 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # rtol=atol=1e-5 on trained models (benchmarks/grid_error.py; numbers in the README).
 DEFAULT_STEPS = 8
 DEFAULT_METHOD = "rk4"
-# Tangent inputs per network call: measured on 2 CPU cores (cpu preset), ~196 inputs per call
-# is fastest (0.37 s per evaluation and image; 0.41 s at 98, 0.64 s at 28; 8 images x 98
+# Tangent inputs per network call for a network without `jacobian_diagonal` (every tangent a
+# whole image through every layer): measured on 2 CPU cores (cpu preset), ~196 inputs per call
+# was fastest (0.37 s per evaluation and image; 0.41 s at 98, 0.64 s at 28; 8 images x 98
 # tangents at once ran 2x slower per image than one image). So chunk = TANGENT_BATCH // B.
 TANGENT_BATCH = 196
 # On a GPU the network calls are launch-bound at these sizes: all D tangents of an image in one
 # call (784 on MNIST) is 3.5x faster than 196 on an H200 with the `gpu` net, where on 2 CPU cores
-# it was 1.17x slower (benchmarks/bench_tangent_batch.py; results/bench_tangent_batch_*.txt).
+# it was then 1.17x slower (benchmarks/bench_tangent_batch.py; results/bench_tangent_batch_h200.txt,
+# and bench_tangent_batch_cpu.txt as first written at c2987db, before `jacobian_diagonal`).
 GPU_TANGENT_BATCH = 784
 # A network with `jacobian_diagonal` (engine.model.ScoreNet) carries each tangent as a small
 # window around its pixel, so most of a call is what every tangent shares (the primal pass, the
