@@ -308,15 +308,21 @@ def test_an_empty_canvas_asks_for_a_drawing(app_run):
     assert any("Draw a digit" in i.value for i in at.info)
 
 
-def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_run, monkeypatch):
-    # a visitor clicking through test digits waits for the last one's computation, not for each
-    # one passed on the way: each new image releases the previous one's job for this session
-    # (webapp.jobs.Jobs.release stops it when no other session waits for it; tests/test_jobs.py)
+def _record_releases(monkeypatch):
+    """The app's job table, and the list its release(key, owner) calls are recorded in (they still release)."""
     from webapp import service
     released = []
     jobs = service.jobs()
     real = jobs.release
     monkeypatch.setattr(jobs, "release", lambda key, owner: (released.append((key, owner)), real(key, owner)))
+    return jobs, released
+
+
+def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_run, monkeypatch):
+    # a visitor clicking through test digits waits for the last one's computation, not for each
+    # one passed on the way: each new image releases the previous one's job for this session
+    # (webapp.jobs.Jobs.release stops it when no other session waits for it; tests/test_jobs.py)
+    jobs, released = _record_releases(monkeypatch)
     at = _new()
     at.run()
     at.radio(key="source").set_value("MNIST test image").run()
@@ -338,11 +344,7 @@ def test_moving_on_to_another_image_releases_the_previous_one_s_computation(app_
 def test_a_replay_asked_for_by_the_button_stops_when_its_visitor_moves_on(app_run, monkeypatch):
     # without a representation "Find them" starts minutes of replay: it belongs to the visitor who
     # asked, and another image releases it like the BPD's job (it used to run to its end regardless)
-    from webapp import service
-    released = []
-    jobs = service.jobs()
-    real = jobs.release
-    monkeypatch.setattr(jobs, "release", lambda key, owner: (released.append((key, owner)), real(key, owner)))
+    jobs, released = _record_releases(monkeypatch)
     at = _new()
     at.run()
     at.session_state["test_canvas"] = _stroke_canvas(dx=35)  # a drawing no other test attributes
@@ -355,8 +357,8 @@ def test_a_replay_asked_for_by_the_button_stops_when_its_visitor_moves_on(app_ru
     assert (asked, me) in released and "find_key" not in at.session_state
     assert jobs.peek(asked) is None or jobs.peek(asked).done  # cancelled (it leaves the table), unless it had finished
     # the Verify page's button likewise
-    from webapp import service as svc
-    at.session_state["query"] = svc.from_canvas(_stroke_canvas(dx=45)).numpy()  # as Draw leaves it, a new drawing
+    from webapp import service
+    at.session_state["query"] = service.from_canvas(_stroke_canvas(dx=45)).numpy()  # as Draw leaves it, a new drawing
     at.switch_page("views/verify.py").run()
     at.selectbox(key="ver_query").set_value("the image from Draw & attribute").run()
     at.button(key="ver_attr").click().run()
