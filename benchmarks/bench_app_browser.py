@@ -266,8 +266,7 @@ def main() -> None:
             rows.append(("app / engine (strokes, mean)", f"{np.mean(strokes) / e:7.2f}x"))
         if worker:  # how much of that is the computation itself slowed (a browser on the same cores) or the page
             rows.append(("app's worker / engine (strokes, mean)", f"{np.mean(worker) / e:7.2f}x"))
-    st = provenance.stamp()
-    lines = [f"# {' '.join(['python', *sys.argv])} (commit {st['commit']})",
+    lines = [provenance.header(),
              f"# the {a.preset} preset " + ("trained afresh" if not a.run else f"from a copy of {a.run}")
              + f"; influences made by: {', '.join(sorted(set(made_by))) or 'none'}; seconds",
              f"# measured on {provenance.machine()}"]

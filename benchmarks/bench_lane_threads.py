@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to time the replay at each count")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    provenance.start()  # the code that runs is the checkout now, not minutes later when the table is written
     run = load_run(a.run)
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
     x = data.load_test()[0][:1]
@@ -78,8 +79,7 @@ def main() -> None:
         _, grads = run_bpd(run, x, grad=True)
         ms, steps = replay_ms_per_step(run, images, grads, a.seconds)
         rows.append((n, ms, steps, bpd_grad_s(run, x)))
-    st = provenance.stamp()
-    lines = [f"# {' '.join(['python', *sys.argv])} (commit {st['commit']})",
+    lines = [provenance.header(),
              f"# run {a.run} (preset {run.preset.name}, {run.preset.steps} steps); measured on {provenance.machine()}",
              f"{'threads':>7s} {'replay ms/step':>15s} {'(steps timed)':>14s} {'x 1 thread':>11s} "
              f"{'BPD+grad s':>11s} {'x 1 thread':>11s} {'replay of all steps, s':>23s}"]

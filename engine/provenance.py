@@ -90,8 +90,13 @@ def machine() -> str:
     return f"{cpu_model()}, {cores} cores, torch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}"
 
 
+def header() -> str:
+    """A results file's first line: the command and the commit it ran on."""
+    st = stamp()
+    return f"# {st['command']} (commit {st['commit']})"
+
+
 def save_table(lines: list[str], path) -> None:
     """A benchmark's text table, atomically, under a first line naming its command and commit."""
     from engine import atomic
-    st = stamp()
-    atomic.save_text(f"# {st['command']} (commit {st['commit']})\n" + "\n".join(lines) + "\n", Path(path))
+    atomic.save_text(header() + "\n" + "\n".join(lines) + "\n", Path(path))

@@ -335,11 +335,6 @@ class Jobs:
             for name in busy if self._shared is not None else ():  # (None: the server is stopping)
                 self._shared[("threads", name)] = max(1, self.cores // len(busy) // self._computing[name])
 
-    def threads_for(self, lane: str) -> Optional[int]:
-        """The torch thread count a job of shared `lane` is to use now (None: not set, e.g. before
-        any process job ran there)."""
-        return None if self._shared is None else self._shared.get(("threads", lane))
-
     def background_paused(self) -> bool:
         """Whether the non-interactive lanes are paused now (an interactive job is computing)."""
         return self._interactive > 0
