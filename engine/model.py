@@ -41,9 +41,14 @@ class ScoreNet(nn.Module):
         embed_dim: width of the time embedding.
         groups: GroupNorm groups (must divide every channel count).
         sigma: the SDE's sigma; the output is divided by s(t) so that the network predicts -z.
+        positional: add a learned map (c, h, w) to every encoder level's pre-activation, so the
+            net knows where in the frame it is (convolutions alone see only local content and
+            the zero padding near the borders). Ties the net to `image_size` x `image_size`
+            inputs. A constant in x, so every tangent and Jacobian formula below is unchanged.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), embed_dim: int = 64, groups: int = 4, sigma: float = sde.SIGMA):
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), embed_dim: int = 64, groups: int = 4, sigma: float = sde.SIGMA,
+                 positional: bool = False, image_size: int = 28):
         super().__init__()
         self.sigma = sigma
         ch = list(channels)
@@ -67,6 +72,19 @@ class ScoreNet(nn.Module):
             self.dec_t.append(nn.Linear(embed_dim, ch[i]))
             self.dec_n.append(nn.GroupNorm(groups, ch[i]))
         self.out = nn.Conv2d(2 * ch[0], 1, 3, padding=1)
+        self.pos = None
+        if positional:
+            sizes = [image_size]
+            for _ in ch[1:]:  # a 3x3 stride-2 conv with padding 1: n -> ceil(n / 2)
+                sizes.append((sizes[-1] + 1) // 2)
+            # zeros: the net starts as the one without maps (the same initial function)
+            self.pos = nn.ParameterList([nn.Parameter(torch.zeros(c, n, n)) for c, n in zip(ch, sizes)])
+
+    def _enc_bias(self, level: int, emb: torch.Tensor) -> torch.Tensor:
+        """What encoder level `level` adds to its conv's output: the time embedding's (B, c, 1, 1),
+        plus the level's positional map (c, h, w) when the net has them."""
+        b = self.enc_t[level](emb)[:, :, None, None]
+        return b if self.pos is None else b + self.pos[level]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, 1, 28, 28), t (B,) -> score (B, 1, 28, 28)."""
@@ -74,8 +92,8 @@ class ScoreNet(nn.Module):
         emb = self.embed(torch.log(std))
         skips = []
         h = x
-        for conv, dense, norm in zip(self.enc, self.enc_t, self.enc_n):
-            h = F.silu(norm(conv(h) + dense(emb)[:, :, None, None]))
+        for level, (conv, norm) in enumerate(zip(self.enc, self.enc_n)):
+            h = F.silu(norm(conv(h) + self._enc_bias(level, emb)))
             skips.append(h)
         h = skips.pop()
         for conv, dense, norm in zip(self.dec, self.dec_t, self.dec_n):
@@ -169,7 +187,7 @@ class ScoreNet(nn.Module):
         form (a window around at1's pixels (C, B, 3, 3, c1), coefficients (C, B, 2G) on maps (B, 2G, c1, h, w))."""
         c, b, dt = at.c, at.b, x.dtype
         conv0, norm0, conv1 = self.enc[0], self.enc_n[0], self.enc[1]
-        h0, xhat0, factor0 = _norm_act(norm0, conv0(x) + self.enc_t[0](emb)[:, :, None, None])
+        h0, xhat0, factor0 = _norm_act(norm0, conv0(x) + self._enc_bias(0, emb))
         c0, g0 = h0.shape[1], norm0.num_groups
         # conv0(e_i)[o, r + dy, q + dx] = w[o, 0, 1 - dy, 1 - dx], zero off the image
         patch = conv0.weight[:, 0].flip(-2, -1).permute(1, 2, 0)[None, None] * at.inside[:, None, :, :, None]  # (C, 1, 3, 3, c0)
@@ -193,7 +211,7 @@ class ScoreNet(nn.Module):
         maps (B, K, ch, h, w)): its output and its tangent in local form, with K + 2G maps."""
         conv, norm = self.enc[level], self.enc_n[level]
         win, coef, maps = local
-        out, xhat, factor = _norm_act(norm, conv(h) + self.enc_t[level](emb)[:, :, None, None])
+        out, xhat, factor = _norm_act(norm, conv(h) + self._enc_bias(level, emb))
         b, ch, g, k = out.shape[0], out.shape[1], norm.num_groups, maps.shape[1]
         # the maps' tangents through the GroupNorm: a batch of K tangents
         normed = _NormTangent.apply(maps.transpose(0, 1).reshape(k, b, g, -1), xhat, factor).reshape(k, b, *out.shape[1:])
@@ -251,8 +269,8 @@ class ScoreNet(nn.Module):
         decoder after it, up to (last=False) or through (last=True) the last decoder layer:
         (h, skip), (dh, dskip) with h, dh that layer's input or output. `skips` holds the levels before start."""
         for level in range(start, len(self.enc)):
-            conv, dense, norm = self.enc[level], self.enc_t[level], self.enc_n[level]
-            h, dh = _norm_act_tangent(norm, conv(h) + dense(emb)[:, :, None, None],
+            conv, norm = self.enc[level], self.enc_n[level]
+            h, dh = _norm_act_tangent(norm, conv(h) + self._enc_bias(level, emb),
                                       da if level == start and da is not None else _conv_tangent(conv, dh))
             skips.append((h, dh))
         h, dh = skips.pop()
@@ -519,11 +537,13 @@ def _conv_tangent(layer: nn.Module, dh: torch.Tensor, output_size=None) -> torch
     return y.reshape(c, b, *y.shape[1:])
 
 
-def build_model(channels: Sequence[int], embed_dim: int, groups: int, seed: int, sigma: float = sde.SIGMA) -> ScoreNet:
-    """A ScoreNet whose initial parameters depend on `seed` alone (not on the global RNG state)."""
+def build_model(channels: Sequence[int], embed_dim: int, groups: int, seed: int, sigma: float = sde.SIGMA,
+                positional: bool = False) -> ScoreNet:
+    """A ScoreNet whose initial parameters depend on `seed` alone (not on the global RNG state);
+    `positional` adds the encoder's positional maps (see ScoreNet)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ScoreNet(channels, embed_dim, groups, sigma)
+        return ScoreNet(channels, embed_dim, groups, sigma, positional)
 
 
 def n_params(model: nn.Module) -> int:

@@ -41,6 +41,8 @@ class Preset:
     # value is then the model's weights (0: the last iterate, as before). Linear in the iterates,
     # so the metagradient carries it exactly (engine.metagrad, engine.precompute.tangents).
     ema: float = 0.0
+    # Learned positional maps on the encoder levels (engine.model.ScoreNet `positional`).
+    positional: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.ema < 1.0:
@@ -61,11 +63,12 @@ class Preset:
         return {"sigma": self.sigma, "eps": self.t_eps, "n_steps": self.bpd_steps}
 
     def to_dict(self) -> dict:
-        """The config as JSON types. `ema` appears only when used, so that runs made before it
-        existed keep their digest."""
+        """The config as JSON types. `ema` and `positional` appear only when used, so that runs
+        made before they existed keep their digest."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        if not self.ema:
-            del d["ema"]
+        for late in ("ema", "positional"):
+            if not d[late]:
+                del d[late]
         return d
 
     def ema_weights(self) -> torch.Tensor:

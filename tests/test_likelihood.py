@@ -144,6 +144,42 @@ def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_grad
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [(8, 16), (8, 16, 16), (8, 8, 16, 16)])
+def test_positional_maps_keep_every_tangent_formula_exact(channels):
+    # the maps are constants in x added where the time embedding is: jacobian_diagonal's local
+    # forms and forward_with_tangents must still match torch.func.jvp of the plain forward, and
+    # the maps' own gradients (the metagradient needs them) must match autograd's
+    net = build_model(channels, 16, 4, seed=0, positional=True).double()
+    with torch.no_grad():
+        for p in net.pos:
+            p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(p.numel())))
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0.05, 0.7], dtype=torch.float64)
+    idx = torch.tensor([0, 27, 28, 29, 392, 393, 754, 783, 88])
+    out, diag = net.jacobian_diagonal(x, t, idx)
+    v = torch.zeros(len(idx), 2, 784, dtype=torch.float64)
+    v[torch.arange(len(idx)), :, idx] = 1.0
+    out2, jv = net.forward_with_tangents(x, t, v.reshape(len(idx), 2, 1, 28, 28))
+    want = jv.reshape(len(idx), 2, 784)[torch.arange(len(idx)), :, idx]
+    for j in (0, 4):
+        o, ref = torch.func.jvp(lambda z: net(z, t), (x,), (v[j].reshape(2, 1, 28, 28),))
+        assert torch.allclose(o, out, atol=1e-12) and torch.allclose(ref, jv[j], atol=1e-10)
+    assert torch.allclose(out, out2, atol=1e-12)
+    assert torch.allclose(diag, want, rtol=1e-10, atol=1e-12), (diag - want).abs().max()
+    maps = list(net.pos)
+    g1 = torch.autograd.grad(diag.sum(), maps)
+    g2 = torch.autograd.grad(want.sum(), maps)
+    for a, b in zip(g1, g2):
+        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    # the maps change the score where they are (a net without them gives another function)
+    plain = build_model(channels, 16, 4, seed=0).double()
+    assert not torch.allclose(plain(x, t), out)
+    with torch.no_grad():
+        for p in net.pos:
+            p.zero_()
+    assert torch.allclose(plain(x, t), net(x, t), atol=1e-12)  # zero maps: the same net
+
+
 def test_bpd_gradient_wrt_network_parameters_matches_finite_differences(net):
     x = _img(2)
     params = [p for p in net.parameters()]

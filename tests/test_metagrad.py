@@ -69,12 +69,13 @@ def test_batched_queries_equal_one_at_a_time(setup):
         assert ((both[i] - one).norm() / one.norm()).item() <= 1e-6
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.8])  # the last iterate; a moving average of the iterates
-def test_matches_finite_differences_of_actual_retraining(tmp_path, ema):
+# the last iterate; a moving average of the iterates; a net with positional maps (more parameters)
+@pytest.mark.parametrize("ema, positional", [(0.0, False), (0.8, False), (0.0, True)])
+def test_matches_finite_differences_of_actual_retraining(tmp_path, ema, positional):
     # float64 training: in float32 the retraining differences are dominated by round-off
     # (measured: central differences wandering between -0.20 and -0.43 as h went 0.2 -> 5e-4).
     import dataclasses
-    p64 = dataclasses.replace(TINY, dtype="float64", ema=ema)
+    p64 = dataclasses.replace(TINY, dtype="float64", ema=ema, positional=positional)
     train.train(p64, seed=0, out=tmp_path / "run64")
     run = load_run(tmp_path / "run64")
     images, _ = data.load_train(TINY.n_train)
