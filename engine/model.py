@@ -41,14 +41,17 @@ class ScoreNet(nn.Module):
         embed_dim: width of the time embedding.
         groups: GroupNorm groups (must divide every channel count).
         sigma: the SDE's sigma; the output is divided by s(t) so that the network predicts -z.
-        positional: add a learned map (c, h, w) to every encoder level's pre-activation, so the
-            net knows where in the frame it is (convolutions alone see only local content and
-            the zero padding near the borders). Ties the net to `image_size` x `image_size`
-            inputs. A constant in x, so every tangent and Jacobian formula below is unchanged.
+        positional: 0 for none; s > 0 adds a learned map (c, h, w) to every encoder level's
+            pre-activation, so the net knows where in the frame it is (convolutions alone see
+            only local content and the zero padding near the borders). The map is s times its
+            parameter: Adam moves every parameter by about lr a step, so s is the maps' own
+            learning-rate factor (at the default lr of 2.5e-4 they would need ~10^4 steps to reach
+            values of order 1). Ties the net to `image_size` x `image_size` inputs. A constant
+            in x, so every tangent and Jacobian formula below is unchanged.
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), embed_dim: int = 64, groups: int = 4, sigma: float = sde.SIGMA,
-                 positional: bool = False, image_size: int = 28):
+                 positional: float = 0.0, image_size: int = 28):
         super().__init__()
         self.sigma = sigma
         ch = list(channels)
@@ -72,7 +75,9 @@ class ScoreNet(nn.Module):
             self.dec_t.append(nn.Linear(embed_dim, ch[i]))
             self.dec_n.append(nn.GroupNorm(groups, ch[i]))
         self.out = nn.Conv2d(2 * ch[0], 1, 3, padding=1)
-        self.pos = None
+        self.pos, self.pos_scale = None, float(positional)
+        if positional < 0:
+            raise ValueError(f"positional must be >= 0, not {positional}")
         if positional:
             sizes = [image_size]
             for _ in ch[1:]:  # a 3x3 stride-2 conv with padding 1: n -> ceil(n / 2)
@@ -84,7 +89,7 @@ class ScoreNet(nn.Module):
         """What encoder level `level` adds to its conv's output: the time embedding's (B, c, 1, 1),
         plus the level's positional map (c, h, w) when the net has them."""
         b = self.enc_t[level](emb)[:, :, None, None]
-        return b if self.pos is None else b + self.pos[level]
+        return b if self.pos is None else b + self.pos_scale * self.pos[level]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, 1, 28, 28), t (B,) -> score (B, 1, 28, 28)."""
@@ -538,7 +543,7 @@ def _conv_tangent(layer: nn.Module, dh: torch.Tensor, output_size=None) -> torch
 
 
 def build_model(channels: Sequence[int], embed_dim: int, groups: int, seed: int, sigma: float = sde.SIGMA,
-                positional: bool = False) -> ScoreNet:
+                positional: float = 0.0) -> ScoreNet:
     """A ScoreNet whose initial parameters depend on `seed` alone (not on the global RNG state);
     `positional` adds the encoder's positional maps (see ScoreNet)."""
     with torch.random.fork_rng(devices=[]):

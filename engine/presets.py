@@ -41,12 +41,15 @@ class Preset:
     # value is then the model's weights (0: the last iterate, as before). Linear in the iterates,
     # so the metagradient carries it exactly (engine.metagrad, engine.precompute.tangents).
     ema: float = 0.0
-    # Learned positional maps on the encoder levels (engine.model.ScoreNet `positional`).
-    positional: bool = False
+    # Learned positional maps on the encoder levels and their learning-rate factor (0: none;
+    # engine.model.ScoreNet `positional`).
+    positional: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.positional >= 0:
+            raise UserError(f"positional must be >= 0, got {self.positional}")
 
     @property
     def ckpt_every(self) -> int:

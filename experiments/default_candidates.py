@@ -134,12 +134,19 @@ CANDIDATES: dict[str, dict] = {
     # otherwise in the frame (MNIST digits are taller than wide). Maps per position let the net
     # learn where ink goes. The default with them, and twice and four times as long.
     "3000 steps + lr 2.5e-4 + eps 1e-2 + positional": {"steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2,
-                                                       "positional": True},
+                                                       "positional": 1.0},
     "6000 steps + lr 2.5e-4 + eps 1e-2": {"steps": 6000, "lr": 2.5e-4, "eps_root": 1e-2},
     "6000 steps + lr 2.5e-4 + eps 1e-2 + positional": {"steps": 6000, "lr": 2.5e-4, "eps_root": 1e-2,
-                                                       "positional": True},
+                                                       "positional": 1.0},
     "12000 steps + lr 2.5e-4 + eps 1e-2 + positional": {"steps": 12000, "lr": 2.5e-4, "eps_root": 1e-2,
-                                                        "positional": True},
+                                                        "positional": 1.0},
+    # The gap grew with the steps, as if the maps were still learning: Adam moves a parameter by
+    # about lr a step, so at lr 2.5e-4 a map entry needs thousands of steps to reach order 1. The
+    # maps' own learning-rate factor (engine.model.ScoreNet `positional`) at the default's 3000 steps.
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x3": {"steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2,
+                                                          "positional": 3.0},
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x10": {"steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2,
+                                                           "positional": 10.0},
     # --base gpu (names say the difference from the `gpu` preset: 4 levels, 32-256 channels, batch
     # 256, lr 1e-3, 11,700 steps = 50 epochs of full MNIST), for a GPU machine with no network:
     # the same recipe on the 5,000 bundled images (600 epochs of them), and twice as long. Where do

@@ -22,7 +22,7 @@ def test_ema_enters_the_config_only_when_used():
     cpu = PRESETS["cpu"]
     assert "ema" not in cpu.to_dict()  # runs made before the field keep their digest
     assert "positional" not in cpu.to_dict()  # the same for the positional maps
-    assert digest(dataclasses.replace(cpu, positional=True).to_dict()) != digest(cpu.to_dict())
+    assert digest(dataclasses.replace(cpu, positional=3.0).to_dict()) != digest(cpu.to_dict())
     assert dataclasses.replace(cpu, ema=0.9).to_dict()["ema"] == 0.9
     assert digest(dataclasses.replace(cpu, ema=0.9).to_dict()) != digest(cpu.to_dict())
     for bad in (1.0, -0.1):

@@ -70,7 +70,7 @@ def test_batched_queries_equal_one_at_a_time(setup):
 
 
 # the last iterate; a moving average of the iterates; a net with positional maps (more parameters)
-@pytest.mark.parametrize("ema, positional", [(0.0, False), (0.8, False), (0.0, True)])
+@pytest.mark.parametrize("ema, positional", [(0.0, 0.0), (0.8, 0.0), (0.0, 3.0)])
 def test_matches_finite_differences_of_actual_retraining(tmp_path, ema, positional):
     # float64 training: in float32 the retraining differences are dominated by round-off
     # (measured: central differences wandering between -0.20 and -0.43 as h went 0.2 -> 5e-4).
