@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from engine import data, likelihood as L  # noqa: E402
+from engine import data, likelihood as L, sde  # noqa: E402
 
 
 def model_at(rev: str, like: torch.nn.Module, preset) -> torch.nn.Module:
@@ -36,7 +37,16 @@ def model_at(rev: str, like: torch.nn.Module, preset) -> torch.nn.Module:
         spec = importlib.util.spec_from_file_location(f"model_{rev}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    old = module.ScoreNet(preset.channels, preset.embed_dim, preset.groups)
+    # the run's sigma and maps, as engine.training.make_model builds it; a revision older than
+    # an option the run uses cannot hold its weights, which is said in one line
+    params = inspect.signature(module.ScoreNet).parameters
+    kwargs = {}
+    for name, value, default in (("sigma", preset.sigma, sde.SIGMA), ("positional", preset.positional, 0.0)):
+        if name in params:
+            kwargs[name] = value
+        elif value != default:
+            raise SystemExit(f"engine/model.py at {rev} has no `{name}`, which the run's preset uses ({name}={value})")
+    old = module.ScoreNet(preset.channels, preset.embed_dim, preset.groups, **kwargs)
     old.load_state_dict(like.state_dict())
     return old.to(next(like.parameters()).device).eval()
 
