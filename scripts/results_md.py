@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 # the best-sampling net screened (experiments/default_candidates.py), which several reports measure
 GPU_NET = "runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run"
+# the default-in-waiting: `cpu` with positional maps x5 (the config `cpu` gets when its representation is shipped)
+X5 = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run"
 
 # (title, the report's Markdown or text, its JSON (provenance), images, how to make it)
 SECTIONS = [
@@ -107,6 +109,20 @@ SECTIONS = [
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
      "--bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz "
      "--out results/precompute_cpu"),
+    ("The default-in-waiting, `cpu` with positional maps x5: methods against retraining, protocol A",
+     "results/comparison_cpu_positional_x5.md", "results/comparison_cpu_positional_x5.json",
+     ["results/comparison_cpu_positional_x5.png", "results/lds_cpu_positional_x5/reports/magic_A.png"],
+     f"python -m engine compare --run {X5} --out results/lds_cpu_positional_x5 --protocols A "
+     "--method magic,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
+     "--report results/comparison_cpu_positional_x5 --jobs 2"),
+    ("The same candidate: Figure 2", "results/figure2_cpu_positional_x5/figure2.md",
+     "results/figure2_cpu_positional_x5/figure2.json", ["results/figure2_cpu_positional_x5/figure2.png"],
+     f"python -m engine figure2 --run {X5} --out results/figure2_cpu_positional_x5"),
+    ("The same candidate: Figure 4", "results/figure4_cpu_positional_x5/figure4.md",
+     "results/figure4_cpu_positional_x5/figure4.json",
+     ["results/figure4_cpu_positional_x5/figure4.png", "results/figure4_cpu_positional_x5/figure4_classes.png"],
+     f"python -m engine figure4 --run {X5} --scores results/lds_cpu_positional_x5/scores/magic.npz "
+     "--out results/figure4_cpu_positional_x5"),
     ("Training hyperparameters against metagradient smoothness", "results/grid_small/grid.md",
      "results/grid_small/grid.json", [], "python experiments/grid_smoothness.py --out results/grid_small"),
     ("Which training makes a default worth exploring: candidates around `cpu`",
