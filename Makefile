@@ -21,19 +21,19 @@ setup: $(BIN)/.installed
 # Main job: train the `cpu` preset once (resumes if interrupted), then serve the app on it.
 # The app precomputes its galleries in the background and keeps every result in runs/cache.
 app: setup
-	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	APP_RUN=$(RUN) $(BIN)/python -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
 
 # The default model's representation shipped in shipped/cpu/ (a 64-image query basis; hours on
 # 2 cores, resumable: see README, Presets): the app installs it at start and checks it against the trained weights.
 ship: setup
-	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
 
 # The Figure 2 reports on the `cpu` preset, on test digits and on its training digits (the seed's
 # protocol): each resumable; the second took 23 min on 2 cores.
 report: setup
-	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/precompute_cpu
@@ -44,8 +44,8 @@ test: setup $(BIN)/.installed-ray
 
 # The benchmarks (each prints ratios against a baseline run in the same process).
 bench: setup
-	$(BIN)/python -m engine train --preset cpu --out $(RUN)
-	$(BIN)/python -m engine train --preset small --out runs/small
+	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
+	$(BIN)/python -m engine train --preset small --out runs/small --replace-other
 	$(BIN)/python benchmarks/bench_likelihood.py --run $(RUN) --out results/bench_likelihood.txt
 	$(BIN)/python benchmarks/grid_error.py --run runs/small --out results/grid_error.txt
 	$(BIN)/python benchmarks/grid_error.py --run $(RUN) --out results/grid_error_cpu.txt
@@ -67,8 +67,8 @@ bench: setup
 # averaged, 40 min);
 # from an empty results/ folder the banks add about 4 hours.
 results: setup $(BIN)/.installed-ray
-	$(BIN)/python -m engine train --preset small --out runs/small
-	$(BIN)/python -m engine train --preset cpu --out $(RUN)
+	$(BIN)/python -m engine train --preset small --out runs/small --replace-other
+	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine compare --run runs/small --out results/lds_small --seeds 4 --jobs 2
 	$(BIN)/python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small
 	$(BIN)/python -m engine precompute --run runs/small --method lowrank --rank 64 --jobs 2

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weights", help=".npy of per-example loss weights, shape (n,)")
     t.add_argument("--drop", help="text file of training indices to drop (weight 0)")
+    t.add_argument("--replace-other", action="store_true",
+                   help="if --out holds a run of another config (an earlier version of the preset), move it to OUT.<its digest> and train anew")
 
     b = sub.add_parser("bpd", help="exact bits/dim of images")
     b.add_argument("--run", required=True)

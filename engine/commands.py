@@ -44,6 +44,11 @@ def cmd_train(a) -> dict:
     if a.drop:
         weights = np.ones(n, dtype=np.float32) if weights is None else np.array(weights, dtype=np.float32)
         weights[_read_indices(a.drop, n)] = 0.0
+    if getattr(a, "replace_other", False):
+        from engine.store import set_aside_other
+        aside = set_aside_other(Path(a.out), preset, a.seed, train.check_weights(weights, n).numpy())
+        if aside is not None:
+            print(f"{a.out} held a run of another config; moved it to {aside}", file=sys.stderr)
     bar, cb = _progress(preset.steps, f"train {preset.name}", a.json)
     state = train.train(preset, seed=a.seed, weights=weights, out=Path(a.out), images=images, callback=cb)
     bar.close()

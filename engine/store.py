@@ -160,6 +160,26 @@ def open_for_training(path: Path, preset: Preset, seed: int, weights: np.ndarray
     return Run(path, cfg, dig)
 
 
+def set_aside_other(path: Path, preset: Preset, seed: int, weights: np.ndarray) -> Optional[Path]:
+    """Move a run of another config at PATH (one made by an earlier version of the preset, or by
+    another version of this tool) to PATH.<its digest[:8]>, so PATH is free to train this config.
+
+    Returns where it went, or None when PATH holds no run or one of this config. A config.json that
+    cannot be read is left for open_for_training to report: it may be a torn copy of this very run."""
+    try:
+        stored = json.loads((path / "config.json").read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(stored, str) or stored == digest(_config(preset, seed, weights)):
+        return None
+    aside = path.with_name(f"{path.name}.{stored[:8]}")
+    k = 1
+    while aside.exists():  # the same old run set aside before and made again: keep both
+        aside, k = path.with_name(f"{path.name}.{stored[:8]}.{k}"), k + 1
+    path.rename(aside)
+    return aside
+
+
 def _read_config(path: Path) -> Run:
     try:
         raw = json.loads((path / "config.json").read_text())

@@ -59,6 +59,29 @@ def test_train_with_drop_file_zeroes_those_weights(tmp_path, capsys):
     assert (w[[0, 5, 7]] == 0).all() and w.sum() == len(w) - 3
 
 
+def test_replace_other_sets_an_older_config_aside_and_trains_anew(tiny_run, tmp_path, capsys):
+    # a preset's settings change between versions: `make app` on an old runs/cpu must train the
+    # new config, keeping the old run, where a plain train refuses with one line
+    out = tmp_path / "r"
+    (tmp_path / "drop.txt").write_text("3\n")
+    assert _run(["train", "--preset", "tiny", "--out", str(out), "--drop", str(tmp_path / "drop.txt"), "--json"], capsys)[0] == 0
+    old = store.load_run(out).digest
+    code, _, err = _run(["train", "--preset", "tiny", "--out", str(out), "--json"], capsys)
+    assert code != 0 and "another config" in err and len(err.strip().splitlines()) == 1
+    assert store.load_run(out).digest == old
+    code, _, err = _run(["train", "--preset", "tiny", "--out", str(out), "--replace-other", "--json"], capsys)
+    assert code == 0, err
+    aside = tmp_path / f"r.{old[:8]}"
+    assert f"moved it to {aside}" in err and store.load_run(aside).digest == old
+    new, want = store.load_run(out), store.load_run(tiny_run)
+    assert new.digest == want.digest != old
+    a, b = new.load_final().model_params, want.load_final().model_params
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the same training as a fresh directory's
+    code, _, err = _run(["train", "--preset", "tiny", "--out", str(out), "--replace-other", "--json"], capsys)
+    assert code == 0 and "moved" not in err  # this config: kept (and resumed if unfinished)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drop.txt", "r", f"r.{old[:8]}"]
+
+
 def test_sample_is_seeded(tiny_run, tmp_path, capsys):
     for name in ("a.npy", "b.npy"):
         assert _run(["sample", "--run", str(tiny_run), "--out", str(tmp_path / name), "--n", "2", "--steps", "20", "--json"], capsys)[0] == 0
