@@ -282,6 +282,45 @@ def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_shipped_query_basis_is_half_the_bytes_and_installs_as_the_same_representation(run, tmp_path):
+    # a query basis ships its images' query gradients in float16 (the repository's 20 MB): what a
+    # fresh clone installs is the precompute's representation up to that rounding, checked as any
+    from engine.precompute import shipped
+    build.precompute(run, method="basis", rank=4, chunk=3)
+    want = R.load(run, "basis4")
+    root = tmp_path / "shipped"
+    path = shipped.ship(run, "basis4", root)
+    with np.load(path) as f:
+        assert "b" not in f.files and f["ship_g16"].dtype == np.float16
+    assert path.stat().st_size < 0.6 * (R.folder(run) / "basis4.npz").stat().st_size
+    before = path.stat().st_mtime_ns
+    shipped.ship(run, "basis4", root)
+    assert path.stat().st_mtime_ns == before  # the same arrays: not rewritten
+
+    def fresh(name):
+        shutil.copytree(run.path, tmp_path / name, ignore=shutil.ignore_patterns("precomputed"))
+        return load_run(tmp_path / name)
+    clone = fresh("clone")
+    assert shipped.install(clone, root) == ["basis4"]
+    got = R.load(clone, "basis4")
+    assert got.info["verified"] == "the run's weights checksum"
+    np.testing.assert_array_equal(got.a, want.a)
+    gram = lambda r: r.extra["gram"] @ r.b.astype(np.float64)  # noqa: E731  (G = M B, the basis's gradients)
+    rel = np.linalg.norm(gram(got) - gram(want), axis=1) / np.linalg.norm(gram(want), axis=1)
+    assert (rel > 0).any() and (rel < 5e-4).all()  # float16: 2^-11 per entry
+    g = np.concatenate([_random_queries(run, 3, 1).double().numpy(), gram(want)[:2]])  # outside and in the span
+    s_want, s_got = want.scores(g), got.scores(g)
+    assert (np.linalg.norm(s_got - s_want, axis=1) / np.linalg.norm(s_want, axis=1) < 1e-3).all()
+    # a shipped basis that cannot be decoded is installed as it is and refused at load with one line
+    with np.load(path) as f:
+        d = {k: f[k] for k in f.files if k != "ship_scale"}
+    np.savez(path, **d)
+    broken = fresh("broken")
+    assert shipped.install(broken, root) == ["basis4"]
+    with pytest.raises(UserError, match="corrupt"):
+        R.load(broken, "basis4")
+
+
 def test_the_fidelity_study_reuses_a_banks_exact_magic_only_for_this_run_and_these_images(run, tmp_path):
     # experiments/precompute_fidelity.py --exact-from: the test digits a bank already scored with
     # MAGIC on this run are not replayed again; their BPD gradients are recomputed and their BPDs

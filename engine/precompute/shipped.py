@@ -11,6 +11,14 @@ config digest is the run's; whether the weights match too is checked where every
 is checked, at load (representation.load: the checksum, else for a query basis one recomputed
 query gradient): a mismatch is refused with one line, and the app then makes the representation
 again in the background (webapp.replays).
+
+A query basis ships smaller than it is kept (`encode`): its basis images' query gradients
+G = M B (K, P) in float16, each row scaled by a power of two so that its largest entry is near
+2^15 (float16's relative rounding, 2^-11, then holds for every entry within a factor 1e9 of it),
+in place of B and M, which `install` recomputes from G as the precompute does
+(engine.precompute.basis.ridge_inverse): half the bytes, so the default model's file stays under
+the repository's 20 MB for it. benchmarks/bench_ship_encoding.py measures what the rounding does
+to scores; the fidelity study runs on the installed file, so its numbers are those of what ships.
 """
 
 from __future__ import annotations
@@ -52,9 +60,48 @@ def install(run: Run, root: Optional[Path] = None) -> list[str]:
         dest = R.folder(run) / path.name
         if dest.exists() or _digest(path) != run.digest:
             continue
-        atomic.save_bytes(path.read_bytes(), dest)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = decode({k: f[k] for k in f.files})
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            arrays = None
+        if arrays is None:  # undecodable: copied as it is, so that loading it refuses it with one line
+            atomic.save_bytes(path.read_bytes(), dest)
+        else:
+            atomic.save_npz(dest, **arrays)
         done.append(path.stem)
     return done
+
+
+ENCODING = "basis-g16"
+_TOP = 2.0 ** 15  # a row's largest entry is scaled to within [2^14, 2^15]: float16 holds up to 65504
+
+
+def encode(d: dict) -> dict:
+    """A representation's arrays (as in its .npz) -> the arrays shipped. A query basis ("b" (K, P)
+    and "extra_gram" (K, K)) becomes "ship_g16" (K, P) float16 and "ship_scale" (K,), with G = M B
+    = ship_g16 / ship_scale; every other array, and every other kind of representation, as is."""
+    if str(d.get("method")) != "basis" or "extra_gram" not in d:
+        return dict(d)
+    g = d["extra_gram"].astype(np.float64) @ d["b"].astype(np.float64)
+    top = np.abs(g).max(axis=1)
+    scale = np.where(top > 0, 2.0 ** np.floor(np.log2(_TOP / np.where(top > 0, top, 1.0))), 1.0)
+    out = {k: v for k, v in d.items() if k not in ("b", "extra_gram")}
+    return {**out, "ship_g16": (g * scale[:, None]).astype(np.float16), "ship_scale": scale,
+            "ship_encoding": np.array(ENCODING)}
+
+
+def decode(d: dict) -> dict:
+    """The shipped arrays -> the representation's (B and M recomputed from G); as is when not encoded."""
+    if "ship_encoding" not in d:
+        return dict(d)
+    if str(d["ship_encoding"]) != ENCODING:
+        raise ValueError(f"unknown encoding {d['ship_encoding']}")
+    from engine.precompute import basis
+    g = d["ship_g16"].astype(np.float64) / d["ship_scale"].astype(np.float64)[:, None]
+    b, gram = basis.ridge_inverse(g)
+    out = {k: v for k, v in d.items() if not k.startswith("ship_")}
+    return {**out, "b": b.astype(np.float32), "extra_gram": gram}
 
 
 def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
@@ -64,7 +111,16 @@ def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
         raise UserError("only CPU runs are shipped: training elsewhere is not bit-for-bit reproducible")
     R.load(run, name)  # refuses a foreign, stale or damaged file with one line
     dest = folder(run.preset.name, root) / f"{name}.npz"
-    blob = (R.folder(run) / f"{name}.npz").read_bytes()
-    if not (dest.exists() and dest.read_bytes() == blob):
-        atomic.save_bytes(blob, dest)
+    with np.load(R.folder(run) / f"{name}.npz", allow_pickle=False) as f:
+        arrays = encode({k: f[k] for k in f.files})
+    if not _holds(dest, arrays):  # an unchanged file is not rewritten (nor shows as changed in git)
+        atomic.save_npz(dest, **arrays)
     return dest
+
+
+def _holds(path: Path, arrays: dict) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return set(f.files) == set(arrays) and all(np.array_equal(f[k], v) for k, v in arrays.items())
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
