@@ -19,7 +19,7 @@ EMA = dataclasses.replace(PRESETS["tiny"], ema=0.8)
 
 
 def test_ema_enters_the_config_only_when_used():
-    cpu = PRESETS["cpu"]
+    cpu = PRESETS["small"]  # a preset that uses neither
     assert "ema" not in cpu.to_dict()  # runs made before the field keep their digest
     assert "positional" not in cpu.to_dict()  # the same for the positional maps
     assert digest(dataclasses.replace(cpu, positional=3.0).to_dict()) != digest(cpu.to_dict())
