@@ -19,15 +19,15 @@ EMA = dataclasses.replace(PRESETS["tiny"], ema=0.8)
 
 
 def test_ema_enters_the_config_only_when_used():
-    cpu = PRESETS["small"]  # a preset that uses neither
-    assert "ema" not in cpu.to_dict()  # runs made before the field keep their digest
-    assert "positional" not in cpu.to_dict()  # the same for the positional maps
-    assert digest(dataclasses.replace(cpu, positional=3.0).to_dict()) != digest(cpu.to_dict())
-    assert dataclasses.replace(cpu, ema=0.9).to_dict()["ema"] == 0.9
-    assert digest(dataclasses.replace(cpu, ema=0.9).to_dict()) != digest(cpu.to_dict())
+    base = PRESETS["small"]  # a preset that uses neither
+    assert "ema" not in base.to_dict()  # runs made before the field keep their digest
+    assert "positional" not in base.to_dict()  # the same for the positional maps
+    assert digest(dataclasses.replace(base, positional=3.0).to_dict()) != digest(base.to_dict())
+    assert dataclasses.replace(base, ema=0.9).to_dict()["ema"] == 0.9
+    assert digest(dataclasses.replace(base, ema=0.9).to_dict()) != digest(base.to_dict())
     for bad in (1.0, -0.1):
         with pytest.raises(UserError, match="ema must be in"):
-            dataclasses.replace(cpu, ema=bad)
+            dataclasses.replace(base, ema=bad)
     c = EMA.ema_weights()
     assert c.shape == (EMA.steps,) and abs(c.sum().item() - 1) < 1e-12 and c[-1] == c.max()
     assert PRESETS["tiny"].ema_weights().tolist() == [0.0] * (EMA.steps - 1) + [1.0]
