@@ -19,6 +19,9 @@ page = st.navigation([
     st.Page("views/verify.py", title="Verify"),
 ])
 service.warm_workers()
+retired = service.retire_outdated()  # an older version's default model: set aside, trained anew
+if retired:
+    st.sidebar.info(retired)
 run = service.load_run()
 if run is not None:
     service.install_shipped(run)  # the default model's representation ships with the repository

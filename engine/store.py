@@ -31,7 +31,8 @@ from engine.training import TrainState
 FORMAT = 1
 
 
-def _config(preset: Preset, seed: int, weights: np.ndarray) -> dict:
+def run_config(preset: Preset, seed: int, weights: np.ndarray) -> dict:
+    """The config (what its digest is of) of a run of `preset` with this seed and weights (n,)."""
     return {"format": FORMAT, "preset": preset.to_dict(), "seed": int(seed),
             "weights_sha256": hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()}
 
@@ -143,7 +144,7 @@ def _show(v) -> str:
 
 def open_for_training(path: Path, preset: Preset, seed: int, weights: np.ndarray, n_params: int) -> Run:
     """Create RUN for this config, or reopen it to resume; refuse a directory of another config."""
-    cfg = _config(preset, seed, weights)
+    cfg = run_config(preset, seed, weights)
     dig = digest(cfg)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory")
@@ -170,7 +171,7 @@ def set_aside_other(path: Path, preset: Preset, seed: int, weights: np.ndarray) 
         stored = json.loads((path / "config.json").read_text()).get("digest")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(stored, str) or stored == digest(_config(preset, seed, weights)):
+    if not isinstance(stored, str) or stored == digest(run_config(preset, seed, weights)):
         return None
     aside = path.with_name(f"{path.name}.{stored[:8]}")
     k = 1

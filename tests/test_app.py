@@ -378,3 +378,35 @@ def test_a_minutes_long_job_s_progress_refreshes_every_5_s_a_short_one_s_every_s
     for lane in ("interactive", "requested", "background"):
         assert W.wait_for(Job(lane, "a job", lane=lane)) is None
     assert seen == [("interactive", "1 s"), ("requested", "5 s"), ("background", "5 s")]
+
+
+def test_an_earlier_version_s_default_run_is_set_aside_and_a_user_s_own_is_not(tmp_path, monkeypatch):
+    # after an update that changes the default preset, a server started on the old runs/cpu (the
+    # Docker volume, `streamlit run app.py`) trains the current model instead of serving the old
+    # one against a shipped representation made for the new one; a user's own run is left alone
+    import dataclasses
+    import shutil
+    from engine import training as train
+    from engine.presets import PRESETS
+    from engine.store import load_run
+    from webapp import service
+    tiny, out = PRESETS["tiny"], tmp_path / "run"
+    monkeypatch.setenv("APP_RUN", str(out))
+    monkeypatch.setenv("APP_PRESET", "tiny")
+
+    def retire():
+        service.retire_outdated.cache_clear()
+        try:
+            return service.retire_outdated()
+        finally:
+            service.retire_outdated.cache_clear()
+    assert retire() is None  # no run yet
+    for kept in (dict(seed=1), dict(seed=0), dict(seed=0, weights=np.r_[0.0, np.ones(tiny.n_train - 1)])):
+        train.train(tiny, out=out, **kept)  # a user's seed or weights, or the current default itself
+        assert retire() is None and load_run(out).final_exists()
+        shutil.rmtree(out)
+    train.train(dataclasses.replace(tiny, steps=tiny.steps - 4), seed=0, out=out)  # tiny as an earlier version made it
+    old = load_run(out).digest
+    said = retire()
+    assert said is not None and f"(steps {tiny.steps - 4}, now {tiny.steps})" in said and f"run.{old[:8]}" in said
+    assert not out.exists() and load_run(tmp_path / f"run.{old[:8]}").digest == old

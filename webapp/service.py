@@ -67,6 +67,38 @@ def load_run() -> Optional[Run]:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def retire_outdated() -> Optional[str]:
+    """Once per server process, before the run is opened: when run_dir() holds the app's preset as
+    an earlier version of this repository defined it (the same preset name, seed 0, every weight 1,
+    other settings), move it to <run_dir>.<its digest> (as `make app` does, `engine train
+    --replace-other`), so the current one is trained in its place and the shipped representation
+    fits it. Returns what happened, in words, or None. A run of another preset, seed or weights (a
+    user's own) is left where it is."""
+    import dataclasses
+    import json
+    from engine.presets import get_preset, preset_from_dict
+    from engine.store import run_config, set_aside_other
+    out = run_dir()
+    try:
+        stored = json.loads((out / "config.json").read_text())
+        preset = get_preset(preset_name())
+        old = preset_from_dict(stored["preset"])
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return None  # no run, or one this version cannot read (open_for_training says so)
+    ones = np.ones(preset.n_train, dtype=np.float32)
+    if (old.name != preset.name or stored.get("seed") != 0
+            or stored.get("weights_sha256") != run_config(preset, 0, ones)["weights_sha256"]):
+        return None
+    aside = set_aside_other(out, preset, 0, ones)
+    if aside is None:
+        return None
+    said = "; ".join(f"{f.name} {getattr(old, f.name)}, now {getattr(preset, f.name)}"
+                     for f in dataclasses.fields(preset) if getattr(old, f.name) != getattr(preset, f.name))
+    return (f"{out} held the `{preset.name}` model of an earlier version ({said or 'another file format'}): "
+            f"it was moved to {aside}, and the current one is trained in its place.")
+
+
 def _train(preset_name: str, out: Path, cb: Callback) -> dict:
     from engine import training as train
     from engine.presets import get_preset
