@@ -261,7 +261,7 @@ def test_cached_scores_follow_the_representation_they_came_from(tmp_path):
     assert third[0, 0] == 2 and fourth[0, 0] == 3
 
 
-def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path):
+def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path, monkeypatch):
     # shipped/<preset>/ holds a representation made by `precompute --ship`; a fresh clone trains
     # the same config again, bit for bit, and the shipped file then passes every check at load
     from engine.precompute import shipped
@@ -272,6 +272,13 @@ def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path
     assert shipped.install(fresh, root) == ["exact"]
     np.testing.assert_array_equal(R.load(fresh, "exact").b, R.load(run, "exact").b)
     assert shipped.install(fresh, root) == []  # it has one of that name now
+    # `compare --method magic_precomputed` scores from the shipped file, not from a new precompute
+    from engine import methods
+    train.train(TINY, seed=0, out=tmp_path / "fresh2")
+    fresh2 = load_run(tmp_path / "fresh2")
+    monkeypatch.setattr(shipped, "ROOT", root)
+    methods.get("magic_precomputed").prepare(fresh2)
+    assert R.available(fresh2) == ["exact"]
     # another config of the same preset (seed 1): left alone
     train.train(TINY, seed=1, out=tmp_path / "other")
     assert shipped.install(load_run(tmp_path / "other"), root) == [] and not R.available(load_run(tmp_path / "other"))

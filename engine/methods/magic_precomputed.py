@@ -13,8 +13,10 @@ class MagicPrecomputed(Method):
     order = 1
 
     def prepare(self, run, callback=None) -> None:
-        """Builds the default representation (rank 32) if the run has none."""
-        from engine.precompute import build, representation
+        """Installs the repository's shipped representation of the run's config (the default's), as
+        the app does, then builds the default one (rank 32) if the run still has none."""
+        from engine.precompute import build, representation, shipped
+        shipped.install(run)  # else `compare` on a fresh runs/cpu would replay hours for what ships
         if representation.default(run) is None:
             build.precompute(run, callback=callback)
 
