@@ -36,7 +36,7 @@ report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/precompute_cpu
+	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/precompute_cpu
 
 # The tests also install the Ray extra: both executors are tested.
 test: setup $(BIN)/.installed-ray
@@ -76,11 +76,13 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2
 	$(BIN)/python -m engine precompute --run runs/small --method exact --jobs 2
 	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2 --out results/precompute
+	$(BIN)/python -m engine compare --run $(RUN) --out results/lds_cpu_positional_x5 --protocols A --method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random --report results/comparison_cpu_positional_x5 --jobs 2
+	$(BIN)/python -m engine figure4 --run $(RUN) --scores results/lds_cpu_positional_x5/scores/magic.npz --out results/figure4_cpu_positional_x5
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 2 --out results/figure2_k2
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 8 --out results/figure2_k8
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/precompute_cpu
+	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/precompute_cpu
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 # the best-sampling net screened (experiments/default_candidates.py), which several reports measure
 GPU_NET = "runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run"
-# the default-in-waiting: `cpu` with positional maps x5 (the config `cpu` gets when its representation is shipped)
+# the `cpu` default as screened (positional maps x5): the same config, bit for bit the same weights as runs/cpu
 X5 = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run"
 
 # (title, the report's Markdown or text, its JSON (provenance), images, how to make it)
@@ -32,30 +32,32 @@ SECTIONS = [
      "python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2"),
     ("A new image's attribution: precomputed against replay", "results/bench_precompute.txt", None, [],
      "python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt"),
-    ("The app's default model: its shipped representation's cost", "results/bench_precompute_cpu.txt", None, [],
+    ("The app's previous default model (no positional maps): its shipped representation's cost", "results/bench_precompute_cpu.txt", None, [],
      "python -m engine precompute --run runs/cpu --method basis --rank 64 --jobs 2 --ship && "
      "python benchmarks/bench_precompute.py --run runs/cpu --rep basis64 --out results/bench_precompute_cpu.txt"),
     ("The shipped representation on another kind of CPU", "results/cpu_rounding/cpu_rounding.md",
      "results/cpu_rounding/cpu_rounding.json", [],
      "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding"),
+    ("The shipped query basis in float16: what the rounding does to scores", "results/bench_ship_encoding_cpu.txt", None, [],
+     "python benchmarks/bench_ship_encoding.py --run runs/cpu --out results/bench_ship_encoding_cpu.txt"),
     ("The shipped representation on an Intel Xeon (the file was made on an AMD EPYC)", "results/cpu_rounding_xeon/cpu_rounding.md",
      "results/cpu_rounding_xeon/cpu_rounding.json", [],
      "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding_xeon"),
     ("Figure 2: digits, rotations, averages, noise", "results/figure2/figure2.md", "results/figure2/figure2.json",
      ["results/figure2/figure2.png"], "python -m engine figure2 --run runs/cpu --out results/figure2"),
-    ("Figure 2 on the digits the model trained on (the seed's protocol)", "results/figure2_train/figure2.md",
+    ("Figure 2 on the digits the model trained on (the seed's protocol; previous default)", "results/figure2_train/figure2.md",
      "results/figure2_train/figure2.json", ["results/figure2_train/figure2.png"],
      "python -m engine figure2 --run runs/cpu --images train --out results/figure2_train"),
-    ("Figure 2 with averages of 2 digits (the seed says \"multiple\")", "results/figure2_k2/figure2.md",
+    ("Figure 2 with averages of 2 digits (the seed says \"multiple\"; previous default)", "results/figure2_k2/figure2.md",
      "results/figure2_k2/figure2.json", [], "python -m engine figure2 --run runs/cpu --k-avg 2 --out results/figure2_k2"),
-    ("Figure 2 with averages of 8 digits", "results/figure2_k8/figure2.md",
+    ("Figure 2 with averages of 8 digits (previous default)", "results/figure2_k8/figure2.md",
      "results/figure2_k8/figure2.json", [], "python -m engine figure2 --run runs/cpu --k-avg 8 --out results/figure2_k8"),
     ("Uploads: synthetic phone photos of test digits, with the paper evened out and without",
      "results/photo_uploads/photo_uploads.md", "results/photo_uploads/photo_uploads.json", [],
      "python experiments/photo_uploads.py --out results/photo_uploads"),
-    ("Rotated digits: orientation against resampling", "results/rotation_angles/rotation_angles.md",
+    ("Rotated digits: orientation against resampling (previous default)", "results/rotation_angles/rotation_angles.md",
      "results/rotation_angles/rotation_angles.json", [], "python experiments/rotation_angles.py"),
-    ("The same on the default's own training digits (the seed's protocol)", "results/rotation_angles_train/rotation_angles.md",
+    ("The same on the previous default's own training digits (the seed's protocol)", "results/rotation_angles_train/rotation_angles.md",
      "results/rotation_angles_train/rotation_angles.json", [],
      "python experiments/rotation_angles.py --images train --out results/rotation_angles_train"),
     ("The same under the best-sampling net screened (the `gpu` net, 5,000 images, 12,000 steps, EMA)",
@@ -65,7 +67,7 @@ SECTIONS = [
      "results/sample_quality/sample_quality.json",
      ["results/sample_quality/cpu_sde.png", "results/sample_quality/cpu_pc.png", "results/sample_quality/cpu_ode.png"],
      "python experiments/sample_quality.py --run runs/cpu --samplers sde,pc,ode --out results/sample_quality"),
-    ("The default with 4,000-step samplers (the steps that lift the gpu net)", "results/sample_quality_cpu_4000/sample_quality.md",
+    ("The previous default with 4,000-step samplers (the steps that lift the gpu net)", "results/sample_quality_cpu_4000/sample_quality.md",
      "results/sample_quality_cpu_4000/sample_quality.json", ["results/sample_quality_cpu_4000/cpu_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu --samplers sde,pc --steps 4000 --out results/sample_quality_cpu_4000"),
     ("Samplers on the best-sampling net screened (the `gpu` net, 5,000 images, EMA), 1,000 steps",
@@ -84,41 +86,41 @@ SECTIONS = [
     ("Figure 4: who the top proponents and opponents are", "results/figure4_small/figure4.md",
      "results/figure4_small/figure4.json", ["results/figure4_small/figure4.png", "results/figure4_small/figure4_classes.png"],
      "python -m engine figure4 --run runs/small --scores results/lds_small/scores/magic.npz --out results/figure4_small"),
-    ("The `cpu` default (3,000 steps, lr 2.5e-4, Adam eps 1e-2; its run as screened): methods against retraining, protocol A",
+    ("The previous `cpu` default (3,000 steps, lr 2.5e-4, Adam eps 1e-2, no positional maps; its run as screened): methods against retraining, protocol A",
      "results/comparison_cpu_lr2.5e-4_eps1e-2.md", "results/comparison_cpu_lr2.5e-4_eps1e-2.json",
      ["results/comparison_cpu_lr2.5e-4_eps1e-2.png", "results/lds_cpu_lr2.5e-4_eps1e-2/reports/magic_A.png"],
      "python -m engine compare --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--out results/lds_cpu_lr2.5e-4_eps1e-2 --protocols A --method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_lr2.5e-4_eps1e-2 --jobs 2"),
-    ("The `cpu` default: Figure 2 on its run as screened (the same weights as `runs/cpu`)", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
+    ("The previous `cpu` default: Figure 2 on its run as screened", "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.md",
      "results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.json", ["results/figure2_cpu_lr2.5e-4_eps1e-2/figure2.png"],
      "python -m engine figure2 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--out results/figure2_cpu_lr2.5e-4_eps1e-2"),
-    ("Sample quality: the earlier 600-step `cpu` against the 3,000-step default", "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.md",
+    ("Sample quality: the earlier 600-step `cpu` against the 3,000-step previous default", "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.md",
      "results/sample_quality_cpu_lr2.5e-4_eps1e-2/sample_quality.json",
      ["results/sample_quality_cpu_lr2.5e-4_eps1e-2/cpu_66ab7878_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--samplers sde,pc,ode --out results/sample_quality_cpu_lr2.5e-4_eps1e-2"),
-    ("The `cpu` default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
+    ("The previous `cpu` default: Figure 4", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.md",
      "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.json",
      ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
      "python -m engine figure4 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--scores results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/figure4_cpu_lr2.5e-4_eps1e-2"),
-    ("The `cpu` default: its shipped basis against exact MAGIC", "results/precompute_cpu/fidelity.md",
+    ("The `cpu` default (positional maps x5): its shipped basis against exact MAGIC", "results/precompute_cpu/fidelity.md",
      "results/precompute_cpu/fidelity.json", ["results/precompute_cpu/fidelity.png"],
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
-     "--bank results/lds_cpu_lr2.5e-4_eps1e-2 --exact-from results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz "
+     "--bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz "
      "--out results/precompute_cpu"),
-    ("The default-in-waiting, `cpu` with positional maps x5: methods against retraining, protocol A",
+    ("The `cpu` default, with positional maps x5: methods against retraining, protocol A",
      "results/comparison_cpu_positional_x5.md", "results/comparison_cpu_positional_x5.json",
      ["results/comparison_cpu_positional_x5.png", "results/lds_cpu_positional_x5/reports/magic_A.png"],
-     f"python -m engine compare --run {X5} --out results/lds_cpu_positional_x5 --protocols A "
-     "--method magic,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
+     "python -m engine compare --run runs/cpu --out results/lds_cpu_positional_x5 --protocols A "
+     "--method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_positional_x5 --jobs 2"),
-    ("The same candidate: Figure 2", "results/figure2_cpu_positional_x5/figure2.md",
+    ("The `cpu` default: Figure 2 on its run as screened (`make report`'s is the Figure 2 section above)", "results/figure2_cpu_positional_x5/figure2.md",
      "results/figure2_cpu_positional_x5/figure2.json", ["results/figure2_cpu_positional_x5/figure2.png"],
      f"python -m engine figure2 --run {X5} --out results/figure2_cpu_positional_x5"),
-    ("The same candidate: Figure 4", "results/figure4_cpu_positional_x5/figure4.md",
+    ("The `cpu` default: Figure 4 (on its run as screened)", "results/figure4_cpu_positional_x5/figure4.md",
      "results/figure4_cpu_positional_x5/figure4.json",
      ["results/figure4_cpu_positional_x5/figure4.png", "results/figure4_cpu_positional_x5/figure4_classes.png"],
      f"python -m engine figure4 --run {X5} --scores results/lds_cpu_positional_x5/scores/magic.npz "
@@ -229,7 +231,9 @@ def main() -> None:
     lines = ["# Results", "", "Generated by `python scripts/results_md.py --out RESULTS.md` from the files under "
              "`results/`; each section names the command that made its numbers. `make results` remakes those of the "
              "`cpu` and `small` presets' own runs; the others (made on candidate runs, the current default's own included, on another machine, or at a named earlier commit) "
-             "are remade by the command their section names.", ""]
+             "are remade by the command their section names. Reports made on `runs/cpu` before the `cpu` preset got its "
+             "positional maps name run config 66ab7878 or a 66,161-parameter net (the previous default); today's `cpu` is "
+             "config d8d40f86, 88,113 parameters.", ""]
     for s in SECTIONS:
         lines += section(*s)
     text = "\n".join(lines).rstrip() + "\n"
