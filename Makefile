@@ -57,7 +57,6 @@ bench: setup
 	$(BIN)/python benchmarks/bench_lane_threads.py --run $(RUN) --out results/bench_lane_threads.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run $(RUN) --out results/bench_precompute_cpu.txt
 	$(BIN)/python benchmarks/bench_precompute.py --run runs/small --out results/bench_precompute.txt
-	$(BIN)/python benchmarks/bench_ship_encoding.py --run $(RUN) --out results/bench_ship_encoding_cpu.txt
 	$(BIN)/python benchmarks/bench_tangent_batch.py --preset cpu --device cpu --images 2 --steps 8 --out results/bench_tangent_batch_cpu.txt
 
 # Every file under results/ and RESULTS.md, by the commands that make them. Resumable: every step

@@ -1,7 +1,11 @@
 """What shipping a query basis in float16 costs: bytes saved, and how far the installed
 representation's scores are from the precompute's own.
 
-    python benchmarks/bench_ship_encoding.py --run runs/cpu [--rep basis64] [--out results/bench_ship_encoding_cpu.txt]
+    python benchmarks/bench_ship_encoding.py --run RUN [--rep basis64] [--out results/bench_ship_encoding_cpu.txt]
+
+RUN is the run whose precompute made the basis (for the `cpu` default's shipped file,
+runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run): a run that installed the
+shipped file holds it already rounded, and is refused.
 
 The run's representation (RUN/precomputed/<rep>.npz, as the precompute made it, or as installed
 from a shipped file of the older, float32 kind) is encoded as `python -m engine precompute --ship`
@@ -45,7 +49,7 @@ def _rep(d: dict) -> R.Representation:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="runs/cpu")
+    ap.add_argument("--run", required=True, help="the run whose precompute made the basis")
     ap.add_argument("--rep", default="basis64")
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
@@ -54,7 +58,10 @@ def main() -> None:
     run = load_run(a.run)
     R.load(run, a.rep)  # refuses a foreign, stale or damaged file with one line
     with np.load(R.folder(run) / f"{a.rep}.npz", allow_pickle=False) as f:
-        kept = shipped.decode({k: f[k] for k in f.files})
+        kept = {k: f[k] for k in f.files}
+    if shipped.installed_from_shipped(kept):
+        raise SystemExit(f"{a.run}'s {a.rep} was installed from shipped/ (already rounded to float16); "
+                         f"run this on the run whose precompute made it")
     if str(kept["method"]) != "basis":
         raise SystemExit(f"{a.rep} is not a query basis: it ships as it is")
     enc = shipped.encode(kept)

@@ -39,7 +39,7 @@ SECTIONS = [
      "results/cpu_rounding/cpu_rounding.json", [],
      "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding"),
     ("The shipped query basis in float16: what the rounding does to scores", "results/bench_ship_encoding_cpu.txt", None, [],
-     "python benchmarks/bench_ship_encoding.py --run runs/cpu --out results/bench_ship_encoding_cpu.txt"),
+     f"python benchmarks/bench_ship_encoding.py --run {X5} --out results/bench_ship_encoding_cpu.txt"),
     ("The shipped representation on an Intel Xeon (the file was made on an AMD EPYC)", "results/cpu_rounding_xeon/cpu_rounding.md",
      "results/cpu_rounding_xeon/cpu_rounding.json", [],
      "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding_xeon"),

@@ -311,6 +311,10 @@ def test_a_shipped_query_basis_is_half_the_bytes_and_installs_as_the_same_repres
     assert shipped.install(clone, root) == ["basis4"]
     got = R.load(clone, "basis4")
     assert got.info["verified"] == "the run's weights checksum"
+    # the installed copy is marked: shipping it back changes nothing, and it is never taken for the precompute's
+    with np.load(R.folder(clone) / "basis4.npz") as f:
+        assert shipped.installed_from_shipped(dict(f)) and not shipped.installed_from_shipped(dict(np.load(R.folder(run) / "basis4.npz")))
+    assert shipped.ship(clone, "basis4", root) == path and path.stat().st_mtime_ns == before
     np.testing.assert_array_equal(got.a, want.a)
     gram = lambda r: r.extra["gram"] @ r.b.astype(np.float64)  # noqa: E731  (G = M B, the basis's gradients)
     rel = np.linalg.norm(gram(got) - gram(want), axis=1) / np.linalg.norm(gram(want), axis=1)

@@ -101,7 +101,14 @@ def decode(d: dict) -> dict:
     g = d["ship_g16"].astype(np.float64) / d["ship_scale"].astype(np.float64)[:, None]
     b, gram = basis.ridge_inverse(g)
     out = {k: v for k, v in d.items() if not k.startswith("ship_")}
-    return {**out, "b": b.astype(np.float32), "extra_gram": gram}
+    # marked, so that the installed copy is never taken for the precompute's own (installed_from_shipped)
+    return {**out, "b": b.astype(np.float32), "extra_gram": gram, "info_shipped_encoding": np.array(ENCODING)}
+
+
+def installed_from_shipped(arrays: dict) -> bool:
+    """Whether a representation's arrays are a decoded shipped file (already rounded to float16)
+    rather than what the precompute wrote."""
+    return "info_shipped_encoding" in arrays
 
 
 def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
@@ -112,7 +119,10 @@ def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
     R.load(run, name)  # refuses a foreign, stale or damaged file with one line
     dest = folder(run.preset.name, root) / f"{name}.npz"
     with np.load(R.folder(run) / f"{name}.npz", allow_pickle=False) as f:
-        arrays = encode({k: f[k] for k in f.files})
+        arrays = {k: f[k] for k in f.files}
+    if installed_from_shipped(arrays):  # the run holds the shipped file itself: nothing new to ship
+        return dest
+    arrays = encode(arrays)
     if not _holds(dest, arrays):  # an unchanged file is not rewritten (nor shows as changed in git)
         atomic.save_npz(dest, **arrays)
     return dest
