@@ -120,7 +120,7 @@ def ship(run: Run, name: str, root: Optional[Path] = None) -> Path:
     dest = folder(run.preset.name, root) / f"{name}.npz"
     with np.load(R.folder(run) / f"{name}.npz", allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
-    if installed_from_shipped(arrays):  # the run holds the shipped file itself: nothing new to ship
+    if installed_from_shipped(arrays) and dest.is_file():  # the run holds a shipped file: nothing new to ship
         return dest
     arrays = encode(arrays)
     if not _holds(dest, arrays):  # an unchanged file is not rewritten (nor shows as changed in git)
