@@ -274,7 +274,7 @@ def test_a_shipped_representation_is_installed_only_for_its_config(run, tmp_path
     assert shipped.install(fresh, root) == []  # it has one of that name now
     # `compare --method magic_precomputed` scores from the shipped file, not from a new precompute
     from engine import methods
-    train.train(TINY, seed=0, out=tmp_path / "fresh2")
+    shutil.copytree(fresh.path, tmp_path / "fresh2", ignore=shutil.ignore_patterns("precomputed"))  # same weights, no training
     fresh2 = load_run(tmp_path / "fresh2")
     monkeypatch.setattr(shipped, "ROOT", root)
     methods.get("magic_precomputed").prepare(fresh2)
@@ -312,8 +312,8 @@ def test_a_shipped_query_basis_is_half_the_bytes_and_installs_as_the_same_repres
     got = R.load(clone, "basis4")
     assert got.info["verified"] == "the run's weights checksum"
     # the installed copy is marked: shipping it back changes nothing, and it is never taken for the precompute's
-    with np.load(R.folder(clone) / "basis4.npz") as f:
-        assert shipped.installed_from_shipped(dict(f)) and not shipped.installed_from_shipped(dict(np.load(R.folder(run) / "basis4.npz")))
+    with np.load(R.folder(clone) / "basis4.npz") as installed, np.load(R.folder(run) / "basis4.npz") as own:
+        assert shipped.installed_from_shipped(dict(installed)) and not shipped.installed_from_shipped(dict(own))
     assert shipped.ship(clone, "basis4", root) == path and path.stat().st_mtime_ns == before
     np.testing.assert_array_equal(got.a, want.a)
     gram = lambda r: r.extra["gram"] @ r.b.astype(np.float64)  # noqa: E731  (G = M B, the basis's gradients)
