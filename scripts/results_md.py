@@ -111,6 +111,9 @@ SECTIONS = [
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
      "--bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz "
      "--out results/precompute_cpu"),
+    ("The `cpu` default: how its basis fits a new query (ridge, leave-one-out, references)", "results/basis_fit_cpu/fit.md",
+     "results/basis_fit_cpu/fit.json", ["results/basis_fit_cpu/fit.png"],
+     "python experiments/basis_fit.py --out results/basis_fit_cpu"),
     ("The `cpu` default, with positional maps x5: methods against retraining, protocol A",
      "results/comparison_cpu_positional_x5.md", "results/comparison_cpu_positional_x5.json",
      ["results/comparison_cpu_positional_x5.png", "results/lds_cpu_positional_x5/reports/magic_A.png"],
