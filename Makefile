@@ -63,8 +63,8 @@ bench: setup
 # keeps what it finished (retrains, score files, precompute chunks) and skips it on a rerun. On 2 CPU
 # cores, with the committed retraining banks: about 10 hours (the comparison's MAGIC, query-agnostic
 # MAGIC and TRAK ensembles, the precomputes, of which the exact J of `small` is about 3.2 h, Figure 2,
-# the default's basis against exact MAGIC, 40 min, rotated digits, 1 h, Figure 2 with 2 and 8 digits
-# averaged, 40 min);
+# the default's basis against exact MAGIC, 40 min; on the default with positional maps, rotated digits
+# 6 min each, Figure 2 with 2 and 8 digits averaged 9 min, on training digits 4 min);
 # from an empty results/ folder the banks add about 4 hours.
 results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine train --preset small --out runs/small --replace-other
