@@ -176,7 +176,6 @@ def _markdown(r: dict) -> str:
 
 
 def _plot(r: dict) -> bytes:
-    import io
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -196,11 +195,8 @@ def _plot(r: dict) -> bytes:
         ax.set_xlabel("rel (ridge / mean squared row norm)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from engine.experiments.plots import png_bytes
+    return png_bytes(fig)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,16 @@ from typing import Optional
 import numpy as np
 
 
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """A matplotlib figure laid out, as PNG bytes (for atomic.save_bytes), and closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:
     """One scatter panel per query (all of the report's by default): predicted vs actual BPD
     change, with its Spearman rho."""
@@ -37,11 +47,7 @@ def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:
             f"{report['seeds']} seeds each")
     fig.suptitle(f"{report['method']}, LDS protocol {report['protocol']} on `{report['preset']}`: "
                  f"{what}; mean ρ = {report['spearman_mean']:.3f}", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def chart_png(report: dict) -> bytes:
@@ -66,8 +72,4 @@ def chart_png(report: dict) -> bytes:
     ax.set_ylim(-1, 1)
     ax.set_title(f"Predicted vs actual BPD change on `{report['preset']}` ({len(report['queries'])} queries)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
