@@ -46,7 +46,7 @@ test: setup $(BIN)/.installed-ray
 bench: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine train --preset small --out runs/small --replace-other
-	$(BIN)/python benchmarks/bench_likelihood.py --run $(RUN) --out results/bench_likelihood.txt
+	$(BIN)/python benchmarks/bench_likelihood.py --run $(RUN) --out results/bench_likelihood_epyc.txt
 	$(BIN)/python benchmarks/grid_error.py --run runs/small --out results/grid_error.txt
 	$(BIN)/python benchmarks/grid_error.py --run $(RUN) --out results/grid_error_cpu.txt
 	$(BIN)/python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt
