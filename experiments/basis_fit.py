@@ -18,7 +18,11 @@ attributions weighted by the inner products of their gradients with g (a kernel 
 Reference rows, at the shipped rel: the query-agnostic mean of the basis's plain-digit columns
 (what the basis adds to it); the plain-digit columns alone; and the basis grown by the exact
 replays of the other 15 queries (what the app would gain by adding each exact replay it makes to
-the basis). Per query, the share of |g| the basis leaves unfitted, |g - G^T c| / |g|.
+the basis). Per query, the share of |g| the basis leaves unfitted, |g - G^T c| / |g|; over all queries, where
+the unfitted part lies, by parameter group (the first part of a parameter's name), beside where g
+lies; and, if the net has positional maps ("pos.*", per-pixel parameters whose gradient follows an
+image's own strokes), the fit with their part of every gradient weighted down (c minimizing
+sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere).
 
 Measured on the fidelity study's 16 queries (experiments/precompute_fidelity.py: 8 test digits,
 4 drawn, 4 off-distribution; exact grad_w from the bank's MAGIC scores for the test digits and
@@ -42,6 +46,21 @@ from engine.precompute.basis import RIDGE_REL, regularized  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
 RELS = (1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
+POS_WEIGHTS = (0.3, 0.1, 0.0)
+
+
+def parameter_groups(run) -> list[str]:
+    """The first parts of the run's parameter names ("enc", "pos", ...), in the parameters' order."""
+    return list(dict.fromkeys(n.split(".")[0] for n in run.load_final().model_params))
+
+
+def group_mask(run, group: str, p: int) -> np.ndarray:
+    """(P,) bool: the entries of a flat parameter vector (named_parameters order) in `group`."""
+    params = run.load_final().model_params
+    sizes = [int(np.prod(t.shape)) for t in params.values()]
+    if sum(sizes) != p:
+        raise ValueError(f"the gradients have {p} entries, the run's parameters {sum(sizes)}")
+    return np.concatenate([np.full(k, n.split(".")[0] == group) for n, k in zip(params, sizes)])
 
 
 def fit(gram: np.ndarray, gq: np.ndarray, rel: float = RIDGE_REL) -> np.ndarray:
@@ -135,11 +154,21 @@ def main() -> None:
         gb, ab = np.vstack([basis_g, g[o]]), np.hstack([amat, gw[o].T])
         grown[i] = fit(gb @ gb.T, g[i:i + 1] @ gb.T)[0] @ ab.T
     refs.append(row(grown, fit=f"basis plus the other {len(names) - 1} queries' exact replays", rel=RIDGE_REL))
+    pos = group_mask(run, "pos", basis_g.shape[1])
+    for w in POS_WEIGHTS if pos.any() else ():
+        wt = np.where(pos, w, 1.0)
+        refs.append(row(fit((basis_g * wt) @ basis_g.T, (g * wt) @ basis_g.T) @ amat.T,
+                        fit=f"positional maps weighted {w:g} in the fit", rel=RIDGE_REL))
     c = fit(basis_g @ basis_g.T, g @ basis_g.T)
-    unfitted = (np.linalg.norm(g - c @ basis_g, axis=1) / np.linalg.norm(g, axis=1)).tolist()
+    residual = g - c @ basis_g
+    unfitted = (np.linalg.norm(residual, axis=1) / np.linalg.norm(g, axis=1)).tolist()
+    groups = {n: group_mask(run, n, basis_g.shape[1]) for n in parameter_groups(run)}
+    where = {n: {"parameters": int(m.sum()), "share_of_g": float((g[:, m] ** 2).sum() / (g ** 2).sum()),
+                 "share_of_unfitted": float((residual[:, m] ** 2).sum() / (residual ** 2).sum())}
+             for n, m in groups.items()}
     report = {**provenance.stamp(), "run": str(run.path), "run_digest": run.digest, "rep": a.rep,
               "shipped_rel": RIDGE_REL, "basis_images": rep.info.get("images"), "queries": names, "kinds": kinds,
-              "unfitted_share": unfitted, "rows": rows, "references": refs}
+              "unfitted_share": unfitted, "unfitted_by_group": where, "rows": rows, "references": refs}
     out = Path(a.out)
     atomic.save_json(report, out / "fit.json")
     atomic.save_text(_markdown(report), out / "fit.md")
@@ -172,6 +201,10 @@ def _markdown(r: dict) -> str:
     lines += ["", "Share of each query's gradient the basis leaves unfitted, |g - G^T c| / |g|: "
               + ", ".join(f"{k} {un[kinds == k].mean():.2f} ({un[kinds == k].min():.2f}-{un[kinds == k].max():.2f})"
                           for k in ("test", "drawn", "off-distribution")) + "."]
+    groups = sorted(r["unfitted_by_group"].items(), key=lambda kv: -kv[1]["share_of_unfitted"])
+    lines += ["", "Where the unfitted part lies (share of its squared norm over the 16 queries), beside where the "
+              "query gradients lie: " + ", ".join(f"`{n}` ({v['parameters']:,} parameters) {v['share_of_unfitted']:.2f} "
+                                                  f"of it, {v['share_of_g']:.2f} of g" for n, v in groups[:4]) + "."]
     return "\n".join(lines) + "\n"
 
 
