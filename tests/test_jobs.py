@@ -321,7 +321,18 @@ def test_a_job_s_tensors_do_not_wait_on_a_paused_process(tmp_path):
         np.testing.assert_array_equal(a.result["back"], (x * 2).numpy())
     finally:
         jobs.shutdown()
-        stuck.close()
+        # closing the stuck connection fails the sharer's handshake, which its daemon thread reports
+        # through sys.excepthook: wait for that report here, instead of letting the trace reach the
+        # terminal between two later tests (a stray "Traceback" in the suite's output)
+        import sys
+        import threading
+        reported, hook = threading.Event(), sys.excepthook
+        sys.excepthook = lambda *exc: reported.set()
+        try:
+            stuck.close()
+            reported.wait(10)
+        finally:
+            sys.excepthook = hook
         os.close(w)
 
 
