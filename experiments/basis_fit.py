@@ -49,18 +49,15 @@ RELS = (1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
 POS_WEIGHTS = (0.3, 0.1, 0.0)
 
 
-def parameter_groups(run) -> list[str]:
-    """The first parts of the run's parameter names ("enc", "pos", ...), in the parameters' order."""
-    return list(dict.fromkeys(n.split(".")[0] for n in run.load_final().model_params))
-
-
-def group_mask(run, group: str, p: int) -> np.ndarray:
-    """(P,) bool: the entries of a flat parameter vector (named_parameters order) in `group`."""
+def group_masks(run, p: int) -> dict[str, np.ndarray]:
+    """For each parameter group (the first part of a parameter's name: "enc", "pos", ...), in the
+    parameters' order, the (P,) bool mask of its entries in a flat parameter vector."""
     params = run.load_final().model_params
     sizes = [int(np.prod(t.shape)) for t in params.values()]
     if sum(sizes) != p:
         raise ValueError(f"the gradients have {p} entries, the run's parameters {sum(sizes)}")
-    return np.concatenate([np.full(k, n.split(".")[0] == group) for n, k in zip(params, sizes)])
+    owner = np.repeat([n.split(".")[0] for n in params], sizes)
+    return {group: owner == group for group in dict.fromkeys(owner)}
 
 
 def fit(gram: np.ndarray, gq: np.ndarray, rel: float = RIDGE_REL) -> np.ndarray:
@@ -154,15 +151,15 @@ def main() -> None:
         gb, ab = np.vstack([basis_g, g[o]]), np.hstack([amat, gw[o].T])
         grown[i] = fit(gb @ gb.T, g[i:i + 1] @ gb.T)[0] @ ab.T
     refs.append(row(grown, fit=f"basis plus the other {len(names) - 1} queries' exact replays", rel=RIDGE_REL))
-    pos = group_mask(run, "pos", basis_g.shape[1])
-    for w in POS_WEIGHTS if pos.any() else ():
+    groups = group_masks(run, basis_g.shape[1])
+    pos = groups.get("pos")
+    for w in POS_WEIGHTS if pos is not None else ():
         wt = np.where(pos, w, 1.0)
         refs.append(row(fit((basis_g * wt) @ basis_g.T, (g * wt) @ basis_g.T) @ amat.T,
                         fit=f"positional maps weighted {w:g} in the fit", rel=RIDGE_REL))
     c = fit(basis_g @ basis_g.T, g @ basis_g.T)
     residual = g - c @ basis_g
     unfitted = (np.linalg.norm(residual, axis=1) / np.linalg.norm(g, axis=1)).tolist()
-    groups = {n: group_mask(run, n, basis_g.shape[1]) for n in parameter_groups(run)}
     where = {n: {"parameters": int(m.sum()), "share_of_g": float((g[:, m] ** 2).sum() / (g ** 2).sum()),
                  "share_of_unfitted": float((residual[:, m] ** 2).sum() / (residual ** 2).sum())}
              for n, m in groups.items()}
