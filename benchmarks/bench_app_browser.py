@@ -11,12 +11,13 @@ into an empty folder (`python -m engine train`, timed), then serves the app on i
 computed in the background). With --run it serves a copy of that run without its representations.
 Then: seconds from the end of each stroke on the canvas until the new drawing's top proponents and
 opponents are on the page (each stroke makes a new image), which computation made them (the
-caption), seconds from the last stroke until its exact replay has replaced that preview (the
+caption), seconds from the last stroke until its exact replay has replaced the preview (the
 galleries still computing beside it on a fresh start) and how much CPU the server process itself
 used meanwhile (in cores: CPU seconds per second; its workers not counted), and the browser, and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
 typed into the Draw page's index box one a second as a visitor clicking through them would, until
-that digit's influences are on the page; screenshots of every page go to --shots. Ratios are against
+that digit's influences are on the page (influences count as on the page once their pictures have
+loaded, not just their captions); screenshots of every page go to --shots, each once its pictures have loaded. Ratios are against
 the engine's own BPD with its gradient in this process (the floor of a precomputed attribution).
 """
 
@@ -113,6 +114,18 @@ def _fresh(page, text) -> bool:
                for k in range(loc.count()))
 
 
+def _images_loaded(page, timeout: float = 120.0) -> None:
+    """Wait until every image on the page shows its current picture. A rerun's text is on the page at
+    once and its images follow from the server; until one has loaded, Chromium keeps showing the
+    picture the element had before, under the new caption (a screenshot taken then pairs training
+    images with other images' captions)."""
+    t = time.perf_counter()
+    while not page.evaluate("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"):
+        if time.perf_counter() - t > timeout:
+            raise RuntimeError(f"images still loading {timeout:.0f} s later")
+        time.sleep(0.05)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu")
@@ -190,6 +203,7 @@ def main() -> None:
                         page.screenshot(path=str(tmp / "timeout.png"), full_page=True)
                         raise RuntimeError(f"no influences 900 s after stroke {i + 1} (screenshot: {tmp / 'timeout.png'})")
                     time.sleep(0.1)
+                _images_loaded(page)  # the influences are on the page when their pictures are
                 dt = time.perf_counter() - t1
                 first = first if first is not None else time.perf_counter() - t0 - setup_s
                 cap = page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text()
@@ -200,18 +214,17 @@ def main() -> None:
                     rows.append((f"stroke {i + 1}: of which computing, in the app's worker", f"{float(took[1]):7.1f}"))
                 print(f"stroke {i + 1}: {dt:.1f} s ({made_by[-1]}; computing {took[1] if took else '?'} s)", flush=True)
                 if i == 0:
-                    time.sleep(3)  # the galleries' images load after the text (not part of the time above)
                     page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
             if a.strokes and a.exact:  # progressive: the last drawing's exact replay replaces its preview
                 cpu0, browser0 = _cpu_seconds(proc.pid), _browser_cpu_seconds()
-                page.get_by_text("The exact replay has replaced that preview").first.wait_for(timeout=1_800_000)
+                page.get_by_text("It has replaced the preview").first.wait_for(timeout=1_800_000)
                 dt = time.perf_counter() - t1
                 rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
                 # the server process itself (not its workers) while the page shows the replay's progress
                 rows.append(("  the server's own CPU meanwhile, in cores", f"{(_cpu_seconds(proc.pid) - cpu0) / dt:7.3f}"))
                 rows.append(("  the browser's CPU meanwhile, in cores", f"{(_browser_cpu_seconds() - browser0) / dt:7.3f}"))
                 print(f"exact replay in place {dt:.1f} s after the last stroke", flush=True)
-                time.sleep(3)  # the rerun's images load after its text (a shot at once catches stale, blank ones)
+                _images_loaded(page)
                 page.screenshot(path=str(shots / "1b_draw_exact.png"), full_page=True)
             if first is not None:
                 rows.append(((("start of training" if train_s is not None else "server start")
@@ -227,6 +240,12 @@ def main() -> None:
                 rows.append((f"upload {j + 1} (test {i}): until its bits/dim", f"{t:7.1f}"))
             if times:
                 rows.append(("upload 1 again (memo hit)", f"{times[-1]:7.2f}"))
+            t1 = time.perf_counter()  # the last upload's influences (a memo hit), as a visitor sees them
+            while not _fresh(page, TOP):
+                if time.perf_counter() - t1 > 900:
+                    raise RuntimeError("no influences 900 s after the last upload")
+                time.sleep(0.1)
+            _images_loaded(page)
             page.screenshot(path=str(shots / "2_upload.png"), full_page=True)
             if a.picks:  # a visitor clicking through test digits: only the last one's influences are wanted
                 page.get_by_text("MNIST test image", exact=True).click()
@@ -242,6 +261,7 @@ def main() -> None:
                     if time.perf_counter() - t1 > 900:
                         raise RuntimeError(f"no influences 900 s after picking test digit {picks[-1]}")
                     time.sleep(0.1)
+                _images_loaded(page)
                 dt = time.perf_counter() - t1
                 made_by.append(_made_by(page))
                 rows.append((f"{a.picks} test digits picked 1 s apart: the last one until its influences", f"{dt:7.1f}"))
@@ -250,6 +270,7 @@ def main() -> None:
                 page.get_by_role("link", name=name).click()
                 page.get_by_role("heading", name=re.compile(name.split()[0])).first.wait_for()
                 time.sleep(8)  # what a visitor sees after a few seconds (the galleries may still be computing)
+                _images_loaded(page)
                 page.screenshot(path=str(shots / f"{3 + k}_{name.split()[0].lower()}.png"), full_page=True)
             browser.close()
     finally:

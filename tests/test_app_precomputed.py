@@ -42,13 +42,16 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
         # progressive: the exact replay runs in the background and replaces the preview, saying
         # how many of the top 16 it changed (checked against the engine's exact MAGIC)
-        at = _until(at, lambda a: any("has replaced that preview" in c.value for c in a.caption))
+        at = _until(at, lambda a: any("has replaced the preview" in c.value for c in a.caption))
         from engine.attribution import top_k
         exact = metagradient(app_run, data.load_train(app_run.preset.n_train, app_run.preset.source)[0], grads).numpy()
         a, b = top_k(want[0], 16), top_k(exact[0], 16)
         changed = 16 - len(set(a["proponents"]) & set(b["proponents"]))
-        line = next(c.value for c in at.caption if "has replaced that preview" in c.value)
+        line = next(c.value for c in at.caption if "has replaced the preview" in c.value)
         assert f"it changed {changed} of the top-16 proponents" in line, (line, changed)
+        # the caption names what the lists now are (the replay, with its time) before what it replaced
+        assert line.startswith("Computed by replaying training backwards for this image (exact MAGIC). Computing it took ")
+        assert "replaced the preview from the precomputed replay `lowrank4` (computed in " in line
         # the influences particular to this image, once the galleries' digits are in
         service.galleries_job(app_run)
         at = _until(at, lambda a: any("Scores minus their mean over" in c.value for c in a.caption))

@@ -94,9 +94,11 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
             # progressive: the approximate preview now, the exact replay in the background
             exact = W.follow("exact_key", service.replay_job(run, x, owner=me))  # a previous image's: released
             done = W.wait_for(exact)
-            if done:
-                st.caption(W.method_words(method, run, took) + " " + W.replaced_words(gw, np.asarray(done["grad_w"])))
-                gw, method = np.asarray(done["grad_w"]), "replay"
+            if done:  # what the page shows now first, then what it replaced
+                exact_gw = np.asarray(done["grad_w"])
+                st.caption(W.method_words("replay", run, done.get("seconds")) + " "
+                           + W.replaced_words(gw, exact_gw, method, run, took))
+                gw, method = exact_gw, "replay"
             else:
                 st.caption(W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
                            "and replaces it when it lands.")

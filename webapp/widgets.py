@@ -249,13 +249,22 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
     return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + other_cpu + took
 
 
-def replaced_words(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> str:
-    """How much the exact replay changed a preview's top-k lists."""
+def replaced_words(preview: np.ndarray, exact: np.ndarray, method: str, run: Optional[Run] = None,
+                   seconds: Optional[float] = None, k: int = 16) -> str:
+    """What the exact replay replaced: the preview's representation (`method`, "precomputed:<name>"),
+    its time, how its file was checked when not by the run's checksum, and how many of its top-k
+    the replay changed."""
     from engine.attribution import top_k
     a, b = top_k(preview, k), top_k(exact, k)
     changed = {s: k - len(set(a[s]) & set(b[s])) for s in ("proponents", "opponents")}
-    return (f"The exact replay has replaced that preview: it changed {changed['proponents']} of the top-{k} "
-            f"proponents and {changed['opponents']} of the top-{k} opponents.")
+    about = [] if seconds is None else [f"computed in {seconds:.1f} s"]
+    verified = service.precomputed_verified(run) if run is not None else None
+    if verified is not None and not verified.startswith("the run's"):
+        about.append(f"its file {verified}")
+    about = f" ({'; '.join(about)})" if about else ""
+    return (f"It has replaced the preview from the precomputed replay `{method.split(':', 1)[1]}`{about}: "
+            f"it changed {changed['proponents']} of the top-{k} proponents and {changed['opponents']} of the "
+            f"top-{k} opponents.")
 
 
 def influences(gw: np.ndarray, k: int, train_x: np.ndarray, train_y: np.ndarray) -> None:
