@@ -16,8 +16,9 @@ galleries still computing beside it on a fresh start) and how much CPU the serve
 used meanwhile (in cores: CPU seconds per second; its workers not counted), and the browser, and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
 typed into the Draw page's index box one a second as a visitor clicking through them would, until
-that digit's influences are on the page (influences count as on the page once their pictures have
-loaded, not just their captions); screenshots of every page go to --shots, each once its pictures have loaded. Ratios are against
+that digit's influences are on the page (influences count as on the page once the whole page shows
+that image: no section left over from the previous one, every picture loaded, not just the captions);
+screenshots of every page go to --shots, each taken once the page has settled so. Ratios are against
 the engine's own BPD with its gradient in this process (the floor of a precomputed attribution).
 """
 
@@ -114,15 +115,17 @@ def _fresh(page, text) -> bool:
                for k in range(loc.count()))
 
 
-def _images_loaded(page, timeout: float = 120.0) -> None:
-    """Wait until every image on the page shows its current picture. A rerun's text is on the page at
-    once and its images follow from the server; until one has loaded, Chromium keeps showing the
-    picture the element had before, under the new caption (a screenshot taken then pairs training
-    images with other images' captions)."""
+def _settled(page, timeout: float = 120.0) -> None:
+    """Wait until the page shows one script run whole: no element left over from the previous run
+    (Streamlit keeps those up, marked stale, until the new run rewrites or drops them: the top of a
+    page can be the new image's while its lower sections are still the last one's) and every image
+    showing its current picture (a rerun's text comes at once and its pictures after; until one has
+    loaded, Chromium keeps the picture the element had before, under the new caption)."""
     t = time.perf_counter()
-    while not page.evaluate("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"):
+    while not page.evaluate("() => !document.querySelector('[data-stale=\"true\"]')"
+                            " && Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"):
         if time.perf_counter() - t > timeout:
-            raise RuntimeError(f"images still loading {timeout:.0f} s later")
+            raise RuntimeError(f"the page still updating {timeout:.0f} s later")
         time.sleep(0.05)
 
 
@@ -203,7 +206,7 @@ def main() -> None:
                         page.screenshot(path=str(tmp / "timeout.png"), full_page=True)
                         raise RuntimeError(f"no influences 900 s after stroke {i + 1} (screenshot: {tmp / 'timeout.png'})")
                     time.sleep(0.1)
-                _images_loaded(page)  # the influences are on the page when their pictures are
+                _settled(page)  # the influences are on the page when the whole page is this drawing's
                 dt = time.perf_counter() - t1
                 first = first if first is not None else time.perf_counter() - t0 - setup_s
                 cap = page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text()
@@ -224,7 +227,7 @@ def main() -> None:
                 rows.append(("  the server's own CPU meanwhile, in cores", f"{(_cpu_seconds(proc.pid) - cpu0) / dt:7.3f}"))
                 rows.append(("  the browser's CPU meanwhile, in cores", f"{(_browser_cpu_seconds() - browser0) / dt:7.3f}"))
                 print(f"exact replay in place {dt:.1f} s after the last stroke", flush=True)
-                _images_loaded(page)
+                _settled(page)
                 page.screenshot(path=str(shots / "1b_draw_exact.png"), full_page=True)
             if first is not None:
                 rows.append(((("start of training" if train_s is not None else "server start")
@@ -241,11 +244,11 @@ def main() -> None:
             if times:
                 rows.append(("upload 1 again (memo hit)", f"{times[-1]:7.2f}"))
             t1 = time.perf_counter()  # the last upload's influences (a memo hit), as a visitor sees them
-            while not _fresh(page, TOP):
+            while pngs and not _fresh(page, TOP):
                 if time.perf_counter() - t1 > 900:
                     raise RuntimeError("no influences 900 s after the last upload")
                 time.sleep(0.1)
-            _images_loaded(page)
+            _settled(page)
             page.screenshot(path=str(shots / "2_upload.png"), full_page=True)
             if a.picks:  # a visitor clicking through test digits: only the last one's influences are wanted
                 page.get_by_text("MNIST test image", exact=True).click()
@@ -261,7 +264,7 @@ def main() -> None:
                     if time.perf_counter() - t1 > 900:
                         raise RuntimeError(f"no influences 900 s after picking test digit {picks[-1]}")
                     time.sleep(0.1)
-                _images_loaded(page)
+                _settled(page)
                 dt = time.perf_counter() - t1
                 made_by.append(_made_by(page))
                 rows.append((f"{a.picks} test digits picked 1 s apart: the last one until its influences", f"{dt:7.1f}"))
@@ -270,7 +273,7 @@ def main() -> None:
                 page.get_by_role("link", name=name).click()
                 page.get_by_role("heading", name=re.compile(name.split()[0])).first.wait_for()
                 time.sleep(8)  # what a visitor sees after a few seconds (the galleries may still be computing)
-                _images_loaded(page)
+                _settled(page)
                 page.screenshot(path=str(shots / f"{3 + k}_{name.split()[0].lower()}.png"), full_page=True)
             browser.close()
     finally:
