@@ -21,15 +21,17 @@ from engine.store import Run
 
 
 def attribute(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
-              scheme: str = "sqrt", k: int = 4, resume: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+              scheme: str = "sqrt", k: int = 4, resume: Optional[Path] = None,
+              partial_every: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """grad_w (Q, n) and BPD (Q,) for queries x (Q, 1, 28, 28); all Q share one backward sweep.
 
-    callback gets {"stage": "bpd"|"training", "i", "n"}; scheme, k and resume (a file for the
-    sweep's state, to survive being killed) go to engine.metagrad.
+    callback gets {"stage": "bpd"|"training", "i", "n"} (and, every partial_every training
+    steps, the sweep's partial sum "grad_w" (Q, n)); scheme, k, resume (a file for the sweep's
+    state, to survive being killed) and partial_every go to engine.metagrad.
     """
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
     bpd, qgrads = run_bpd(run, x, grad=True, callback=lambda i: callback and callback({"stage": "bpd", **i}))
-    gw = metagradient(run, images, qgrads, scheme=scheme, k=k, resume=resume,
+    gw = metagradient(run, images, qgrads, scheme=scheme, k=k, resume=resume, partial_every=partial_every,
                       callback=lambda i: callback and callback({"stage": "training", **i}))
     return gw.numpy().astype(np.float64), bpd
 
@@ -44,17 +46,36 @@ def attribute_precomputed(run: Run, rep, x: torch.Tensor, callback: Optional[Cal
 
 
 def attribute_auto(run: Run, x: torch.Tensor, callback: Optional[Callable[[dict], None]] = None, *,
-                   replay: bool = False, scheme: str = "sqrt", k: int = 4) -> tuple[np.ndarray, np.ndarray, str]:
+                   replay: bool = False, scheme: str = "sqrt", k: int = 4,
+                   partial_every: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, str]:
     """grad_w (Q, n), BPD (Q,) and how they were made: from the run's precomputed representation
     when it has one ("precomputed:<name>"), else (or with replay=True) by a replay of training
     ("replay"). A representation that fails its checks raises a one-line UserError."""
     from engine.precompute import representation
     name = None if replay else representation.default(run)
     if name is None:
-        grad_w, bpd = attribute(run, x, callback, scheme=scheme, k=k)
+        grad_w, bpd = attribute(run, x, callback, scheme=scheme, k=k, partial_every=partial_every)
         return grad_w, bpd, "replay"
     grad_w, bpd = attribute_precomputed(run, representation.load(run, name), x, callback)
     return grad_w, bpd, f"precomputed:{name}"
+
+
+def progressive(preview: np.ndarray, partial: np.ndarray, done: int, preset) -> np.ndarray:
+    """An attribution (..., n) while the exact replay is under way: its partial sum over the last
+    `done` training steps (exact for the weights those steps used) plus the preview (from a
+    precomputed representation) scaled by the learning-rate share of the steps not replayed yet.
+
+    The preview stands in for the whole run; the scale is a rule of thumb (each step moves the
+    weights in proportion to its learning rate), chosen on the `cpu` default: on 4 test digits,
+    against retraining, the preview alone gives LDS 0.60; this gives 0.60 at 5% of the steps and
+    0.66 / 0.69 / 0.77 / 0.83 at 15 / 25 / 55 / 75%, where the partial sum alone gives 0.15 and
+    0.34 / 0.61 / 0.74 / 0.82 (README, "Precomputed replays"). done = 0 gives the preview,
+    done = T the exact replay.
+    """
+    from engine.training import lr_at
+    lr = np.array([lr_at(k, preset) for k in range(preset.steps)])
+    rest = float(lr[:preset.steps - done].sum() / lr.sum())
+    return np.asarray(partial) + rest * np.asarray(preview)
 
 
 def predict_removal(bpd: float, grad_w: np.ndarray, removed: Sequence[int]) -> float:

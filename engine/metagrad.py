@@ -59,7 +59,7 @@ log = logging.getLogger("engine")
 def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, torch.Tensor]], *,
                  scheme: str = "sqrt", k: int = 4,
                  callback: Optional[Callable[[dict], None]] = None,
-                 resume: Optional[Path] = None) -> torch.Tensor:
+                 resume: Optional[Path] = None, partial_every: Optional[int] = None) -> torch.Tensor:
     """d Phi_q / d w for every query q and training example.
 
     Args:
@@ -73,6 +73,10 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         resume: a file for the sweep's state after each stored segment ("sqrt", "segment"):
             resumed from if it matches, left in place when done (the caller removes it once
             the result is safely stored).
+        partial_every: every this many backward steps (before the last), the callback's dict
+            also holds "grad_w": (Q, n) float64, the sum so far, i.e. the exact derivative with
+            respect to the weights that the last i training steps used, which a partly
+            finished sweep can already show (engine.attribution.progressive).
     Returns:
         (Q, n) metagradients.
     """
@@ -85,6 +89,7 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
     steps = run.preset.steps
     starts = check_trajectory(run)
     sweep = _Sweep(run, images, query_grads, callback)
+    sweep.partial_every = partial_every
     if scheme in ("sqrt", "segment"):
         segments = list(zip(reversed(starts), reversed(starts[1:] + [steps])))
         stamp = _resume_stamp(run, query_grads, scheme) if resume is not None else None
@@ -151,6 +156,7 @@ class _Sweep:
         self.adj += [torch.zeros_like(x) for x in g] * 2
         self.grad_w = torch.zeros(len(query_grads), self.w.shape[0], dtype=p.torch_dtype, device=self.dev)
         self.done = 0
+        self.partial_every: Optional[int] = None
         self.t0, self.seconds_before = time.perf_counter(), 0.0
 
     def save(self, path: Path, stamp: dict, segments: int) -> None:
@@ -282,4 +288,7 @@ class _Sweep:
     def _tick(self) -> None:
         self.done += 1
         if self.callback is not None:
-            self.callback({"i": self.done, "n": self.preset.steps})
+            info = {"i": self.done, "n": self.preset.steps}
+            if self.partial_every and self.done % self.partial_every == 0 and self.done < self.preset.steps:
+                info["grad_w"] = self.grad_w.detach().cpu().numpy().astype(np.float64)
+            self.callback(info)

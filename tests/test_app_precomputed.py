@@ -321,3 +321,46 @@ def test_the_verify_page_attributes_a_new_query_from_the_representation_without_
         assert abs(float(re.search(r"predicts \*\*([0-9.]+)\*\*", line).group(1)) - want) <= 1e-4, (line, want)
     finally:
         (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)
+
+
+def test_while_the_exact_replay_runs_its_partial_sums_refine_the_preview(app_run, monkeypatch):
+    # the replay job passes its partial sum on with every later report (a report overwrites the one
+    # before it between two polls) ...
+    from engine.attribution import progressive
+    from engine.precompute import build, representation as R
+    from webapp import jobs as J, service
+    x = service.from_canvas(_stroke_canvas(dx=25))
+    infos = []
+    out = service._attribution(app_run, x, True, infos.append)
+    first = next(k for k, i in enumerate(infos) if "partial" in i)
+    assert all("partial" in i and i["partial"]["i"] <= i["i"] for i in infos[first:] if i.get("stage") == "training")
+    assert max(i["partial"]["i"] for i in infos[first:]) == app_run.preset.steps - 1
+    assert not np.allclose(infos[-1]["partial"]["grad_w"], out["grad_w"])  # the last step's part still missing
+    # ... and while it runs, the Draw page shows the preview refined by the latest one, and says how far it is
+    build.precompute(app_run, method="lowrank", rank=4, chunk=4)
+    path = R.folder(app_run) / "lowrank4.npz"
+    n, steps = app_run.preset.n_train, app_run.preset.steps
+    part = {"grad_w": np.random.default_rng(0).normal(size=n) * np.abs(out["grad_w"]).max(), "i": 10, "n": steps}
+    running = J.Job(service.replay_key(app_run, x), "exact replay", stage="training", i=10, n=steps, partial=part)
+    monkeypatch.setattr(service, "replay_job", lambda run, x, owner=None: running)
+    jobs = service.jobs()
+    with jobs._lock:  # what the page's progress bar looks up
+        jobs._jobs[running.key] = running
+    try:
+        at = _new()
+        at.run()
+        at.session_state["test_canvas"] = _stroke_canvas(dx=25)
+        at = _until(at, lambda a: any("Refined as the exact replay goes" in c.value for c in a.caption))
+        line = next(c.value for c in at.caption if "Refined as the exact replay goes" in c.value)
+        assert f"the last 10 of {steps} training steps (42%)" in line and "precomputed replay `lowrank4`" in line
+        preview = jobs.peek(service.attribution_key(app_run, x)).result["grad_w"]
+        gw = progressive(preview, part["grad_w"], 10, app_run.preset)
+        from engine.attribution import top_k
+        tk = top_k(gw, 16)
+        assert any(m.value.startswith(f"**Top 16 proponents** (removing them is predicted to raise the bits/dim by "
+                                      f"{-gw[tk['proponents']].sum():.4f})") for m in at.markdown)
+        assert at.session_state["partial_shown"] == (running.key, 10)
+    finally:
+        with jobs._lock:
+            jobs._jobs.pop(running.key, None)
+        path.unlink(missing_ok=True)

@@ -56,3 +56,18 @@ def test_top_k_follows_the_sign_convention():
     assert tk["proponents"].tolist() == [1, 4]  # most negative: removing them raises the BPD
     assert tk["opponents"].tolist() == [3, 0]
     assert A.predict_removal(4.0, g, [1, 3]) == pytest.approx(4.0 - (-2.0 + 3.0))
+
+
+def test_progressive_adds_the_preview_by_the_learning_rate_share_of_the_steps_not_replayed():
+    # closed form: lr_at is linear warmup then linear decay; nothing replayed gives the preview,
+    # everything replayed the replay's own sum, and in between the earlier steps' share of the lr
+    p = PRESETS["tiny"]
+    rng = np.random.default_rng(0)
+    preview, partial = rng.normal(size=(2, p.n_train)), rng.normal(size=(2, p.n_train))
+    np.testing.assert_allclose(A.progressive(preview, np.zeros_like(partial), 0, p), preview)
+    np.testing.assert_allclose(A.progressive(preview, partial, p.steps, p), partial)
+    lr = [train.lr_at(k, p) for k in range(p.steps)]
+    for done in (1, p.steps // 2, p.steps - 1):
+        share = sum(lr[: p.steps - done]) / sum(lr)
+        assert 0 < share < 1
+        np.testing.assert_allclose(A.progressive(preview, partial, done, p), partial + share * preview)

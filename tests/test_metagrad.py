@@ -24,13 +24,15 @@ def setup(tmp_path_factory):
     return run, images, cs
 
 
-def _phi_unrolled(images, c, w):
-    """Phi(theta_T(w)) with autograd through every step, no checkpoints."""
+def _phi_unrolled(images, c, w, late=None):
+    """Phi(theta_T(w)) with autograd through every step, no checkpoints; late=(k, w2): steps k..T-1
+    use the weights w2 instead."""
     model = train.make_model(TINY, 0)
     state = train.init_state(model)
     state.params = {n: p.requires_grad_(True) for n, p in state.params.items()}
-    for _ in range(TINY.steps):
-        state, _ = train.train_step(model, state, images, w, 0, TINY, create_graph=True)
+    for k in range(TINY.steps):
+        wk = late[1] if late is not None and k >= late[0] else w
+        state, _ = train.train_step(model, state, images, wk, 0, TINY, create_graph=True)
     return sum((c[n] * state.params[n]).sum() for n in c)
 
 
@@ -40,6 +42,24 @@ def test_checkpointed_equals_unrolled_autograd(setup):
     w = torch.ones(TINY.n_train, requires_grad=True)
     want = torch.autograd.grad(_phi_unrolled(images, cs[0], w), w)[0]
     assert ((got - want).norm() / want.norm()).item() <= 1e-4
+
+
+def test_a_partial_sum_is_the_derivative_for_the_weights_of_the_last_steps(setup):
+    # after i backward steps the sweep's partial sum is d Phi / d w for weights that only the last i
+    # training steps use (the earlier ones keep w = 1): unrolled autograd with the weights split in two
+    run, images, cs = setup
+    T, every = TINY.steps, 5
+    parts = {}
+    final = metagradient(run, images, cs[:1], partial_every=every,
+                         callback=lambda i: "grad_w" in i and parts.__setitem__(i["i"], i["grad_w"][0]))[0]
+    assert sorted(parts) == list(range(every, T, every))  # never the last: that is the result itself
+    for i in (5, 15):
+        w_late = torch.ones(TINY.n_train, requires_grad=True)
+        want = torch.autograd.grad(_phi_unrolled(images, cs[0], torch.ones(TINY.n_train), late=(T - i, w_late)),
+                                   w_late)[0]
+        got = torch.from_numpy(parts[i]).to(want.dtype)
+        assert ((got - want).norm() / want.norm()).item() <= 1e-4
+        assert ((got - final).norm() / final.norm()).item() > 0.01  # a part, not yet the whole
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])

@@ -93,12 +93,19 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
         if method.startswith("precomputed:") and method != "precomputed:exact":
             # progressive: the approximate preview now, the exact replay in the background
             exact = W.follow("exact_key", service.replay_job(run, x, owner=me))  # a previous image's: released
+            part = exact.partial  # read once: the lists below and the progress bar's marker agree
+            # the progress bar reruns the page when the replay reports a newer partial sum than this
+            st.session_state["partial_shown"] = (exact.key, None if part is None else part["i"])
             done = W.wait_for(exact)
             if done:  # what the page shows now first, then what it replaced
                 exact_gw = np.asarray(done["grad_w"])
                 st.caption(W.method_words("replay", run, done.get("seconds")) + " "
                            + W.replaced_words(gw, exact_gw, method, run, took))
                 gw, method = exact_gw, "replay"
+            elif part is not None:  # the replay's steps so far, exact, with the preview for the rest
+                from engine.attribution import progressive
+                gw = progressive(gw, part["grad_w"], part["i"], run.preset)
+                st.caption(W.method_words(method, run, took) + " " + W.refined_words(part["i"], part["n"]))
             else:
                 st.caption(W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
                            "and replaces it when it lands.")

@@ -94,6 +94,8 @@ class Job:
     owners: set = field(default_factory=set)
     pinned: bool = False
     lane: str = ""  # where it computes (Jobs.submit); "" for one found finished in the memo
+    # an exact replay's latest partial sum {"grad_w", "i", "n"} (webapp.service._attribution)
+    partial: Optional[dict] = None
 
     @property
     def fraction(self) -> Optional[float]:
@@ -105,6 +107,7 @@ class Job:
             raise Cancelled(self.key)
         self.stage = info.get("stage", self.stage)
         self.i, self.n = info.get("i", self.i), info.get("n", self.n)
+        self.partial = info.get("partial", self.partial)
 
 
 def _in_worker(blob: bytes, key: str, shared, lane: str = "interactive") -> bytes:

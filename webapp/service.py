@@ -239,10 +239,23 @@ def attribution_key(run: Run, x: torch.Tensor) -> str:
     return _attribution_key(run, x, f"precomputed:{name}" if name else "replay")
 
 
+# how often an exact replay reports its partial sum to the page (engine.attribution.progressive)
+PARTIAL_REPORTS = 20
+
+
 def _attribution(run: Run, x: torch.Tensor, replay: bool, cb: Callback) -> dict:
     from engine.attribution import attribute_auto
     t0 = time.perf_counter()
-    gw, bpd, method = attribute_auto(run, x[None], callback=cb, replay=replay)
+    last = {}
+
+    def report(info: dict) -> None:
+        # the latest partial sum goes with every later report: a report overwrites the one before
+        # it between two polls, so a partial sent once could be missed (webapp.jobs.Job.update)
+        if "grad_w" in info:
+            last["partial"] = {"grad_w": np.asarray(info["grad_w"])[0], "i": info["i"], "n": info["n"]}
+        cb({**{k: v for k, v in info.items() if k != "grad_w"}, **last})
+    gw, bpd, method = attribute_auto(run, x[None], callback=report, replay=replay,
+                                     partial_every=max(1, run.preset.steps // PARTIAL_REPORTS) if replay else None)
     # the computation's own time, in the worker: the page shows it beside the wait a visitor sees
     return {"grad_w": gw[0], "bpd": float(bpd[0]), "method": method, "seconds": time.perf_counter() - t0}
 

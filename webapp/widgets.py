@@ -84,6 +84,8 @@ def _show_progress(key: str) -> None:
     job = service.jobs().peek(key)
     if job is None or job.done:  # finished, or cancelled (the page then asks again)
         st.rerun()  # the whole page, now with the result
+    if job.partial is not None and st.session_state.get("partial_shown") != (key, job.partial["i"]):
+        st.rerun()  # a replay's newer partial sum: the Draw page refines its lists with it
     frac = job.fraction
     text = f"{job.label}: {job.stage}" + (f" {job.i}/{job.n}" if job.n else "")
     st.progress(frac if frac is not None else 0.0, text=html.escape(text))
@@ -265,6 +267,15 @@ def replaced_words(preview: np.ndarray, exact: np.ndarray, method: str, run: Opt
     return (f"It has replaced the preview from the precomputed replay `{method.split(':', 1)[1]}`{about}: "
             f"it changed {changed['proponents']} of the top-{k} proponents and {changed['opponents']} of the "
             f"top-{k} opponents.")
+
+
+def refined_words(done: int, steps: int) -> str:
+    """What the lists are while the exact replay is under way (engine.attribution.progressive)."""
+    return (f"Refined as the exact replay goes: it has gone back through the last {done:,} of {steps:,} training "
+            f"steps ({done / steps:.0%}), whose exact contributions these lists add to the preview's share of the "
+            f"steps still to go (by learning rate). Measured on 4 test digits of the `cpu` default against "
+            f"retraining: LDS 0.60 for the preview alone; these lists 0.66 at 15% of the steps, 0.69 at 25%, 0.77 "
+            f"at 55%, 0.83 at 75%; exact 0.98. The exact replay replaces them when it lands.")
 
 
 def influences(gw: np.ndarray, k: int, train_x: np.ndarray, train_y: np.ndarray) -> None:
