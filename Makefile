@@ -83,6 +83,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 8 --out results/figure2_k8
 	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/precompute_cpu
 	$(BIN)/python experiments/basis_fit.py --run $(RUN) --out results/basis_fit_cpu
+	$(BIN)/python experiments/partial_replay.py --run $(RUN) --out results/partial_replay_cpu
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64

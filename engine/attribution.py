@@ -67,9 +67,9 @@ def progressive(preview: np.ndarray, partial: np.ndarray, done: int, preset) -> 
 
     The preview stands in for the whole run; the scale is a rule of thumb (each step moves the
     weights in proportion to its learning rate), chosen on the `cpu` default: on 4 test digits,
-    against retraining, the preview alone gives LDS 0.60; this gives 0.60 at 5% of the steps and
-    0.66 / 0.69 / 0.77 / 0.83 at 15 / 25 / 55 / 75%, where the partial sum alone gives 0.15 and
-    0.34 / 0.61 / 0.74 / 0.82 (README, "Precomputed replays"). done = 0 gives the preview,
+    against retraining, the preview alone gives LDS 0.599; this gives 0.595 at 5% of the steps and
+    0.655 / 0.687 / 0.769 / 0.827 at 15 / 25 / 55 / 75%, where the partial sum alone gives 0.147 and
+    0.339 / 0.613 / 0.741 / 0.815 (results/partial_replay_cpu). done = 0 gives the preview,
     done = T the exact replay.
     """
     from engine.training import lr_at
