@@ -11,7 +11,8 @@ into an empty folder (`python -m engine train`, timed), then serves the app on i
 computed in the background). With --run it serves a copy of that run without its representations.
 Then: seconds from the end of each stroke on the canvas until the new drawing's top proponents and
 opponents are on the page (each stroke makes a new image), which computation made them (the
-caption), seconds from the last stroke until its exact replay has replaced the preview (the
+caption), seconds from the last stroke until the exact replay's first partial sum refines the
+preview and until the exact replay has replaced it (the
 galleries still computing beside it on a fresh start) and how much CPU the server process itself
 used meanwhile (in cores: CPU seconds per second; its workers not counted), and the browser, and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
@@ -220,6 +221,12 @@ def main() -> None:
                     page.screenshot(path=str(shots / "1_draw_influences.png"), full_page=True)
             if a.strokes and a.exact:  # progressive: the last drawing's exact replay replaces its preview
                 cpu0, browser0 = _cpu_seconds(proc.pid), _browser_cpu_seconds()
+                # on the way: the preview refined by the replay's first partial sum (5% of its steps)
+                page.get_by_text("Refined as the exact replay goes").first.wait_for(timeout=1_800_000)
+                rows.append(("last stroke: until the replay's first partial sum refines it",
+                             f"{time.perf_counter() - t1:7.1f}"))
+                _settled(page)
+                page.screenshot(path=str(shots / "1a_draw_refined.png"), full_page=True)
                 page.get_by_text("It has replaced the preview").first.wait_for(timeout=1_800_000)
                 dt = time.perf_counter() - t1
                 rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
