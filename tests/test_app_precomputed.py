@@ -233,6 +233,32 @@ def test_the_caption_cites_this_models_own_test_against_retraining(app_run, tmp_
         path.unlink()
 
 
+def test_the_caption_gives_the_previews_lds_per_kind_of_image(app_run, tmp_path, monkeypatch):
+    # a visitor draws: the fidelity study's LDS on drawn digits is said apart from the test digits'
+    # (their mean would hide it), and a report that measured test digits only says just those
+    import json
+    from webapp import widgets as W
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
+    (tmp_path / "precompute").mkdir()
+    names = ["test:1", "test:2", "drawn 1", "drawn 7", "noise"]
+    kinds = ["test", "test", "drawn", "drawn", "off-distribution"]
+    row = {"scores": "basis9", "spearman_with_exact": [0.8] * 5, "top_proponents_shared": [12] * 5}
+
+    def study(lds_queries, lds):
+        (tmp_path / "precompute" / "fidelity.json").write_text(json.dumps({
+            "preset": "small", "run_digest": "0" * 64, "queries": names, "kinds": kinds, "lds_queries": lds_queries,
+            "rows": [{**row, "lds": lds}]}))
+    study(names[:2], [0.7, 0.9])
+    words = W.method_words("precomputed:basis9", app_run)
+    assert "against retraining, LDS 0.80 on 2 test digits)" in words, words
+    study(["test:1", "test:2", "drawn 1", "drawn 7", "noise"], [0.7, 0.9, 0.2, 0.4, 0.5])
+    words = W.method_words("precomputed:basis9", app_run)
+    assert ("against retraining, LDS 0.80 on 2 test digits, 0.30 on 2 drawn digits, 0.50 on 1 rotated, averaged "
+            "or noise images)") in words, words
+    study(["test:1", "test:9"], [0.7, 0.9])  # a query the study does not name: all said as test digits
+    assert "LDS 0.80 on 2 test digits)" in W.method_words("precomputed:basis9", app_run)
+
+
 def test_the_verify_page_takes_a_gallery_digits_preview_and_says_how_it_was_made(app_run, monkeypatch):
     # the galleries made from a representation leave each digit's attribution for every page: Verify
     # offers a gallery digit's top-k at once (no button, no replay), from that preview, and says so

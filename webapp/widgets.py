@@ -181,7 +181,22 @@ def _fidelity(run: Run, name: str) -> tuple[Optional[dict], Optional[str]]:
             return None, None
         other = str(r.get("preset", "another"))
     row = next((row for row in r.get("rows", []) if row.get("scores") == name), None)
-    return row, (other if row is not None else None)
+    return (None, None) if row is None else ({**row, "lds_by_kind": _lds_by_kind(r, row)}, other)
+
+
+def _lds_by_kind(r: dict, row: dict) -> dict[str, list[float]]:
+    """A fidelity row's LDS values by kind of query ("test", "drawn", "off-distribution"), from the
+    report's LDS queries (names as in its "queries", kinds in its "kinds"); all "test" in a report
+    made before the study could measure the LDS on other images."""
+    lds = [float(v) for v in row.get("lds", [])]
+    names = r.get("lds_queries")
+    kind = dict(zip(r.get("queries", []), r.get("kinds", [])))
+    if not names or len(names) != len(lds) or any(n not in kind for n in names):
+        return {"test": lds}
+    out: dict[str, list[float]] = {}
+    for n, v in zip(names, lds):
+        out.setdefault(kind[n], []).append(v)
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -221,6 +236,14 @@ def _against_retraining(run: Run, name: str) -> Optional[tuple[dict, Optional[di
     return None
 
 
+def _lds_words(by_kind: dict[str, list[float]]) -> str:
+    """"LDS 0.64 on 8 test digits, 0.51 on 4 drawn digits, ...": each kind of query its own mean
+    (a visitor's drawing is not a test digit, and the preview's agreement differs between them)."""
+    what = {"test": "test digits", "drawn": "drawn digits", "off-distribution": "rotated, averaged or noise images"}
+    parts = [f"{np.mean(v):.2f} on {len(v)} {what.get(k, k)}" for k, v in by_kind.items() if v]
+    return "LDS " + ", ".join(parts) if parts else "LDS not measured"
+
+
 def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
     """How an attribution was computed, for the page, with the representation's measured fidelity
     and, when known, how long the computation itself took."""
@@ -235,8 +258,8 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
     measured = ("its measured agreement with the exact replay is in RESULTS.md, 'Precomputed replays'" if row is None else
                 f"measured on {len(row['spearman_with_exact'])} {where}: Spearman "
                 f"{np.mean(row['spearman_with_exact']):.2f} with exact MAGIC, "
-                f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared, LDS "
-                f"{np.mean(row['lds']):.2f}")
+                f"{np.mean(row['top_proponents_shared']):.1f} of the top-16 proponents shared; against "
+                f"retraining, " + _lds_words(row["lds_by_kind"]))
     lds = _against_retraining(run, name) if run is not None and (row is None or other is not None) else None
     if lds is not None:  # no study on this model: its own test against retraining comes first
         r, exact = lds
