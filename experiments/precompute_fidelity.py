@@ -122,20 +122,35 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int = TOP) -> tuple[int, int]:
     return len(set(pa[:k]) & set(pb[:k])), len(set(pa[::-1][:k]) & set(pb[::-1][:k]))
 
 
-def lds(run, bank_dir: Path, bank_queries: list, scores: np.ndarray, bpd: np.ndarray, images: dict | None = None,
-        jobs: int = 1) -> np.ndarray:
-    """Spearman per bank query (a test index, or an image key of `images`) of predicted vs actual
-    change on the committed protocol-A bank (retrained once more for queries it lacks)."""
-    from scipy.stats import spearmanr
+def actual_changes(run, bank_dir: Path, bank_queries: list, bpd: np.ndarray, images: dict | None = None,
+                   jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(the protocol-A drop-sets (S, d), and the actual BPD change (Q, S) of each bank query (a test
+    index, or an image key of `images`) under the committed bank's retrains without each; retrained
+    once more for queries the bank lacks)."""
     from engine.executor import LocalExecutor
-    from engine.experiments import bank, protocols, stats
+    from engine.experiments import bank, protocols
     plan = protocols.plan("A", run.preset.n_train, 50, frac=0.01, seed=0)
     actual = bank.retrained(run, bank_dir, bank_queries, plan.drops, 1, protocol="A", settings=plan.settings,
                             executor=LocalExecutor(jobs), images=images,
                             callback=lambda i: i["i"] < i["n"] and print(f"  bank: {i['i']}/{i['n']} retrains",
                                                                          flush=True))[0] - bpd[:, None]
-    pred = stats.predicted_changes(scores, plan.drops)
-    return np.array([spearmanr(pred[i], actual[i])[0] for i in range(len(bank_queries))])
+    return plan.drops, actual
+
+
+def lds_of(scores: np.ndarray, drops: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Spearman per query (Q,) of the change that `scores` (Q, n) predict for each drop-set against
+    the `actual` change (Q, S) (`actual_changes`)."""
+    from scipy.stats import spearmanr
+    from engine.experiments import stats
+    pred = stats.predicted_changes(scores, drops)
+    return np.array([spearmanr(pred[i], actual[i])[0] for i in range(len(actual))])
+
+
+def lds(run, bank_dir: Path, bank_queries: list, scores: np.ndarray, bpd: np.ndarray, images: dict | None = None,
+        jobs: int = 1) -> np.ndarray:
+    """Spearman per bank query (a test index, or an image key of `images`) of predicted vs actual
+    change on the committed protocol-A bank (retrained once more for queries it lacks)."""
+    return lds_of(scores, *actual_changes(run, bank_dir, bank_queries, bpd, images, jobs))
 
 
 def main() -> None:
