@@ -259,6 +259,39 @@ def test_the_caption_gives_the_previews_lds_per_kind_of_image(app_run, tmp_path,
     assert "LDS 0.80 on 2 test digits)" in W.method_words("precomputed:basis9", app_run)
 
 
+def test_the_refined_lists_cite_this_models_partial_replay_studies_at_the_point_reached(app_run, tmp_path,
+                                                                                         monkeypatch):
+    # while the exact replay runs, the caption gives the LDS that the committed studies of this very
+    # run measured for the refined lists at the last point they measured that the replay has reached
+    import json
+    from webapp import widgets as W
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
+
+    def study(folder, digest, names=None, scale=1.0):
+        rows = [{"scores": "preview (basis9)", "steps": 0, "lds": [0.5 * scale, 0.7 * scale]}]
+        for i in (10, 20, 40):
+            rows += [{"scores": "partial sum", "steps": i, "lds": [i / 50, i / 50]},
+                     {"scores": "progressive", "steps": i, "lds": [scale * (0.6 + i / 200)] * 2}]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "partial_replay.json").write_text(json.dumps({
+            "run_digest": digest, "steps": 40, "queries": [5, 6], "rows": rows,
+            **({"query_names": names} if names else {})}))
+    words = W.refined_words(15, 40, app_run)
+    assert "Not measured on this model against retraining" in words, words
+    study("partial_replay_other", "1" * 64)  # another run's study is not this model's
+    assert "Not measured on this model" in W.refined_words(15, 40, app_run)
+    study("partial_replay_x_drawn", app_run.digest, names=["drawn 1", "drawn 7"], scale=0.5)
+    study("partial_replay_x", app_run.digest)
+    words = W.refined_words(25, 40, app_run)
+    assert ("Measured on this model against retraining, LDS 0.70 on 2 test digits at 50% of the steps (the "
+            "preview alone 0.60, exact 0.80); 0.35 on 2 drawn digits at 50% of the steps (the preview alone 0.30, "
+            "exact 0.80).") in words, words
+    assert "0.65 on 2 test digits at 25% of the steps" in W.refined_words(19, 40, app_run)
+    words = W.refined_words(5, 40, app_run)  # before the first point measured: the preview's
+    assert "LDS 0.60 on 2 test digits for the preview alone, before the first point measured (25% of the steps; " \
+           "exact 0.80)" in words, words
+
+
 def test_the_verify_page_takes_a_gallery_digits_preview_and_says_how_it_was_made(app_run, monkeypatch):
     # the galleries made from a representation leave each digit's attribution for every page: Verify
     # offers a gallery digit's top-k at once (no button, no replay), from that preview, and says so

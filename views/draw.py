@@ -105,7 +105,7 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
             elif part is not None:  # the replay's steps so far, exact, with the preview for the rest
                 from engine.attribution import progressive
                 gw = progressive(gw, part["grad_w"], part["i"], run.preset)
-                st.caption(W.method_words(method, run, took) + " " + W.refined_words(part["i"], part["n"]))
+                st.caption(W.method_words(method, run, took) + " " + W.refined_words(part["i"], part["n"], run))
             else:
                 st.caption(W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
                            "and replaces it when it lands.")

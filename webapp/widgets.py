@@ -292,13 +292,44 @@ def replaced_words(preview: np.ndarray, exact: np.ndarray, method: str, run: Opt
             f"top-{k} opponents.")
 
 
-def refined_words(done: int, steps: int) -> str:
-    """What the lists are while the exact replay is under way (engine.attribution.progressive)."""
+def _partial_studies(run: Run) -> list[dict]:
+    """The committed studies of a partly finished replay (experiments/partial_replay.py,
+    results/partial_replay*/partial_replay.json) made on this very run: test digits first."""
+    found = [report(f) for f in sorted(results_dir().glob("partial_replay*/partial_replay.json"))]
+    found = [r for r in found if isinstance(r, dict) and r.get("run_digest") == run.digest and r.get("rows")]
+    return sorted(found, key=lambda r: not all(str(n).startswith("test:") for n in r.get("query_names", ["test:"])))
+
+
+def _measured_at(r: dict, done: int) -> Optional[str]:
+    """"0.69 on 4 test digits at 25% of the steps (the preview alone 0.60, exact 0.98)": the LDS of
+    the progressive lists at the last point the study measured that the replay has reached."""
+    try:
+        steps = int(r["steps"])
+        prog = [row for row in r["rows"] if row["scores"] == "progressive" and int(row["steps"]) <= done]
+        preview = next(row for row in r["rows"] if str(row["scores"]).startswith("preview"))
+        final = next(row for row in r["rows"] if row["scores"] == "partial sum" and int(row["steps"]) == steps)
+        names = r.get("query_names") or [f"test:{q}" for q in r["queries"]]
+        kind = "test digits" if all(str(n).startswith("test:") for n in names) else "drawn digits"
+        if not prog:  # not yet at the first point measured: what the lists are closest to is the preview
+            first = min(int(row["steps"]) for row in r["rows"] if row["scores"] == "progressive")
+            return (f"{np.mean(preview['lds']):.2f} on {len(names)} {kind} for the preview alone, before the first "
+                    f"point measured ({first / steps:.0%} of the steps; exact {np.mean(final['lds']):.2f})")
+        at = max(prog, key=lambda row: int(row["steps"]))
+        return (f"{np.mean(at['lds']):.2f} on {len(names)} {kind} at {int(at['steps']) / steps:.0%} of the steps "
+                f"(the preview alone {np.mean(preview['lds']):.2f}, exact {np.mean(final['lds']):.2f})")
+    except (KeyError, TypeError, ValueError, StopIteration):
+        return None  # a damaged or older report: not cited
+
+
+def refined_words(done: int, steps: int, run: Optional[Run] = None) -> str:
+    """What the lists are while the exact replay is under way (engine.attribution.progressive),
+    with what the committed studies of this very run measured of such lists at this point."""
+    measured = [m for m in (_measured_at(r, done) for r in (_partial_studies(run) if run is not None else [])) if m]
+    how = ("Measured on this model against retraining, LDS " + "; ".join(measured) + ". " if measured else
+           "Not measured on this model against retraining (experiments/partial_replay.py). ")
     return (f"Refined as the exact replay goes: it has gone back through the last {done:,} of {steps:,} training "
             f"steps ({done / steps:.0%}), whose exact contributions these lists add to the preview's share of the "
-            f"steps still to go (by learning rate). Measured on 4 test digits of the `cpu` default against "
-            f"retraining: LDS 0.60 for the preview alone; these lists 0.66 at 15% of the steps, 0.69 at 25%, 0.77 "
-            f"at 55%, 0.83 at 75%; exact 0.98. The exact replay replaces them when it lands.")
+            f"steps still to go (by learning rate). " + how + "The exact replay replaces them when it lands.")
 
 
 def influences(gw: np.ndarray, k: int, train_x: np.ndarray, train_y: np.ndarray) -> None:
