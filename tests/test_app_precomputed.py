@@ -378,6 +378,21 @@ def test_the_verify_page_attributes_a_new_query_from_the_representation_without_
         want = predict_removal(float(bpd[0]), gw[0], top_k(gw[0], 10)["proponents"])
         line = next(m.value for m in at.markdown if "MAGIC predicts" in m.value)
         assert abs(float(re.search(r"predicts \*\*([0-9.]+)\*\*", line).group(1)) - want) <= 1e-4, (line, want)
+        assert not any("exact replay of this image is under way" in c.value for c in at.caption)
+        # the exact replay for this image running (from the Draw page): the page says it keeps the preview
+        from webapp import jobs as J
+        running = J.Job(service.replay_key(app_run, torch.from_numpy(x)), "exact replay", stage="training", i=3, n=24)
+        with service.jobs()._lock:
+            service.jobs()._jobs[running.key] = running
+        try:
+            at.run()
+            assert any("exact replay of this image is under way" in c.value for c in at.caption), \
+                [c.value for c in at.caption]
+            line = next(m.value for m in at.markdown if "MAGIC predicts" in m.value)
+            assert abs(float(re.search(r"predicts \*\*([0-9.]+)\*\*", line).group(1)) - want) <= 1e-4
+        finally:
+            with service.jobs()._lock:
+                service.jobs()._jobs.pop(running.key, None)
     finally:
         (R.folder(app_run) / "lowrank4.npz").unlink(missing_ok=True)
 

@@ -128,6 +128,14 @@ if not res:
     st.stop()
 gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
 st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
+if str(res.get("method", "replay")).startswith("precomputed:") and res["method"] != "precomputed:exact":
+    exact = service.jobs().peek(service.replay_key(run, x))
+    if exact is not None and not exact.done and not exact.error:
+        # the Draw page refines its lists as the replay goes; here the chosen images must stay put
+        # while a retraining without them runs, so the preview stays until the exact scores land
+        st.caption("The exact replay of this image is under way (the Draw page started it): this page keeps "
+                   "the preview's scores until it lands, so that the images chosen below stay put; it shows the "
+                   "exact ones when you come back after it has landed.")
 c = st.columns(2)
 what = c[0].radio("Remove", ["top-k proponents", "top-k opponents", "k random images"], key="ver_what")
 k = int(c[1].slider("k", 1, 50, 10, key="ver_k"))
