@@ -6,11 +6,12 @@ preview (engine.attribution.progressive), against the finished replay and agains
         [--bank results/lds_cpu_positional_x5] [--out results/partial_replay_cpu]
 
 Queries: the first --queries test digits of the bank's LDS queries (their retrains are committed,
-so the LDS needs no training); with --drawn instead the 4 drawn digits of the fidelity study
-(experiments/precompute_fidelity.py --lds-images adds their retrains to the bank; else they are
-retrained here, ~45 min on 2 cores), since drawings are what the app's visitors attribute. Per fraction of the steps: Spearman with the finished replay, the
-top-16 proponents and opponents it shares with it, and LDS protocol A (mean over the queries) for
-the partial sum alone and for the progressive combination; the preview alone for reference.
+so the LDS needs no training); with --drawn instead the 4 drawn digits of the fidelity study, since
+drawings are what the app's visitors attribute (experiments/precompute_fidelity.py --lds-images
+adds their retrains to the bank; else they are retrained here, ~45 min on 2 cores). Per fraction
+of the steps: Spearman with the finished replay, the top-16 proponents and opponents it shares with
+it, and LDS protocol A (mean over the queries) for the partial sum alone and for the progressive
+combination; the preview alone for reference.
 Writes partial_replay.{json,md}. One replay of training for all queries (about 15 min on 2 cores).
 """
 
