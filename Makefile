@@ -36,7 +36,7 @@ report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/precompute_cpu
+	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --lds-images --jobs 2 --out results/precompute_cpu
 
 # The tests also install the Ray extra: both executors are tested.
 test: setup $(BIN)/.installed-ray
@@ -81,9 +81,10 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 2 --out results/figure2_k2
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 8 --out results/figure2_k8
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/precompute_cpu
+	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --lds-images --jobs 2 --out results/precompute_cpu
 	$(BIN)/python experiments/basis_fit.py --run $(RUN) --out results/basis_fit_cpu
 	$(BIN)/python experiments/partial_replay.py --run $(RUN) --out results/partial_replay_cpu
+	$(BIN)/python experiments/partial_replay.py --run $(RUN) --drawn --out results/partial_replay_cpu_drawn
 	$(BIN)/python experiments/grid_smoothness.py --out results/grid_small
 	$(BIN)/python experiments/cpu_rounding.py --run $(RUN) --out results/cpu_rounding
 	$(BIN)/python -m engine sample --run $(RUN) --out results/samples_cpu.png --n 64

@@ -110,13 +110,16 @@ SECTIONS = [
      "results/precompute_cpu/fidelity.json", ["results/precompute_cpu/fidelity.png"],
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
      "--bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz "
-     "--out results/precompute_cpu"),
+     "--lds-images --jobs 2 --out results/precompute_cpu"),
     ("The `cpu` default: how its basis fits a new query (ridge, leave-one-out, references)", "results/basis_fit_cpu/fit.md",
      "results/basis_fit_cpu/fit.json", ["results/basis_fit_cpu/fit.png"],
      "python experiments/basis_fit.py --out results/basis_fit_cpu"),
     ("The `cpu` default: a partly finished exact replay, alone and refining the preview", "results/partial_replay_cpu/partial_replay.md",
      "results/partial_replay_cpu/partial_replay.json", [],
      "python experiments/partial_replay.py --run runs/cpu --out results/partial_replay_cpu"),
+    ("The `cpu` default: a partly finished exact replay on drawn digits", "results/partial_replay_cpu_drawn/partial_replay.md",
+     "results/partial_replay_cpu_drawn/partial_replay.json", [],
+     "python experiments/partial_replay.py --run runs/cpu --drawn --out results/partial_replay_cpu_drawn"),
     ("The `cpu` default, with positional maps x5: methods against retraining, protocol A",
      "results/comparison_cpu_positional_x5.md", "results/comparison_cpu_positional_x5.json",
      ["results/comparison_cpu_positional_x5.png", "results/lds_cpu_positional_x5/reports/magic_A.png"],
