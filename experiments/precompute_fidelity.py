@@ -256,6 +256,9 @@ def _metrics(s: np.ndarray, gw: np.ndarray, kinds: list[str]) -> dict:
 def _markdown(r: dict) -> str:
     kinds = np.array(r["kinds"])
     split = len(r.get("lds_queries", [])) > 8  # LDS on the 8 test queries, then the drawn and off-distribution ones
+    kind_of = dict(zip(r["queries"], r["kinds"]))
+    lds_kinds = np.array([kind_of.get(q, "test") for q in r.get("lds_queries", [])])
+    shown = [k for k in ("test", "drawn", "off-distribution") if (lds_kinds == k).any()]
     lines = [f"# Precomputed representations against exact MAGIC on `{r['preset']}`", "",
              f"`{r['command']}` at commit {r['commit']}; {len(r['queries'])} queries: "
              f"{(kinds == 'test').sum()} test digits, {(kinds == 'drawn').sum()} drawn, "
@@ -264,7 +267,8 @@ def _markdown(r: dict) -> str:
              f"{len(r.get('lds_queries', r['bank_queries']))} queries: "
              f"{', '.join(r.get('lds_queries', [f'test:{q}' for q in r['bank_queries']]))}.", "",
              "| scores | Spearman with exact: test / drawn / off-dist. (min) | top-16 proponents shared (min) | "
-             "top-16 opponents shared (min) | LDS mean (min)" + (": test / drawn and off-dist." if split else "") +
+             "top-16 opponents shared (min) | LDS mean (min)" + (": " + " / ".join(
+                 {"test": "test", "drawn": "drawn", "off-distribution": "off-dist."}[k] for k in shown) if split else "") +
              " | precompute: compute, size |",
              "|---|---|---|---|---|---|"]
     for row in r["rows"]:
@@ -272,7 +276,7 @@ def _markdown(r: dict) -> str:
         parts = " / ".join(f"{rho[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
         p, o = np.array(row["top_proponents_shared"]), np.array(row["top_opponents_shared"])
         l = np.array(row["lds"])
-        ld = (f"{l[:8].mean():.3f} ({l[:8].min():.3f}) / {l[8:].mean():.3f} ({l[8:].min():.3f})" if split
+        ld = (" / ".join(f"{l[lds_kinds == k].mean():.3f} ({l[lds_kinds == k].min():.3f})" for k in shown) if split
               else f"{l.mean():.3f} ({l.min():.3f})")
         cost = ""
         if row["scores"] == "exact MAGIC (replay)":
