@@ -88,8 +88,7 @@ def metagradient(run: Run, images: torch.Tensor, query_grads: list[dict[str, tor
         raise ValueError("resume needs a scheme with stored segments (sqrt or segment)")
     steps = run.preset.steps
     starts = check_trajectory(run)
-    sweep = _Sweep(run, images, query_grads, callback)
-    sweep.partial_every = partial_every
+    sweep = _Sweep(run, images, query_grads, callback, partial_every)
     if scheme in ("sqrt", "segment"):
         segments = list(zip(reversed(starts), reversed(starts[1:] + [steps])))
         stamp = _resume_stamp(run, query_grads, scheme) if resume is not None else None
@@ -139,7 +138,7 @@ def _resume_stamp(run: Run, query_grads: list[dict[str, torch.Tensor]], scheme: 
 class _Sweep:
     """The backward sweep's running state: Q adjoints of (params, m, v) and the (Q, n) result."""
 
-    def __init__(self, run, images, query_grads, callback):
+    def __init__(self, run, images, query_grads, callback, partial_every: Optional[int] = None):
         p = run.preset
         self.run, self.preset, self.seed, self.callback = run, p, run.seed, callback
         self.dev = devices.setup(p)
@@ -156,7 +155,7 @@ class _Sweep:
         self.adj += [torch.zeros_like(x) for x in g] * 2
         self.grad_w = torch.zeros(len(query_grads), self.w.shape[0], dtype=p.torch_dtype, device=self.dev)
         self.done = 0
-        self.partial_every: Optional[int] = None
+        self.partial_every = partial_every
         self.t0, self.seconds_before = time.perf_counter(), 0.0
 
     def save(self, path: Path, stamp: dict, segments: int) -> None:
