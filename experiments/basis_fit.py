@@ -22,12 +22,14 @@ the basis). Per query, the share of |g| the basis leaves unfitted, |g - G^T c| /
 the unfitted part lies, by parameter group (the first part of a parameter's name), beside where g
 lies; and, if the net has positional maps ("pos.*", per-pixel parameters whose gradient follows an
 image's own strokes), the fit with their part of every gradient weighted down (c minimizing
-sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere).
+sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere, w below and above 1); and the fit
+in a diagonal metric from the basis (w_i = 1 / the rms of entry i over the basis rows).
 
 Measured on the fidelity study's 16 queries (experiments/precompute_fidelity.py: 8 test digits,
 4 drawn, 4 off-distribution; exact grad_w from the bank's MAGIC scores for the test digits and
 RUN/fidelity/exact.npz, which that study wrote, for the others): Spearman with exact MAGIC, top-16
-proponents shared, and LDS protocol A on the bank's 8 test queries against its committed retrains.
+proponents shared, and LDS protocol A against the bank's committed retrains (on all 16 queries: the
+fidelity study's --lds-images added the drawn and off-distribution images to the bank).
 Writes fit.json, fit.md and fit.png under --out, with the command and commit.
 """
 
@@ -46,7 +48,7 @@ from engine.precompute.basis import RIDGE_REL, regularized  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
 RELS = (1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
-POS_WEIGHTS = (0.3, 0.1, 0.0)
+POS_WEIGHTS = (10.0, 3.0, 0.3, 0.1, 0.0)
 
 
 def group_masks(run, p: int) -> dict[str, np.ndarray]:
@@ -90,6 +92,7 @@ def main() -> None:
     ap.add_argument("--bank", default="results/lds_cpu_positional_x5")
     ap.add_argument("--exact-from", default="results/lds_cpu_positional_x5/scores/magic.npz")
     ap.add_argument("--out", default="results/basis_fit_cpu")
+    ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel, for queries the bank lacks")
     a = ap.parse_args()
     # the fidelity study's queries, exact scores, overlap and LDS: the two reports measure the same things
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,12 +123,17 @@ def main() -> None:
     kinds = ["test" if n.startswith("test:") else "drawn" if n.startswith("drawn") else "off-distribution" for n in names]
     basis_g = rep.extra["gram"].astype(np.float64) @ rep.b.astype(np.float64)  # G (K, P), as installed
     amat = rep.a.astype(np.float64)
-    keys = [int(n[5:]) for n in names[:8]]
+    # LDS on every query: the bank's retrains hold the test digits, and (since the fidelity study's
+    # --lds-images) the drawn and off-distribution images, which it retrains for once if it lacks them
+    from engine.experiments.bank import image_key
+    keys = [int(n[5:]) if k == "test" else image_key(x[i]) for i, (n, k) in enumerate(zip(names, kinds))]
+    imgs = {k: x[i].numpy() for i, k in enumerate(keys) if isinstance(k, str)}
+    drops, actual = F.actual_changes(run, Path(a.bank), keys, bpd, imgs, a.jobs)
 
     def row(s: np.ndarray, **what) -> dict:
         ov = [F.overlap(s[i], gw[i]) for i in range(len(names))]
         r = {**what, "spearman_with_exact": [float(spearmanr(s[i], gw[i])[0]) for i in range(len(names))],
-             "top_proponents_shared": [o[0] for o in ov], "lds": F.lds(run, Path(a.bank), keys, s[:8], bpd[:8]).tolist()}
+             "top_proponents_shared": [o[0] for o in ov], "lds": F.lds_of(s, drops, actual).tolist()}
         print(f"{what['fit']:48s} rel {what.get('rel') or 0:7.0e}: Spearman {np.mean(r['spearman_with_exact']):.3f}, "
               f"LDS {np.mean(r['lds']):.3f}" + (f", leave-one-out {np.mean(what['loo_spearman']):.3f}"
                                                 if "loo_spearman" in what else ""), flush=True)
@@ -157,6 +165,12 @@ def main() -> None:
         wt = np.where(pos, w, 1.0)
         refs.append(row(fit((basis_g * wt) @ basis_g.T, (g * wt) @ basis_g.T) @ amat.T,
                         fit=f"positional maps weighted {w:g} in the fit", rel=RIDGE_REL))
+    # a diagonal metric from the basis itself: every parameter weighted by 1 / its rms over the basis rows,
+    # so that parameters the basis images barely move count as much as the ones they move most
+    wt = 1.0 / np.sqrt((basis_g ** 2).mean(axis=0) + 1e-30)
+    wt /= wt.mean()
+    refs.append(row(fit((basis_g * wt) @ basis_g.T, (g * wt) @ basis_g.T) @ amat.T,
+                    fit="each parameter weighted by 1 / its rms over the basis", rel=RIDGE_REL))
     c = fit(basis_g @ basis_g.T, g @ basis_g.T)
     residual = g - c @ basis_g
     unfitted = (np.linalg.norm(residual, axis=1) / np.linalg.norm(g, axis=1)).tolist()
@@ -181,19 +195,20 @@ def _markdown(r: dict) -> str:
     def cells(row: dict) -> str:
         rho, p, l = (np.array(row[k]) for k in ("spearman_with_exact", "top_proponents_shared", "lds"))
         parts = " / ".join(f"{rho[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
-        return f"{parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | {l.mean():.3f} ({l.min():.3f})"
+        ldss = " / ".join(f"{l[kinds == k].mean():.3f}" for k in ("test", "drawn", "off-distribution"))
+        return f"{parts} ({rho.min():.3f}) | {p.mean():.1f} ({p.min()}) | {ldss} ({l.min():.3f})"
     lines = [f"# Fitting a query in the basis `{r['rep']}` of `{r['run']}`", "",
              f"`{r['command']}` at commit {r['commit']}. Ridge lam = rel * trace(G G^T) / K; the shipped rel is "
              f"{r['shipped_rel']:.0e}. Leave-one-out: each basis image's exact attribution predicted from the other "
              "images' (Spearman; mean over all images, and over the plain digits). Queries: the fidelity study's 16 "
-             "(8 test digits, 4 drawn, 4 off-distribution); LDS protocol A on the bank's 8 test queries.", "",
+             "(8 test digits, 4 drawn, 4 off-distribution); LDS protocol A on all 16, against the bank's committed retrains.", "",
              "| rows | rel | leave-one-out: all / digits | Spearman with exact: test / drawn / off-dist. (min) | "
-             "top-16 proponents shared (min) | LDS mean (min) |", "|---|---|---|---|---|---|"]
+             "top-16 proponents shared (min) | LDS: test / drawn / off-dist. (min) |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         loo = np.array(row["loo_spearman"])
         lines.append(f"| {row['scaling']} | {row['rel']:.0e} | {loo.mean():.3f} / {loo[images].mean():.3f} | {cells(row)} |")
     lines += ["", "| reference | Spearman with exact: test / drawn / off-dist. (min) | top-16 proponents shared (min) | "
-              "LDS mean (min) |", "|---|---|---|---|"]
+              "LDS: test / drawn / off-dist. (min) |", "|---|---|---|---|"]
     lines += [f"| {row['fit']} | {cells(row)} |" for row in r["references"]]
     lines += ["", "Share of each query's gradient the basis leaves unfitted, |g - G^T c| / |g|: "
               + ", ".join(f"{k} {un[kinds == k].mean():.2f} ({un[kinds == k].min():.2f}-{un[kinds == k].max():.2f})"
@@ -212,7 +227,7 @@ def _plot(r: dict) -> bytes:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, title) in zip(axes, [("loo_spearman", "leave-one-out on the basis (Spearman)"),
                                        ("spearman_with_exact", "Spearman with exact MAGIC (16 queries)"),
-                                       ("lds", "LDS protocol A (8 bank queries)")]):
+                                       ("lds", "LDS protocol A (16 queries)")]):
         for scaling in ("raw", "normalized"):
             rows = [row for row in r["rows"] if row["scaling"] == scaling]
             ax.plot([row["rel"] for row in rows], [np.mean(row[key]) for row in rows], "o-", label=f"{scaling} rows")
