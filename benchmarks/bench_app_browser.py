@@ -104,8 +104,14 @@ def _browser_cpu_seconds() -> float:
 
 
 def _made_by(page) -> str:
-    """The computation the Draw page names for the influences it shows ("Computed from ...")."""
-    return page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text().split(" (")[0].split(";")[0]
+    """The computation the Draw page names for the influences it shows, from the line above them
+    ("A preview from the precomputed replay basis64", "Exact MAGIC: this image's own replay of training")."""
+    return re.split(r", computed in |\. ", _headline(page))[0].rstrip(".")
+
+
+def _headline(page) -> str:
+    """The Draw page's one line above the lists, saying what they are."""
+    return page.get_by_text(re.compile(r"^(A preview|The preview refined|Exact MAGIC)")).first.inner_text()
 
 
 def _fresh(page, text) -> bool:
@@ -210,10 +216,10 @@ def main() -> None:
                 _settled(page)  # the influences are on the page when the whole page is this drawing's
                 dt = time.perf_counter() - t1
                 first = first if first is not None else time.perf_counter() - t0 - setup_s
-                cap = page.get_by_text(re.compile(r"^Computed (from|by)")).first.inner_text()
+                cap = _headline(page)
                 made_by.append(_made_by(page))
                 rows.append((f"stroke {i + 1}: end of stroke until its influences", f"{dt:7.1f}"))
-                took = re.search(r"Computing it took ([0-9.]+) s", cap)  # the job's own time, in its worker
+                took = re.search(r"computed in ([0-9.]+) s", cap)  # the job's own time, in its worker
                 if took:
                     rows.append((f"stroke {i + 1}: of which computing, in the app's worker", f"{float(took[1]):7.1f}"))
                 print(f"stroke {i + 1}: {dt:.1f} s ({made_by[-1]}; computing {took[1] if took else '?'} s)", flush=True)
@@ -222,12 +228,12 @@ def main() -> None:
             if a.strokes and a.exact:  # progressive: the last drawing's exact replay replaces its preview
                 cpu0, browser0 = _cpu_seconds(proc.pid), _browser_cpu_seconds()
                 # on the way: the preview refined by the replay's first partial sum (5% of its steps)
-                page.get_by_text("Refined as the exact replay goes").first.wait_for(timeout=1_800_000)
+                page.get_by_text("The preview refined by the exact replay").first.wait_for(timeout=1_800_000)
                 rows.append(("last stroke: until the replay's first partial sum refines it",
                              f"{time.perf_counter() - t1:7.1f}"))
                 _settled(page)
                 page.screenshot(path=str(shots / "1a_draw_refined.png"), full_page=True)
-                page.get_by_text("It has replaced the preview").first.wait_for(timeout=1_800_000)
+                page.get_by_text(re.compile(r"^Exact MAGIC.* It changed")).first.wait_for(timeout=1_800_000)
                 dt = time.perf_counter() - t1
                 rows.append(("last stroke: until the exact replay replaces its preview", f"{dt:7.1f}"))
                 # the server process itself (not its workers) while the page shows the replay's progress

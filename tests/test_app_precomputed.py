@@ -38,6 +38,10 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         # the page says how long the computation itself took (part of the wait, measured in the worker)
         assert 0 < res["seconds"] <= waited
         assert any(f"Computing it took {res['seconds']:.1f} s." in c.value for c in at.caption)
+        # in one line above the lists (the whole account in the expander below it)
+        assert any(c.value.startswith(f"**A preview** from the precomputed replay `lowrank4`, computed in "
+                                      f"{res['seconds']:.1f} s") for c in at.caption)
+        assert any(e.label.startswith("How these lists were computed") for e in at.expander)
         # the worker runs torch with another thread count, so the BPD gradient may round differently
         assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
         # progressive: the exact replay runs in the background and replaces the preview, saying
@@ -49,6 +53,8 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         changed = 16 - len(set(a["proponents"]) & set(b["proponents"]))
         line = next(c.value for c in at.caption if "has replaced the preview" in c.value)
         assert f"it changed {changed} of the top-16 proponents" in line, (line, changed)
+        short = next(c.value for c in at.caption if c.value.startswith("**Exact MAGIC**: this image's own replay"))
+        assert f"It changed {changed} of the preview's top-16 proponents" in short, (short, changed)
         # the caption names what the lists now are (the replay, with its time) before what it replaced
         assert line.startswith("Computed by replaying training backwards for this image (exact MAGIC). Computing it took ")
         assert "replaced the preview from the precomputed replay `lowrank4` (computed in " in line
@@ -257,6 +263,14 @@ def test_the_caption_gives_the_previews_lds_per_kind_of_image(app_run, tmp_path,
             "or noise images)") in words, words
     study(["test:1", "test:9"], [0.7, 0.9])  # a query the study does not name: all said as test digits
     assert "LDS 0.80 on 2 test digits)" in W.method_words("precomputed:basis9", app_run)
+    # the one line above the lists: test and drawn digits only, and only from a study of this very run
+    study(["test:1", "test:2", "drawn 1", "drawn 7", "noise"], [0.7, 0.9, 0.2, 0.4, 0.5])
+    assert W.headline("precomputed:basis9", app_run, 2.34) == "**A preview** from the precomputed replay `basis9`, computed in 2.3 s."
+    mine = json.loads((tmp_path / "precompute" / "fidelity.json").read_text())
+    (tmp_path / "precompute" / "fidelity.json").write_text(json.dumps({**mine, "run_digest": app_run.digest}))
+    assert W.headline("precomputed:basis9", app_run, 2.34) == (
+        "**A preview** from the precomputed replay `basis9`, computed in 2.3 s (against retraining: LDS 0.80 on test "
+        "digits, 0.30 on drawn digits).")
 
 
 def test_the_refined_lists_cite_this_models_partial_replay_studies_at_the_point_reached(app_run, tmp_path,
@@ -427,6 +441,8 @@ def test_while_the_exact_replay_runs_its_partial_sums_refine_the_preview(app_run
         at = _until(at, lambda a: any("Refined as the exact replay goes" in c.value for c in a.caption))
         line = next(c.value for c in at.caption if "Refined as the exact replay goes" in c.value)
         assert f"the last 10 of {steps} training steps (42%)" in line and "precomputed replay `lowrank4`" in line
+        assert any(c.value.startswith(f"**The preview refined** by the exact replay's last 10 of {steps} training "
+                                      "steps (42%)") for c in at.caption)
         preview = jobs.peek(service.attribution_key(app_run, x)).result["grad_w"]
         gw = progressive(preview, part["grad_w"], 10, app_run.preset)
         from engine.attribution import top_k

@@ -99,18 +99,28 @@ if job is not None and (name is None or job.done):  # (a running precomputed job
             done = W.wait_for(exact)
             if done:  # what the page shows now first, then what it replaced
                 exact_gw = np.asarray(done["grad_w"])
-                st.caption(W.method_words("replay", run, done.get("seconds")) + " "
-                           + W.replaced_words(gw, exact_gw, method, run, took))
+                n = W.changed_in_top(gw, exact_gw, k)
+                short = (W.headline("replay", run, done.get("seconds")) + f" It changed {n['proponents']} of the "
+                         f"preview's top-{k} proponents and {n['opponents']} of its top-{k} opponents.")
+                long = (W.method_words("replay", run, done.get("seconds")) + " "
+                        + W.replaced_words(gw, exact_gw, method, run, took))
                 gw, method = exact_gw, "replay"
             elif part is not None:  # the replay's steps so far, exact, with the preview for the rest
                 from engine.attribution import progressive
                 gw = progressive(gw, part["grad_w"], part["i"], run.preset)
-                st.caption(W.method_words(method, run, took) + " " + W.refined_words(part["i"], part["n"], run))
+                short = (f"**The preview refined** by the exact replay's last {part['i']:,} of {part['n']:,} "
+                         f"training steps ({part['i'] / part['n']:.0%}); the replay replaces these lists when it lands.")
+                long = W.method_words(method, run, took) + " " + W.refined_words(part["i"], part["n"], run)
             else:
-                st.caption(W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
-                           "and replaces it when it lands.")
+                short = W.headline(method, run, took) + " The exact replay is running (above) and replaces it when it lands."
+                long = (W.method_words(method, run, took) + " A preview: the exact replay is running (above) "
+                        "and replaces it when it lands.")
         else:
-            st.caption(W.method_words(method, run, took))
+            short, long = W.headline(method, run, took), W.method_words(method, run, took)
+        # one line to read at a glance; how the lists were made and what they were measured against, on request
+        st.caption(short)
+        with st.expander("How these lists were computed, and measured against retraining"):
+            st.caption(long)
         W.influences(gw, k, train_x, train_y)
         W.particular(gw, k, service.gallery_mean(run), train_x, train_y)
         st.caption("Check a prediction by retraining on the **Verify** page.")

@@ -274,14 +274,37 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
     return f"Computed from the precomputed replay `{name}` ({what}; {measured})." + other_cpu + took
 
 
+def headline(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
+    """One short line above the lists: what they are (exact MAGIC, or a preview from a
+    representation with its LDS against retraining on test and drawn digits) and how long the
+    computation took. The whole account (`method_words` and the rest) goes in an expander below it."""
+    took = "" if seconds is None else f", computed in {seconds:.1f} s"
+    if method == "replay":
+        return f"**Exact MAGIC**: this image's own replay of training{took}."
+    name = method.split(":", 1)[1]
+    if name == "exact":
+        return f"**Exact MAGIC** from the precomputed replay `{name}`{took}."
+    row, other = _fidelity(run, name) if run is not None else (None, None)
+    what = {"test": "test digits", "drawn": "drawn digits"}
+    parts = [] if row is None or other is not None else [
+        f"{np.mean(v):.2f} on {what[k]}" for k, v in row["lds_by_kind"].items() if k in what and v]
+    lds = f" (against retraining: LDS {', '.join(parts)})" if parts else ""
+    return f"**A preview** from the precomputed replay `{name}`{took}{lds}."
+
+
+def changed_in_top(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> dict[str, int]:
+    """How many of the preview's top-k proponents and opponents (n,) the exact scores (n,) replace."""
+    from engine.attribution import top_k
+    a, b = top_k(preview, k), top_k(exact, k)
+    return {s: k - len(set(a[s]) & set(b[s])) for s in ("proponents", "opponents")}
+
+
 def replaced_words(preview: np.ndarray, exact: np.ndarray, method: str, run: Optional[Run] = None,
                    seconds: Optional[float] = None, k: int = 16) -> str:
     """What the exact replay replaced: the preview's representation (`method`, "precomputed:<name>"),
     its time, how its file was checked when not by the run's checksum, and how many of its top-k
     the replay changed."""
-    from engine.attribution import top_k
-    a, b = top_k(preview, k), top_k(exact, k)
-    changed = {s: k - len(set(a[s]) & set(b[s])) for s in ("proponents", "opponents")}
+    changed = changed_in_top(preview, exact, k)
     about = [] if seconds is None else [f"computed in {seconds:.1f} s"]
     verified = service.precomputed_verified(run) if run is not None else None
     if verified is not None and not verified.startswith("the run's"):
