@@ -111,7 +111,9 @@ def _made_by(page) -> str:
 
 def _headline(page) -> str:
     """The Draw page's one line above the lists, saying what they are."""
-    return page.get_by_text(re.compile(r"^(A preview|The preview refined|Exact MAGIC)")).first.inner_text()
+    # the caption's whole text (its bold opening is an element of its own, which get_by_text would find)
+    return page.get_by_test_id("stCaptionContainer").filter(
+        has_text=re.compile(r"^(A preview|The preview refined|Exact MAGIC)")).first.inner_text()
 
 
 def _fresh(page, text) -> bool:
