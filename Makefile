@@ -25,10 +25,12 @@ app: setup
 	APP_RUN=$(RUN) $(BIN)/python -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
 
 # The default model's representation shipped in shipped/cpu/ (a 64-image query basis; hours on
-# 2 cores, resumable: see README, Presets): the app installs it at start and checks it against the trained weights.
+# 2 cores, resumable: see README, Presets): the app installs it at start and checks it against the trained weights;
+# then the galleries made from it (shipped/cpu/galleries/, 2 min), which the app takes when everything they depend on matches.
 ship: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine precompute --run $(RUN) --method basis --rank 64 --jobs 2 --ship
+	$(BIN)/python -m webapp.shipped_galleries --run $(RUN)
 
 # The Figure 2 reports on the `cpu` preset, on test digits and on its training digits (the seed's
 # protocol): each resumable; the second took 23 min on 2 cores.

@@ -167,6 +167,59 @@ def test_a_shipped_representation_answers_at_once_and_one_for_other_weights_is_m
         path.with_suffix(".verified.json").unlink(missing_ok=True)
 
 
+def test_shipped_galleries_are_in_the_memo_at_once_and_any_that_do_not_match_are_computed(app_run, monkeypatch,
+                                                                                          tmp_path, caplog):
+    # the galleries shipped beside the representation: the galleries job is done the moment it is
+    # asked for, with what the app computes (and each digit's attribution is memoized with it); a
+    # file for another representation, other digits, or a damaged one is not used (one line in
+    # the log) and the galleries are computed in the background as without it
+    import logging
+    from engine.precompute import build, representation as R
+    from webapp import service, shipped_galleries as SG
+    monkeypatch.setenv("APP_SHIPPED", str(tmp_path / "shipped"))
+    build.precompute(app_run, method="basis", rank=4, chunk=4)
+    try:
+        def want():
+            return service.galleries_computed(app_run, service.gallery_queries(), False, lambda i: None)
+        monkeypatch.setenv("APP_GALLERY_QUERIES", "3")
+        dest = SG.ship(app_run, tmp_path / "shipped")
+        assert dest == tmp_path / "shipped" / "tiny" / "galleries" / "basis4.npz"
+        ref = want()
+        job = service.galleries_job(app_run)
+        assert job.done and job.result["method"] == "precomputed:basis4"
+        np.testing.assert_array_equal(job.result["grad_w"], ref["grad_w"])
+        np.testing.assert_array_equal(job.result["bpd"], ref["bpd"])
+        x0 = service.test_set()[0][service.gallery_queries()[0]]
+        import torch
+        hit = service.jobs().memo.get(service.attribution_key(app_run, torch.from_numpy(x0)))
+        np.testing.assert_array_equal(hit["grad_w"], ref["grad_w"][0])
+        # other digits than the file's (another APP_GALLERY_QUERIES): computed
+        monkeypatch.setenv("APP_GALLERY_QUERIES", "4")
+        with caplog.at_level(logging.WARNING, logger="webapp"):
+            job = service.galleries_job(app_run)
+        assert "made for another queries, images_sha256" in caplog.text, caplog.text
+        assert service.jobs().wait_all(600) and job.result is not None
+        np.testing.assert_allclose(job.result["grad_w"], want()["grad_w"], rtol=1e-4, atol=1e-7)
+        # a file made from another representation (its arrays' checksum differs), then a damaged one
+        monkeypatch.setenv("APP_GALLERY_QUERIES", "5")
+        SG.ship(app_run, tmp_path / "shipped")
+        with np.load(dest) as f:
+            d = {k: f[k] for k in f.files}
+        np.savez(dest, **{**d, "rep_sha256": np.array("0" * 64)})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="webapp"):
+            res, why = SG.load(app_run, "basis4", service.gallery_queries(), tmp_path / "shipped")
+            job = service.galleries_job(app_run)
+        assert res is None and why.endswith("made for another rep_sha256") and why in caplog.text
+        assert service.jobs().wait_all(600) and job.result is not None
+        dest.write_bytes(dest.read_bytes()[:100])
+        res, why = SG.load(app_run, "basis4", service.gallery_queries(), tmp_path / "shipped")
+        assert res is None and "unreadable" in why
+        assert SG.load(app_run, "basis9", service.gallery_queries(), tmp_path / "shipped") == (None, None)
+    finally:
+        (R.folder(app_run) / "basis4.npz").unlink(missing_ok=True)
+
+
 def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(app_run, monkeypatch):
     # never an empty page: with a query basis, its plain test digits (exact attributions, shipped
     # with the representation) fill the galleries until the galleries' own digits are computed

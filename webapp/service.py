@@ -300,6 +300,14 @@ def gallery_queries() -> list[int]:
 
 
 def _galleries(run: Run, q: list[int], replay: bool, cb: Callback) -> dict:
+    res = galleries_computed(run, q, replay, cb)
+    _remember_digits(run, res)
+    return res
+
+
+def galleries_computed(run: Run, q: list[int], replay: bool, cb: Callback) -> dict:
+    """The galleries' result {grad_w (Q, n), bpd (Q,), queries, method} for test digits `q`: from the
+    run's representation unless `replay` (then one batched sweep, or chunks on APP_EXECUTOR)."""
     from engine.attribution import attribute, attribute_many
     x = torch.from_numpy(test_set()[0][q])
     if not replay and precomputed(run)[0] is not None:  # from the representation: no replay at all
@@ -316,10 +324,15 @@ def _galleries(run: Run, q: list[int], replay: bool, cb: Callback) -> dict:
         parts = Path(os.environ.get("APP_CACHE", "runs/cache")) / "parts" / run.digest[:16]
         gw, bpd = attribute_many(run, x, parts, ex, chunk=int(os.environ.get("APP_CHUNK", "2")), callback=cb)
         method = "replay"
-    # each digit's attribution is then ready on every page, under the key of what made it
-    for i in range(len(q)):
-        jobs().memo.set(_attribution_key(run, x[i], method), {"grad_w": gw[i], "bpd": float(bpd[i]), "method": method})
     return {"grad_w": gw, "bpd": bpd, "queries": q, "method": method}
+
+
+def _remember_digits(run: Run, res: dict) -> None:
+    """Each gallery digit's attribution, ready on every page under the key of what made it."""
+    x = torch.from_numpy(test_set()[0][res["queries"]])
+    for i in range(len(x)):
+        jobs().memo.set(_attribution_key(run, x[i], res["method"]),
+                        {"grad_w": res["grad_w"][i], "bpd": float(res["bpd"][i]), "method": res["method"]})
 
 
 def _galleries_key(run: Run, method: str) -> str:
@@ -349,9 +362,26 @@ def galleries_job(run: Run):
     found = _galleries_found(run)
     if found is not None:
         return found
-    replay = precomputed(run)[0] is None
+    name = precomputed(run)[0]
+    if name is not None:  # shipped beside the representation: into the memo, where the job finds them
+        _take_shipped_galleries(run, name)
+    replay = name is None
     return jobs().submit(galleries_key(run), functools.partial(_galleries, run, gallery_queries(), replay),
                          label="precomputing the galleries")
+
+
+def _take_shipped_galleries(run: Run, name: str) -> None:
+    """Put the galleries shipped for representation `name` (webapp.shipped_galleries) in the memo
+    under the galleries job's key, if they match this run; else log why they are not used."""
+    import logging
+    from webapp import shipped_galleries
+    root = os.environ.get("APP_SHIPPED")
+    res, why = shipped_galleries.load(run, name, gallery_queries(), Path(root) if root else None)
+    if why:
+        logging.getLogger("webapp").warning(why)
+    if res is not None:
+        _remember_digits(run, res)
+        jobs().memo.set(galleries_key(run), res)
 
 
 def gallery_mean(run: Run) -> Optional[tuple[np.ndarray, int]]:
