@@ -186,13 +186,18 @@ def test_shipped_galleries_are_in_the_memo_at_once_and_any_that_do_not_match_are
         assert dest == tmp_path / "shipped" / "tiny" / "galleries" / "basis4.npz"
         ref = want()
         job = service.galleries_job(app_run)
-        assert job.done and job.result["method"] == "precomputed:basis4"
+        assert job.done and job.result["method"] == "precomputed:basis4" and job.result["shipped"] == str(dest)
         np.testing.assert_array_equal(job.result["grad_w"], ref["grad_w"])
         np.testing.assert_array_equal(job.result["bpd"], ref["bpd"])
         x0 = service.test_set()[0][service.gallery_queries()[0]]
         import torch
         hit = service.jobs().memo.get(service.attribution_key(app_run, torch.from_numpy(x0)))
         np.testing.assert_array_equal(hit["grad_w"], ref["grad_w"][0])
+        at = _new()  # the page says where they came from
+        at.run()
+        at.switch_page("views/galleries.py").run()
+        assert not at.exception, at.exception
+        assert any(f"shipped with its precomputed replay (`{dest}`" in c.value for c in at.caption)
         # other digits than the file's (another APP_GALLERY_QUERIES): computed
         monkeypatch.setenv("APP_GALLERY_QUERIES", "4")
         with caplog.at_level(logging.WARNING, logger="webapp"):

@@ -12,9 +12,13 @@ st.title("Galleries")
 run = W.require_run()
 train_x, train_y = service.train_set(run.preset.n_train, run.preset.source)
 test_x, test_y = service.test_set()
-st.caption(f"MAGIC attributions of {len(service.gallery_queries())} test digits on the `{run.preset.name}` model, computed once "
-           "in the background and kept.")
-res = W.wait_for(service.galleries_job(run))
+job = service.galleries_job(run)
+shipped = job.done and job.result and job.result.get("shipped")
+st.caption(f"MAGIC attributions of {len(service.gallery_queries())} test digits on the `{run.preset.name}` model, "
+           + (f"shipped with its precomputed replay (`{shipped}`: made by the same computation, and taken because "
+              "the run, the representation, the digits and the likelihood settings it was made for are these)."
+              if shipped else "computed once in the background and kept."))
+res = W.wait_for(job)
 if not res:
     # meanwhile, the plain test digits of the query basis: their attributions are exact and came
     # with the representation, so the page is never empty while the galleries compute

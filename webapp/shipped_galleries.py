@@ -84,7 +84,8 @@ def ship(run: Run, root: Optional[Path] = None, callback: Optional[Callable[[dic
 
 
 def load(run: Run, name: str, queries: list[int], root: Optional[Path] = None) -> tuple[Optional[dict], Optional[str]]:
-    """(the galleries' result as webapp.service.galleries_computed returns it, None) when the shipped file
+    """(the galleries' result as webapp.service.galleries_computed returns it, and "shipped": the file's
+    path, None) when the shipped file
     for representation `name` matches this run, representation, queries and likelihood settings;
     else (None, a one-line reason), or (None, None) when nothing is shipped for it."""
     p = path(run, name, root)
@@ -106,7 +107,9 @@ def load(run: Run, name: str, queries: list[int], root: Optional[Path] = None) -
     if gw.shape != (len(queries), run.preset.n_train) or bpd.shape != (len(queries),) or not (
             np.isfinite(gw).all() and np.isfinite(bpd).all()):
         return None, f"the shipped galleries {p} are not used: arrays of the wrong shape or not finite"
-    return {"grad_w": gw, "bpd": bpd, "queries": list(queries), "method": f"precomputed:{name}"}, None
+    from engine.precompute import shipped
+    where = p.relative_to(shipped.ROOT.parent) if p.is_relative_to(shipped.ROOT.parent) else p
+    return {"grad_w": gw, "bpd": bpd, "queries": list(queries), "method": f"precomputed:{name}", "shipped": str(where)}, None
 
 
 def main() -> None:
