@@ -12,8 +12,8 @@ computed in the background). With --run it serves a copy of that run without its
 Then: seconds from the end of each stroke on the canvas until the new drawing's top proponents and
 opponents are on the page (each stroke makes a new image), which computation made them (the
 caption), seconds from the last stroke until the exact replay's first partial sum refines the
-preview and until the exact replay has replaced it (the
-galleries still computing beside it on a fresh start) and how much CPU the server process itself
+preview and until the exact replay has replaced it (on a fresh start, beside the galleries' computation
+unless they are shipped for the run, as for the default) and how much CPU the server process itself
 used meanwhile (in cores: CPU seconds per second; its workers not counted), and the browser, and seconds from each upload of an unseen test digit until its bits/dim is on the page
 (then one upload again: a memo hit), and seconds from picking the last of --picks test digits,
 typed into the Draw page's index box one a second as a visitor clicking through them would, until
