@@ -5,7 +5,8 @@
 The galleries are the curated test digits' attributions from the run's representation (one BPD
 with its gradient per digit, projected: about 2 min for 64 digits on 2 cores). Computed at the
 first start, they share the cores with the first visitor's exact replay (webapp.jobs: half each),
-which then lands about two minutes later. Shipped, they are in the memo at once: the Galleries
+which then lands later (in the browser benchmark 421.8 s after the stroke, against 346.2 s with
+them shipped, results/bench_app_browser.txt). Shipped, they are in the memo at once: the Galleries
 page is whole from the first visit and the replay has the cores to itself.
 
 The file holds grad_w (Q, n) and bpd (Q,) as the app computed them (webapp.service.galleries_computed),
@@ -13,8 +14,8 @@ and everything they are a function of: the run (config digest and the final weig
 engine.precompute.representation.stamp), the representation (its name and a sha256 of its arrays
 A and B as loaded here), the test digits (their indices and a sha256 of their pixels) and the
 likelihood settings. It is used only when every one of these equals the app's, so that what it
-puts in the memo is bit for bit what the app would have computed there up to the worker's float
-rounding of the BPD gradient; else (another kind of CPU decodes the shipped basis to other bits,
+puts in the memo is what the app would compute there (up to the float rounding of the BPD
+gradient under another torch thread count); else (another kind of CPU decodes the shipped basis to other bits,
 another APP_GALLERY_QUERIES, a damaged file) the galleries are computed in the background as
 without it, and `load` says why in one line. Made by `python -m webapp.shipped_galleries`
 (`make ship`, after the representation).
@@ -84,10 +85,10 @@ def ship(run: Run, root: Optional[Path] = None, callback: Optional[Callable[[dic
 
 
 def load(run: Run, name: str, queries: list[int], root: Optional[Path] = None) -> tuple[Optional[dict], Optional[str]]:
-    """(the galleries' result as webapp.service.galleries_computed returns it, and "shipped": the file's
-    path, None) when the shipped file
-    for representation `name` matches this run, representation, queries and likelihood settings;
-    else (None, a one-line reason), or (None, None) when nothing is shipped for it."""
+    """(the galleries' result as webapp.service.galleries_computed returns it, plus "shipped": the
+    file's path; None) when the file shipped for representation `name` matches this run, the
+    representation, the queries and the likelihood settings; else (None, a one-line reason), or
+    (None, None) when nothing is shipped for it."""
     p = path(run, name, root)
     if not p.is_file():
         return None, None
