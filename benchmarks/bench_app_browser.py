@@ -106,7 +106,7 @@ def _browser_cpu_seconds() -> float:
 def _made_by(page) -> str:
     """The computation the Draw page names for the influences it shows, from the line above them
     ("A preview from the precomputed replay basis64", "Exact MAGIC: this image's own replay of training")."""
-    return re.split(r", computed in |\. ", _headline(page))[0].rstrip(".")
+    return re.split(r" \(|\. ", re.sub(r", computed in [0-9.]+ s", "", _headline(page)))[0].rstrip(".")
 
 
 def _headline(page) -> str:

@@ -196,7 +196,10 @@ def test_verify_page_retrains_and_the_sign_holds(app_run, tmp_path, monkeypatch)
     at = _until(at, lambda a: len(a.radio) == 1, timeout=900)  # the gallery query's attribution is ready
     # the comparison with the baselines is charted, its table one click away
     assert len(at.get("vega_lite_chart")) == 1
-    assert len(at.expander) == 1
+    # the comparison's table in its expander (the other one holds how the scores were computed)
+    assert sum("comparison" in e.label.lower() or "table" in e.label.lower() for e in at.expander) == 1
+    assert any(e.label.startswith("How these scores were computed") for e in at.expander)
+    assert any(c.value.startswith("**Exact MAGIC**: this image's own replay of training") for c in at.caption)
     assert any("MAGIC against the baselines" in h.value for h in at.subheader)
     at.slider(key="ver_k").set_value(8)
     at.run()
@@ -237,7 +240,8 @@ def test_verify_names_whose_evidence_it_shows_this_models_first(app_run, tmp_pat
     (tmp_path / "comparison_tiny.md").write_text("the tiny table")
     at = verify_page()
     assert any(h.value == "MAGIC against the baselines, this model" for h in at.subheader)
-    assert len(at.get("vega_lite_chart")) == 1 and at.expander[0].markdown[0].value == "the tiny table"
+    table = next(e for e in at.expander if e.label.startswith("The table"))
+    assert len(at.get("vega_lite_chart")) == 1 and table.markdown[0].value == "the tiny table"
 
 
 def test_verify_skips_a_damaged_or_foreign_report_in_one_line(app_run, tmp_path, monkeypatch):

@@ -39,8 +39,8 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         assert 0 < res["seconds"] <= waited
         assert any(f"Computing it took {res['seconds']:.1f} s." in c.value for c in at.caption)
         # in one line above the lists (the whole account in the expander below it)
-        assert any(c.value.startswith(f"**A preview** from the precomputed replay `lowrank4`, computed in "
-                                      f"{res['seconds']:.1f} s") for c in at.caption)
+        assert any(c.value.startswith(f"**A preview**, computed in {res['seconds']:.1f} s from the precomputed "
+                                      "replay `lowrank4`") for c in at.caption)
         assert any(e.label.startswith("How these lists were computed") for e in at.expander)
         # the worker runs torch with another thread count, so the BPD gradient may round differently
         assert np.linalg.norm(got - want[0]) / np.linalg.norm(want[0]) <= 1e-5
@@ -323,11 +323,11 @@ def test_the_caption_gives_the_previews_lds_per_kind_of_image(app_run, tmp_path,
     assert "LDS 0.80 on 2 test digits)" in W.method_words("precomputed:basis9", app_run)
     # the one line above the lists: test and drawn digits only, and only from a study of this very run
     study(["test:1", "test:2", "drawn 1", "drawn 7", "noise"], [0.7, 0.9, 0.2, 0.4, 0.5])
-    assert W.headline("precomputed:basis9", app_run, 2.34) == "**A preview** from the precomputed replay `basis9`, computed in 2.3 s."
+    assert W.headline("precomputed:basis9", app_run, 2.34) == "**A preview**, computed in 2.3 s from the precomputed replay `basis9`."
     mine = json.loads((tmp_path / "precompute" / "fidelity.json").read_text())
     (tmp_path / "precompute" / "fidelity.json").write_text(json.dumps({**mine, "run_digest": app_run.digest}))
     assert W.headline("precomputed:basis9", app_run, 2.34) == (
-        "**A preview** from the precomputed replay `basis9`, computed in 2.3 s (against retraining: LDS 0.80 on test "
+        "**A preview**, computed in 2.3 s from the precomputed replay `basis9` (against retraining: LDS 0.80 on test "
         "digits, 0.30 on drawn digits).")
 
 

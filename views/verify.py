@@ -127,7 +127,10 @@ if not res:
     evidence(run)
     st.stop()
 gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
-st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
+# as on the Draw page: one line saying what the scores are, the whole account on request
+st.caption(W.headline(res.get("method", "replay"), run, res.get("seconds")))
+with st.expander("How these scores were computed, and measured against retraining"):
+    st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
 if str(res.get("method", "replay")).startswith("precomputed:") and res["method"] != "precomputed:exact":
     exact = service.jobs().peek(service.replay_key(run, x))
     if exact is not None and not exact.done and not exact.error:

@@ -282,14 +282,15 @@ def headline(method: str, run: Optional[Run] = None, seconds: Optional[float] = 
     if method == "replay":
         return f"**Exact MAGIC**: this image's own replay of training{took}."
     name = method.split(":", 1)[1]
+    # the time before the file's name: a comma right after a code span reads as " ," (the page pads code)
     if name == "exact":
-        return f"**Exact MAGIC** from the precomputed replay `{name}`{took}."
+        return f"**Exact MAGIC**{took} from the precomputed replay `{name}`."
     row, other = _fidelity(run, name) if run is not None else (None, None)
     what = {"test": "test digits", "drawn": "drawn digits"}
     parts = [] if row is None or other is not None else [
         f"{np.mean(v):.2f} on {what[k]}" for k, v in row["lds_by_kind"].items() if k in what and v]
     lds = f" (against retraining: LDS {', '.join(parts)})" if parts else ""
-    return f"**A preview** from the precomputed replay `{name}`{took}{lds}."
+    return f"**A preview**{took} from the precomputed replay `{name}`{lds}."
 
 
 def changed_in_top(preview: np.ndarray, exact: np.ndarray, k: int = 16) -> dict[str, int]:
