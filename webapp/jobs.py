@@ -148,7 +148,7 @@ class Jobs:
     visitor asked for: an image's exact replay, a retrain on Verify) and "background" (what the
     app makes on its own: the galleries, a representation; nice 19). The last two share the
     cores: half each while both compute, all of them to the one that computes alone (a replay
-    of the `cpu` model's training: 156.5 ms a step on 2 threads against 245.1 ms on 1 on an AMD
+    of the `cpu` model's training: 116.6 ms a step on 2 threads against 154.5 ms on 1 on an AMD
     EPYC, results/bench_lane_threads.txt), taken up at the job's next progress report when the other starts or ends. A
     BPD therefore never queues behind a minutes-long attribution, a visitor's replay never
     behind the galleries, and while an interactive job computes the other lanes are paused, so
