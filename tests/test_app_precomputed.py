@@ -327,8 +327,8 @@ def test_the_caption_gives_the_previews_lds_per_kind_of_image(app_run, tmp_path,
     mine = json.loads((tmp_path / "precompute" / "fidelity.json").read_text())
     (tmp_path / "precompute" / "fidelity.json").write_text(json.dumps({**mine, "run_digest": app_run.digest}))
     assert W.headline("precomputed:basis9", app_run, 2.34) == (
-        "**A preview**, computed in 2.3 s from the precomputed replay `basis9` (against retraining: LDS 0.80 on test "
-        "digits, 0.30 on drawn digits).")
+        "**A preview**, computed in 2.3 s from the precomputed replay `basis9` (against retraining: LDS 0.80 on 2 test "
+        "digits, 0.30 on 2 drawn digits).")
 
 
 def test_the_refined_lists_cite_this_models_partial_replay_studies_at_the_point_reached(app_run, tmp_path,

@@ -276,7 +276,8 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
 
 def headline(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
     """One short line above the lists: what they are (exact MAGIC, or a preview from a
-    representation with its LDS against retraining on test and drawn digits) and how long the
+    representation with its LDS against retraining on test and drawn digits, and on how many: a
+    handful of drawn digits is said as such) and how long the
     computation took. The whole account (`method_words` and the rest) goes in an expander below it."""
     took = "" if seconds is None else f", computed in {seconds:.1f} s"
     if method == "replay":
@@ -288,7 +289,7 @@ def headline(method: str, run: Optional[Run] = None, seconds: Optional[float] = 
     row, other = _fidelity(run, name) if run is not None else (None, None)
     what = {"test": "test digits", "drawn": "drawn digits"}
     parts = [] if row is None or other is not None else [
-        f"{np.mean(v):.2f} on {what[k]}" for k, v in row["lds_by_kind"].items() if k in what and v]
+        f"{np.mean(v):.2f} on {len(v)} {what[k]}" for k, v in row["lds_by_kind"].items() if k in what and v]
     lds = f" (against retraining: LDS {', '.join(parts)})" if parts else ""
     return f"**A preview**{took} from the precomputed replay `{name}`{lds}."
 
