@@ -21,7 +21,7 @@ replays of the other 15 queries (what the app would gain by adding each exact re
 the basis). Per query, the share of |g| the basis leaves unfitted, |g - G^T c| / |g|; over all queries, where
 the unfitted part lies, by parameter group (the first part of a parameter's name), beside where g
 lies; and, if the net has positional maps ("pos.*", per-pixel parameters whose gradient follows an
-image's own strokes), the fit with their part of every gradient weighted down (c minimizing
+image's own strokes), the fit with their part of every gradient weighted down or up (c minimizing
 sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere, w below and above 1); and the fit
 in a diagonal metric from the basis (w_i = 1 / the rms of entry i over the basis rows).
 
