@@ -126,12 +126,12 @@ res = W.wait_for(job) if job is not None else None
 if not res:
     evidence(run)
     st.stop()
-gw, bpd = np.asarray(res["grad_w"]), float(res["bpd"])
+gw, bpd, method = np.asarray(res["grad_w"]), float(res["bpd"]), str(res.get("method", "replay"))
 # as on the Draw page: one line saying what the scores are, the whole account on request
-st.caption(W.headline(res.get("method", "replay"), run, res.get("seconds")))
+st.caption(W.headline(method, run, res.get("seconds")))
 with st.expander("How these scores were computed, and measured against retraining"):
-    st.caption(W.method_words(res.get("method", "replay"), run, res.get("seconds")))
-if str(res.get("method", "replay")).startswith("precomputed:") and res["method"] != "precomputed:exact":
+    st.caption(W.method_words(method, run, res.get("seconds")))
+if method.startswith("precomputed:") and method != "precomputed:exact":
     exact = service.jobs().peek(service.replay_key(run, x))
     if exact is not None and not exact.done and not exact.error:
         # the Draw page refines its lists as the replay goes; here the chosen images must stay put

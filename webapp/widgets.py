@@ -277,8 +277,8 @@ def method_words(method: str, run: Optional[Run] = None, seconds: Optional[float
 def headline(method: str, run: Optional[Run] = None, seconds: Optional[float] = None) -> str:
     """One short line above the lists: what they are (exact MAGIC, or a preview from a
     representation with its LDS against retraining on test and drawn digits, and on how many: a
-    handful of drawn digits is said as such) and how long the
-    computation took. The whole account (`method_words` and the rest) goes in an expander below it."""
+    handful of drawn digits is said as such) and how long the computation took. The whole account
+    (`method_words` and the rest) goes in an expander below it."""
     took = "" if seconds is None else f", computed in {seconds:.1f} s"
     if method == "replay":
         return f"**Exact MAGIC**: this image's own replay of training{took}."
