@@ -17,7 +17,7 @@ attributions weighted by the inner products of their gradients with g (a kernel 
   choosing rel at precompute time, without exact answers for other images, could use.
 Reference rows, at the shipped rel: the query-agnostic mean of the basis's plain-digit columns
 (what the basis adds to it); the plain-digit columns alone; and the basis grown by the exact
-replays of the other 15 queries (what the app would gain by adding each exact replay it makes to
+replays of the other queries (what the app would gain by adding each exact replay it makes to
 the basis). Per query, the share of |g| the basis leaves unfitted, |g - G^T c| / |g|; over all queries, where
 the unfitted part lies, by parameter group (the first part of a parameter's name), beside where g
 lies; and, if the net has positional maps ("pos.*", per-pixel parameters whose gradient follows an
@@ -25,10 +25,10 @@ image's own strokes), the fit with their part of every gradient weighted down or
 sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere, w below and above 1); and the fit
 in a diagonal metric from the basis (w_i = 1 / the rms of entry i over the basis rows).
 
-Measured on the fidelity study's 16 queries (experiments/precompute_fidelity.py: 8 test digits,
-4 drawn, 4 off-distribution; exact grad_w from the bank's MAGIC scores for the test digits and
+Measured on the fidelity study's queries (experiments/precompute_fidelity.py: 8 test digits,
+its drawn digits (8; 4 before 2, 3, 6 and 9 were added), 4 off-distribution; exact grad_w from the bank's MAGIC scores for the test digits and
 RUN/fidelity/exact.npz, which that study wrote, for the others): Spearman with exact MAGIC, top-16
-proponents shared, and LDS protocol A against the bank's committed retrains (on all 16 queries: the
+proponents shared, and LDS protocol A against the bank's committed retrains (on all of them: the
 fidelity study's --lds-images added the drawn and off-distribution images to the bank).
 Writes fit.json, fit.md and fit.png under --out, with the command and commit.
 """
@@ -200,8 +200,9 @@ def _markdown(r: dict) -> str:
     lines = [f"# Fitting a query in the basis `{r['rep']}` of `{r['run']}`", "",
              f"`{r['command']}` at commit {r['commit']}. Ridge lam = rel * trace(G G^T) / K; the shipped rel is "
              f"{r['shipped_rel']:.0e}. Leave-one-out: each basis image's exact attribution predicted from the other "
-             "images' (Spearman; mean over all images, and over the plain digits). Queries: the fidelity study's 16 "
-             "(8 test digits, 4 drawn, 4 off-distribution); LDS protocol A on all 16, against the bank's committed retrains.", "",
+             f"images' (Spearman; mean over all images, and over the plain digits). Queries: the fidelity study's {len(kinds)} "
+             f"({(kinds == 'test').sum()} test digits, {(kinds == 'drawn').sum()} drawn, {(kinds == 'off-distribution').sum()} "
+             f"off-distribution); LDS protocol A on all {len(kinds)}, against the bank's committed retrains.", "",
              "| rows | rel | leave-one-out: all / digits | Spearman with exact: test / drawn / off-dist. (min) | "
              "top-16 proponents shared (min) | LDS: test / drawn / off-dist. (min) |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
@@ -214,7 +215,7 @@ def _markdown(r: dict) -> str:
               + ", ".join(f"{k} {un[kinds == k].mean():.2f} ({un[kinds == k].min():.2f}-{un[kinds == k].max():.2f})"
                           for k in ("test", "drawn", "off-distribution")) + "."]
     groups = sorted(r["unfitted_by_group"].items(), key=lambda kv: -kv[1]["share_of_unfitted"])
-    lines += ["", "Where the unfitted part lies (share of its squared norm over the 16 queries), beside where the "
+    lines += ["", f"Where the unfitted part lies (share of its squared norm over the {len(kinds)} queries), beside where the "
               "query gradients lie: " + ", ".join(f"`{n}` ({v['parameters']:,} parameters) {v['share_of_unfitted']:.2f} "
                                                   f"of it, {v['share_of_g']:.2f} of g" for n, v in groups[:4]) + "."]
     return "\n".join(lines) + "\n"
@@ -226,8 +227,8 @@ def _plot(r: dict) -> bytes:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, title) in zip(axes, [("loo_spearman", "leave-one-out on the basis (Spearman)"),
-                                       ("spearman_with_exact", "Spearman with exact MAGIC (16 queries)"),
-                                       ("lds", "LDS protocol A (16 queries)")]):
+                                       ("spearman_with_exact", f"Spearman with exact MAGIC ({len(r['kinds'])} queries)"),
+                                       ("lds", f"LDS protocol A ({len(r['kinds'])} queries)")]):
         for scaling in ("raw", "normalized"):
             rows = [row for row in r["rows"] if row["scaling"] == scaling]
             ax.plot([row["rel"] for row in rows], [np.mean(row[key]) for row in rows], "o-", label=f"{scaling} rows")

@@ -6,7 +6,7 @@ preview (engine.attribution.progressive), against the finished replay and agains
         [--bank results/lds_cpu_positional_x5] [--out results/partial_replay_cpu]
 
 Queries: the first --queries test digits of the bank's LDS queries (their retrains are committed,
-so the LDS needs no training); with --drawn instead the 4 drawn digits of the fidelity study, since
+so the LDS needs no training); with --drawn instead the drawn digits of the fidelity study (8), since
 drawings are what the app's visitors attribute (experiments/precompute_fidelity.py --lds-images
 adds their retrains to the bank; else they are retrained here, ~45 min on 2 cores). Per fraction
 of the steps: Spearman with the finished replay, the top-16 proponents and opponents it shares with
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/cpu")
     ap.add_argument("--queries", type=int, default=4)
-    ap.add_argument("--drawn", action="store_true", help="the fidelity study's 4 drawn digits, not test digits")
+    ap.add_argument("--drawn", action="store_true", help="the fidelity study's drawn digits, not test digits")
     ap.add_argument("--rep", default="basis64")
     ap.add_argument("--bank", default="results/lds_cpu_positional_x5")
     ap.add_argument("--out", default="results/partial_replay_cpu")

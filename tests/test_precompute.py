@@ -365,3 +365,40 @@ def test_the_fidelity_study_reuses_a_banks_exact_magic_only_for_this_run_and_the
     (tmp_path / "damaged.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(UserError, match="not a readable MAGIC scores file"):
         reused_exact(run, names, x, tmp_path / "damaged.npz")
+
+
+def test_the_fidelity_study_replays_only_the_queries_its_files_lack(run, tmp_path, monkeypatch):
+    # experiments/precompute_fidelity.py keeps each batched replay in RUN/fidelity/exact*.npz: a
+    # query added to the study is replayed alone, the others are read back, and the result equals
+    # one replay of all of them; a file's query is used only for the same pixels under its name
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    from precompute_fidelity import exact
+    from engine import metagrad
+    test_x, _ = data.load_test()
+    names, x = ["test:11", "test:12", "test:13"], test_x[[11, 12, 13]]
+    whole = exact(run, names, x, tmp_path / "whole")
+    assert whole["batches"] == 1
+    work = tmp_path / "work"
+    first = exact(run, names[:2], x[:2], work)
+    replayed, real = [], metagrad.metagradient
+    monkeypatch.setattr(metagrad, "metagradient", lambda r, imgs, grads, **kw: replayed.append(len(grads)) or real(r, imgs, grads, **kw))
+    both = exact(run, names, x, work)
+    assert replayed == [1] and both["batches"] == 2 and len(list(work.glob("exact*.npz"))) == 2
+    np.testing.assert_array_equal(both["grad_w"][:2], first["grad_w"])
+    for k in ("grad_w", "bpd", "g"):
+        np.testing.assert_allclose(both[k], whole[k], rtol=1e-4, atol=1e-6 * np.abs(whole[k]).max())
+    assert abs(both["seconds"] - float(first["seconds"]) - float(exact(run, names[2:], x[2:], work)["seconds"])) < 1e-9
+    replayed.clear()
+    assert exact(run, names, x, work)["batches"] == 2 and replayed == []  # everything read back
+    # other pixels under the same names (the drawings redrawn): all three replayed again
+    other = exact(run, names, x.flip(-1), work)
+    assert replayed == [3] and not np.allclose(other["grad_w"], whole["grad_w"])
+    # a damaged file is skipped: its query is replayed, nothing else
+    replayed.clear()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "exact.npz").write_bytes(b"PK\x03\x04 not a zip")
+    exact(run, names[:1], x[:1], damaged)
+    assert replayed == [1]
