@@ -133,6 +133,19 @@ class LocalExecutor:
         _checkin(key, pool)
 
 
+class InlineExecutor:
+    """Jobs one after another in this process and thread, for a caller that is itself a worker
+    whose torch thread count is set from outside: the app's lanes (webapp.jobs) share the cores
+    between their jobs and change a job's threads at its progress reports, which a pool of its
+    own would not see (its processes start with every core's threads)."""
+
+    jobs = 1
+
+    def run(self, fn: Callable, arglist: Sequence[tuple]) -> Iterator:
+        for args in arglist:
+            yield fn(*args)
+
+
 # Idle pools by key; at most one per key and IDLE_POOLS in all (the oldest is shut down), so
 # a long-lived process (the app) keeps a bounded number of idle workers.
 IDLE_POOLS = 2

@@ -512,3 +512,31 @@ def test_while_the_exact_replay_runs_its_partial_sums_refine_the_preview(app_run
         with jobs._lock:
             jobs._jobs.pop(running.key, None)
         path.unlink(missing_ok=True)
+
+
+def test_the_apps_precompute_computes_in_its_lanes_worker_with_the_lanes_threads(tmp_path, monkeypatch):
+    # webapp.replays makes the app's representation in the background lane's worker: its chunks
+    # compute in that very process, on the torch threads the lane's share set (webapp.jobs), not
+    # in a pool of their own that would start with every core's threads beside the other lanes
+    import os
+    import torch
+    from engine import training
+    from engine.precompute import build, representation as R
+    from engine.presets import PRESETS
+    from engine.store import load_run
+    from webapp import replays
+    training.train(PRESETS["tiny"], seed=0, out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    seen = []
+    for name in ("_gradient_job", "_reverse_job"):
+        real = getattr(build, name)
+        monkeypatch.setattr(build, name, lambda *a, _real=real: seen.append((os.getpid(), torch.get_num_threads()))
+                            or _real(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the lane's share
+    try:
+        info = replays._precompute(run, 2, lambda i: None, how="basis")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(os.getpid(), 1)] * 2  # one chunk of each stage, here, on the one thread
+    assert info["name"] == "basis2" and R.available(run) == ["basis2"]

@@ -302,8 +302,8 @@ class Jobs:
 
     def _signal_background(self, sig: str) -> None:
         """Send signal `sig` ("SIGSTOP", "SIGCONT") to every worker of the lanes that an
-        interactive job pauses, and to the processes those workers started (a precompute's
-        engine.executor workers do its computing), parents first, so that a worker is stopped
+        interactive job pauses, and to the processes those workers started (a job that runs an
+        engine.executor pool of its own), parents first, so that a worker is stopped
         before it could start another (nothing where pausing is not possible)."""
         if not _CAN_PAUSE:
             return

@@ -44,6 +44,7 @@ def _state(run: Run) -> list:
 
 
 def _precompute(run: Run, k: int, cb: Callback, how: str = "lowrank") -> dict:
+    from engine.executor import InlineExecutor
     from engine.precompute.build import precompute
     chunks = -(-k // 8)  # per stage, at the default chunk of 8 directions or images
 
@@ -51,7 +52,9 @@ def _precompute(run: Run, k: int, cb: Callback, how: str = "lowrank") -> dict:
         done = info["i"] + (chunks if info["stage"] == "reverse" else 0)
         cb({"stage": "making the precomputed replay", "i": done, "n": 2 * chunks})
     k = min(k, run.preset.n_train) if how == "lowrank" else k
-    info = precompute(run, method=how, rank=k, callback=progress)
+    # in the lane's own worker (webapp.jobs): its share of the cores, taken up at each chunk's
+    # report, and paused with it; a pool of its own would compute on every core beside the others
+    info = precompute(run, method=how, rank=k, executor=InlineExecutor(), callback=progress)
     return {k2: v for k2, v in info.items() if isinstance(v, (int, float, str))}
 
 
