@@ -382,9 +382,12 @@ def particular(gw: np.ndarray, k: int, mean: Optional[tuple[np.ndarray, int]], t
     m, count = mean
     d = gw - m
     tk = top_k(d, k)
-    st.caption(f"Scores minus their mean over {count} test digits: the training images that help (first row) "
-               "or hurt (second row) this image more than they do a typical digit.")
+    st.caption(f"Scores minus their mean over {count} test digits: the training images that help or hurt this "
+               "image more than they do a typical digit.")
+    # each list under its own heading: at k > 8 a list takes more than one row of images
+    st.markdown(f"**{k} that help it more** than a typical digit")
     gallery(tk["proponents"], d, train_x, train_y)
+    st.markdown(f"**{k} that hurt it more** than a typical digit")
     gallery(tk["opponents"], d, train_x, train_y)
 
 
