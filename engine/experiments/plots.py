@@ -18,12 +18,13 @@ def png_bytes(fig, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:
+def scatter_png(report: dict, qs: Optional[list[dict]] = None, note: Optional[str] = None) -> bytes:
     """One scatter panel per query (all of the report's by default): predicted vs actual BPD
-    change, with its Spearman rho."""
+    change, with its Spearman rho; `note` (e.g. who drew the plot again) under the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     qs = report["queries"] if qs is None else qs
     cols = min(4, len(qs))
     rows = (len(qs) + cols - 1) // cols
@@ -42,11 +43,18 @@ def scatter_png(report: dict, qs: Optional[list[dict]] = None) -> bytes:
                       "predicted Δ (score units)", fontsize=8)
         ax.set_ylabel("actual Δ bits/dim", fontsize=8)
         ax.tick_params(labelsize=7)
+        # a few ticks an axis: a panel 3 inches wide has no room for more labels like -0.0025
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
     what = (f"{report['drop_sets']} drop-sets of {report['drop_size']} images" if report["protocol"] == "A" else
             f"{report['drop_sets']} subsets of {report['n_train'] - report['drop_size']} images, "
             f"{report['seeds']} seeds each")
-    fig.suptitle(f"{report['method']}, LDS protocol {report['protocol']} on `{report['preset']}`: "
-                 f"{what}; mean ρ = {report['spearman_mean']:.3f}", fontsize=10)
+    title = (f"{report['method']}, LDS protocol {report['protocol']} on `{report['preset']}`: "
+             f"{what}; mean ρ = {report['spearman_mean']:.3f}")
+    if note is not None:  # wrapped to the figure's width (about 13 characters an inch at this size)
+        import textwrap
+        title += "\n" + textwrap.fill(note, int(3.2 * cols * 13))
+    fig.suptitle(title, fontsize=10)
     return png_bytes(fig)
 
 
