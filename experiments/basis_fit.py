@@ -26,8 +26,9 @@ sum_i w_i (g - G^T c)_i^2, w_i = w on their entries and 1 elsewhere, w below and
 in a diagonal metric from the basis (w_i = 1 / the rms of entry i over the basis rows).
 
 Measured on the fidelity study's queries (experiments/precompute_fidelity.py: 8 test digits,
-its drawn digits (8; 4 before 2, 3, 6 and 9 were added), 4 off-distribution; exact grad_w from the bank's MAGIC scores for the test digits and
-RUN/fidelity/exact.npz, which that study wrote, for the others): Spearman with exact MAGIC, top-16
+its drawn digits (8; 4 before 2, 3, 6 and 9 were added), 4 off-distribution; exact grad_w from
+the bank's MAGIC scores for the test digits and RUN/fidelity/exact*.npz, which that study wrote,
+for the others): Spearman with exact MAGIC, top-16
 proponents shared, and LDS protocol A against the bank's committed retrains (on all of them: the
 fidelity study's --lds-images added the drawn and off-distribution images to the bank).
 Writes fit.json, fit.md and fit.png under --out, with the command and commit.

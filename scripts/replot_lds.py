@@ -5,8 +5,8 @@ today's engine.experiments.plots (e.g. after a change of layout).
 
 A plot is made from its report's predicted and actual changes alone, so drawing it again changes
 no number: the JSON stays as its command wrote it (it names that command and commit), and the
-PNG says under its title which command and commit drew it, from which file made at which commit. A file that is not an LDS report, or
-cannot be read, is named in one line and left alone.
+PNG says under its title which command and commit drew it, from which file made at which commit.
+A file that is not an LDS report, or cannot be read, is named in one line and left alone.
 """
 
 from __future__ import annotations
@@ -34,15 +34,18 @@ def main() -> None:
     for path in paths:
         try:
             r = json.loads(path.read_text())
-            ok = isinstance(r, dict) and all("predicted_change" in q for q in r.get("queries") or [{}])
         except (OSError, ValueError) as e:
             print(f"{path}: not read ({type(e).__name__}); left alone")
             continue
-        if not ok:
-            print(f"{path}: not an LDS report; left alone")
+        try:  # drawn in memory first: a report short of a field leaves its old plot as it was
+            if not (isinstance(r, dict) and r.get("queries")
+                    and all(isinstance(q, dict) and "predicted_change" in q for q in r["queries"])):
+                raise KeyError("predicted_change")
+            png = plots.scatter_png(r, note=by.format(path.name, r.get("commit", "?")))
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"{path}: not an LDS report (no {e}); left alone")
             continue
-        atomic.save_bytes(plots.scatter_png(r, note=by.format(path.name, r.get("commit", "?"))),
-                          path.with_suffix(".png"))
+        atomic.save_bytes(png, path.with_suffix(".png"))
         done += 1
     print(f"drew {done} of {len(paths)} plots")
 

@@ -25,18 +25,22 @@ def test_replot_draws_each_lds_report_again_and_leaves_its_json_and_other_files_
     (tmp_path / "magic_A.png").write_bytes(b"old plot")
     other = tmp_path / "summary.json"
     other.write_text(json.dumps({"rows": []}))
+    short = tmp_path / "short.json"  # its queries, but not the report's other fields
+    short.write_text(json.dumps({"queries": _report(0.9)["queries"]}))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    before = {p: p.read_bytes() for p in (good, other, broken)}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "replot_lds.py"), str(good), str(other), str(broken)],
+    before = {p: p.read_bytes() for p in (good, other, short, broken)}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "replot_lds.py"), str(good), str(other), str(short),
+                          str(broken)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines == [f"{other}: not an LDS report; left alone", f"{broken}: not read (JSONDecodeError); left alone",
-                     "drew 1 of 3 plots"]
+    assert lines == [f"{other}: not an LDS report (no 'predicted_change'); left alone",
+                     f"{short}: not an LDS report (no 'protocol'); left alone",
+                     f"{broken}: not read (JSONDecodeError); left alone", "drew 1 of 4 plots"]
     assert {p: p.read_bytes() for p in before} == before  # no JSON rewritten
     png = (tmp_path / "magic_A.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and not (tmp_path / "summary.png").exists() and not (tmp_path / "broken.png").exists()
+    assert png.startswith(b"\x89PNG") and not any((tmp_path / f"{n}.png").exists() for n in ("summary", "short", "broken"))
     # the plot is drawn from the numbers: other numbers, another picture
     good.write_text(json.dumps(_report(0.5)))
     subprocess.run([sys.executable, str(ROOT / "scripts" / "replot_lds.py"), str(good)], check=True,
