@@ -62,7 +62,8 @@ def test_a_precomputed_replay_answers_without_a_button_and_a_foreign_one_is_refu
         service.galleries_job(app_run)
         at = _until(at, lambda a: any("Scores minus their mean over" in c.value for c in a.caption))
         heads = [m.value for m in at.markdown]  # each list under its own heading (16 images: two rows each)
-        assert "**16 that help it more** than a typical digit" in heads and "**16 that hurt it more** than a typical digit" in heads
+        assert "**16 that help it more** than a typical digit" in heads
+        assert "**16 that hurt it more** than a typical digit" in heads
         blob = path.read_bytes()
         path.write_bytes(blob[: len(blob) // 2])  # truncated: never used
         at = _new()

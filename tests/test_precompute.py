@@ -383,7 +383,8 @@ def test_the_fidelity_study_replays_only_the_queries_its_files_lack(run, tmp_pat
     work = tmp_path / "work"
     first = exact(run, names[:2], x[:2], work)
     replayed, real = [], metagrad.metagradient
-    monkeypatch.setattr(metagrad, "metagradient", lambda r, imgs, grads, **kw: replayed.append(len(grads)) or real(r, imgs, grads, **kw))
+    monkeypatch.setattr(metagrad, "metagradient",
+                        lambda r, imgs, grads, **kw: replayed.append(len(grads)) or real(r, imgs, grads, **kw))
     both = exact(run, names, x, work)
     assert replayed == [1] and both["batches"] == 2 and len(list(work.glob("exact*.npz"))) == 2
     np.testing.assert_array_equal(both["grad_w"][:2], first["grad_w"])
