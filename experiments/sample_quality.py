@@ -4,9 +4,14 @@ with confidence >= 0.9 (engine.experiments.sample_quality), with the classifier'
     python experiments/sample_quality.py --run runs/cpu [--run runs/other ...] [--n 64] [--seed 0]
         [--steps 500] [--samplers sde,pc,ode] [--out results/sample_quality]
 
+Two measures side by side: the issue's (one classifier, trained on digits only) and a strict one
+(engine.experiments.sample_quality.STRICT: an ensemble of five classifiers trained with outlier
+exposure), which is not fooled by noise; both are checked on real test digits (the ceiling) and
+on 256 images that are not digits, made from held-out test digits (`outliers`, 64 of each kind).
 Writes sample_quality.{json,md} and one labelled grid per run and sampler (<preset>_<sampler>.png;
-<preset>_<digest>_<sampler>.png when runs share a preset); each row carries its run's config
-digest. Samplers (engine.sampling): "sde" the reverse-diffusion predictor, "pc" the same with one
+<preset>_<digest>_<sampler>.png when runs share a preset; each sample under the first
+classifier's label and confidence, then the strict ensemble's, black where the strict one is
+confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the reverse-diffusion predictor, "pc" the same with one
 Langevin corrector step per step (snr 0.16), both --steps steps
 from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's "Generate" used).
 """
@@ -18,8 +23,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, data, presets, provenance  # noqa: E402
@@ -29,7 +36,10 @@ from engine.sampling import sample  # noqa: E402
 from engine.store import load_run  # noqa: E402
 
 
-def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str) -> None:
+def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str, strict: Optional[dict] = None) -> None:
+    """A grid of samples x (n, 1, 28, 28) titled by their labels and confidences; with `strict`
+    (a confident_share result on the same x) its label and confidence too, and its verdict sets
+    the colour (black: confident)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -45,7 +55,11 @@ def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str) -> No
         ax.axis("off")
         if i < n:
             ax.imshow(np.clip(x[i, 0], 0, 1), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{labels[i]} {conf[i]:.2f}", fontsize=7, color="black" if conf[i] >= 0.9 else "red")
+            text, ok = f"{labels[i]} {conf[i]:.2f}", conf[i] >= 0.9
+            if strict is not None:
+                text += f" / {strict['labels'][i]} {strict['confidence'][i]:.2f}"
+                ok = strict["confidence"][i] >= 0.9
+            ax.set_title(text, fontsize=7 if strict is None else 6, color="black" if ok else "red")
     fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
     # tight_layout alone packs a tall grid up into the title (a 256-sample grid hid it)
     fig.tight_layout(rect=(0, 0, 1, 1 - head / height))
@@ -75,9 +89,25 @@ def main() -> None:
                                                         flush=True))
     acc = sq.test_accuracy(net)
     print(f"classifier test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    strict = sq.load_strict(callback=lambda d: print(f"strict member epoch {d['epoch']}/{d['epochs']}", flush=True))
+    acc_strict = sq.test_accuracy(strict)
+    print(f"strict ensemble test accuracy {acc_strict:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     # the ceiling: real test digits, as many as the samples, through the same threshold
-    ref = sq.confident_share(net, data.load_test()[0][data.query_indices(a.n, 7)])
-    print(f"{a.n} MNIST test digits: {ref['share']:.1%} confident", flush=True)
+    test_x = data.load_test()[0]
+    ref = sq.confident_share(net, test_x[data.query_indices(a.n, 7)])
+    ref_strict = sq.confident_share(strict, test_x[data.query_indices(a.n, 7)])
+    print(f"{a.n} MNIST test digits: {ref['share']:.1%} confident, strict {ref_strict['share']:.1%}", flush=True)
+    # the floor: images that are no digit, made from other test digits (64 of each kind)
+    kinds = torch.arange(len(sq.OUTLIER_KINDS)).repeat_interleave(64)
+    fakes = sq.outliers(test_x[data.query_indices(len(kinds), 11)], torch.Generator().manual_seed(a.seed), kinds)
+    floor = {}
+    for name, clf in (("first", net), ("strict", strict)):
+        r = sq.confident_share(clf, fakes)
+        ok = np.asarray(r["confidence"]) >= 0.9
+        floor[name] = {"share": r["share"], "histogram": r["histogram"],
+                       "per_kind": {k: float(ok[kinds.numpy() == i].mean()) for i, k in enumerate(sq.OUTLIER_KINDS)}}
+        print(f"{len(kinds)} non-digits: {r['share']:.1%} confident to the {name} classifier; per class {r['histogram']}",
+              flush=True)
     samplers = a.samplers.split(",")
     if not set(samplers) <= {"sde", "pc", "ode"}:
         sys.exit("error: --samplers takes sde, pc and ode")
@@ -93,26 +123,46 @@ def main() -> None:
             x = sample(model, (a.n, 1, 28, 28), method=how, n_steps=None if how == "ode" else a.steps,
                        seed=a.seed, sigma=p.sigma, eps=p.t_eps, device=str(next(model.parameters()).device)).cpu()
             r = sq.confident_share(net, x)
+            rs = sq.confident_share(strict, x)
             _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
-                  f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.1%} labelled with confidence >= 0.9")
+                  f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.1%} labelled with confidence >= 0.9, "
+                  f"{rs['share']:.1%} by the strict ensemble (label confidence / strict label confidence)", rs)
             rows.append({"run": str(run.path), "preset": p.name, "preset_label": presets.label(p), "run_digest": run.digest, "sampler": how,
                          "share": r["share"], "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
                          "labels": r["labels"], "confidence": r["confidence"],
+                         "strict": {"share": rs["share"], "confident": int(round(rs["share"] * a.n)),
+                                    "histogram": rs["histogram"], "labels": rs["labels"], "confidence": rs["confidence"]},
                          "sample_seconds": time.perf_counter() - t1})
             print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.1%}); "
-                  f"per class {r['histogram']}; {rows[-1]['sample_seconds']:.0f} s", flush=True)
+                  f"per class {r['histogram']}; strict {rows[-1]['strict']['confident']}/{a.n}, per class "
+                  f"{rs['histogram']}; {rows[-1]['sample_seconds']:.0f} s", flush=True)
     st = provenance.stamp()
     atomic.save_json({**st, "classifier": {"recipe": sq.RECIPE, "test_accuracy": acc},
-                      "test_digits": {"share": ref["share"], "histogram": ref["histogram"]}, "n": a.n, "seed": a.seed,
+                      "strict_classifier": {"recipe": sq.STRICT, "seeds": list(sq.STRICT_SEEDS), "test_accuracy": acc_strict},
+                      "test_digits": {"share": ref["share"], "histogram": ref["histogram"],
+                                      "strict_share": ref_strict["share"], "strict_histogram": ref_strict["histogram"]},
+                      "non_digits": {"n": len(kinds), "kinds": list(sq.OUTLIER_KINDS), **floor},
+                      "n": a.n, "seed": a.seed,
                       "steps": a.steps, "threshold": 0.9, "runs": rows}, Path(a.out) / "sample_quality.json")
-    md = [f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
+    fl = floor["first"]["per_kind"]
+    md = [f"`{st['command']}` at commit {st['commit']}.", "",
+          f"Classifier: a two-layer CNN trained on the 5,000 bundled training images; test accuracy "
           f"{acc:.2%} on the 10,000 MNIST test digits. {a.n} samples per run and sampler (seed {a.seed}; sde and pc "
           f"{a.steps} steps, ode 32 RK4 steps). "
-          f"The same threshold on {a.n} real test digits: {ref['share']:.1%} confident (the ceiling).", "",
-          "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | seconds |",
-          "|---|---|---|---|---|---|---|"]
+          f"The same threshold on {a.n} real test digits: {ref['share']:.1%} confident (the ceiling); on "
+          f"{len(kinds)} images that are no digit, made from other test digits: {floor['first']['share']:.1%} "
+          f"(per class {' '.join(map(str, floor['first']['histogram']))}; "
+          + ", ".join(f"{k} {v:.0%}" for k, v in fl.items()) + ").", "",
+          f"Strict: the mean of five such classifiers (seeds {', '.join(map(str, sq.STRICT_SEEDS))}) each trained "
+          f"with outlier exposure (images that are no digit, target uniform, weight {sq.STRICT['outlier_weight']}); "
+          f"test accuracy {acc_strict:.2%}; {ref_strict['share']:.1%} of the {a.n} test digits confident, "
+          f"{floor['strict']['share']:.1%} of the {len(kinds)} non-digits.", "",
+          "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | strict | strict per class 0-9 | seconds |",
+          "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['run']} | {r['preset_label']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
-           f"({r['share']:.1%}) | {' '.join(map(str, r['histogram']))} | {r['sample_seconds']:.0f} |" for r in rows]
+           f"({r['share']:.1%}) | {' '.join(map(str, r['histogram']))} | {r['strict']['confident']}/{a.n} "
+           f"({r['strict']['share']:.1%}) | {' '.join(map(str, r['strict']['histogram']))} | {r['sample_seconds']:.0f} |"
+           for r in rows]
     atomic.save_text("\n".join(md) + "\n", Path(a.out) / "sample_quality.md")
     print(f"wrote {a.out}/sample_quality.md")
 

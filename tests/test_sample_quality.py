@@ -19,3 +19,40 @@ def test_classifier_is_accurate_and_confident_only_on_digits(tmp_path):
     # cached: the second load reads the same weights instead of training again
     again = sq.load_classifier(tmp_path, recipe)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_outliers_are_the_kinds_they_say():
+    x = data.load_test()[0][:8]
+    kinds = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    o = sq.outliers(x, torch.Generator().manual_seed(0), kinds)
+    assert o.shape == x.shape and o.min() >= 0 and o.max() <= 1
+    # noise fills the image; the three binary kinds hold only 0 and 1
+    assert (o[0] > 0).float().mean() > 0.99 and set(o[1].unique().tolist()) <= {0.0, 1.0}
+    assert set(o[2].unique().tolist()) <= {0.0, 1.0}
+    # shuffled patches: the digit's own 7x7 patches, all of them, in another order
+    patches = lambda im: sorted(tuple(p.flatten().tolist()) for p in im[0].unfold(0, 7, 7).unfold(1, 7, 7).reshape(16, 7, 7))
+    assert patches(o[3]) == patches(x[3]) and not torch.equal(o[3], x[3])
+
+
+def test_outlier_exposure_stops_confidence_off_digits(tmp_path):
+    """Trained alike on digits, the classifier that also saw non-digits (target uniform) is
+    confident on almost none of fresh ones made from held-out test digits, while the one that
+    saw digits only is confident on many; both stay accurate and confident on test digits."""
+    x = data.load_test()[0]
+    kinds = torch.arange(len(sq.OUTLIER_KINDS)).repeat_interleave(64)
+    fakes = sq.outliers(x[data.query_indices(len(kinds), 11)], torch.Generator().manual_seed(1), kinds)
+    plain = sq.load_classifier(tmp_path, {**sq.RECIPE, "epochs": 4})
+    strict = sq.load_strict(tmp_path, {**sq.STRICT, "epochs": 4}, seeds=(0, 1))
+    for net in (plain, strict):
+        assert sq.test_accuracy(net) > 0.9
+        assert sq.confident_share(net, x[:256])["share"] > 0.6
+    assert sq.confident_share(plain, fakes)["share"] > 0.1
+    assert sq.confident_share(strict, fakes)["share"] < 0.02
+
+
+def test_ensemble_probability_is_the_members_mean():
+    torch.manual_seed(0)
+    nets = [sq._net().eval() for _ in range(3)]
+    x = torch.rand(5, 1, 28, 28)
+    mean = torch.stack([sq.probabilities(n, x) for n in nets]).mean(0)
+    assert torch.allclose(sq.probabilities(sq.Ensemble(nets), x), mean, atol=1e-6)
