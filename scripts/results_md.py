@@ -67,6 +67,10 @@ SECTIONS = [
      "results/sample_quality/sample_quality.json",
      ["results/sample_quality/cpu_sde.png", "results/sample_quality/cpu_pc.png", "results/sample_quality/cpu_ode.png"],
      "python experiments/sample_quality.py --run runs/cpu --samplers sde,pc,ode --out results/sample_quality"),
+    ("The same on the 600-step `cpu` the issue started from (its run trained by `python -m engine train --preset cpu "
+     "--out runs/cpu600` at 2f7999d: config digest 168077b8)", "results/sample_quality_cpu600/sample_quality.md",
+     "results/sample_quality_cpu600/sample_quality.json", ["results/sample_quality_cpu600/cpu_pc.png"],
+     "python experiments/sample_quality.py --run runs/cpu600 --samplers sde,pc,ode --out results/sample_quality_cpu600"),
     ("The default with 4,000-step samplers (the steps that lift the gpu net)", "results/sample_quality_cpu_4000/sample_quality.md",
      "results/sample_quality_cpu_4000/sample_quality.json", ["results/sample_quality_cpu_4000/cpu_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu --samplers sde,pc --steps 4000 --out results/sample_quality_cpu_4000"),
