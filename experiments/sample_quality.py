@@ -11,9 +11,10 @@ on 256 images that are not digits, made from held-out test digits (`outliers`, 6
 Writes sample_quality.{json,md} and one labelled grid per run and sampler (<preset>_<sampler>.png;
 <preset>_<digest>_<sampler>.png when runs share a preset; each sample under the first
 classifier's label and confidence, then the strict ensemble's, black where the strict one is
-confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the reverse-diffusion predictor, "pc" the same with one
-Langevin corrector step per step (snr 0.16), both --steps steps
-from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's "Generate" used).
+confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the
+reverse-diffusion predictor, "pc" the same with one Langevin corrector step per step (snr 0.16),
+both --steps steps from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's
+"Generate" used).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ cached on disk (runs/classifier by default), keyed by its recipe and the trainin
 That classifier has only ever seen digits, so it must put every image in some class, and it is
 confident on many images that are no digit at all: noise, for one, it mostly calls an "8" with
 confidence (`experiments/sample_quality.py` measures how often, on the `outliers` below made from
-held-out test digits). The strict measure beside it (`STRICT`) is an
-ensemble of five such classifiers (seeds 0-4; their mean probability) each trained with outlier
+held-out test digits). The strict measure beside it (`STRICT`) is an ensemble of five
+classifiers of the same recipe (seeds 0-4; their mean probability), each trained with outlier
 exposure (Hendrycks, Mazeika & Dietterich, ICLR 2019): every batch of digits is paired with as many
 images that are not digits, whose target is the uniform distribution over the ten classes (loss
 weight 0.5). The outliers are made from the same batch: uniform noise, Bernoulli noise, thresholded
