@@ -8,7 +8,8 @@ Each candidate is the base preset with the changes its name says. For each, chea
 - training (stored in runs/candidates/<name>; resumes), its time and final loss;
 - sample quality: reverse-SDE samples (500 steps, seed 0) and the share that the classifier of
   experiments/sample_quality.py labels with confidence >= 0.9, with the count per class (a
-  collapse onto one class shows there, and a share alone would hide it);
+  collapse onto one class shows there, and a share alone would hide it), and the count by its
+  strict ensemble (stored since it exists; the earlier rows have the first classifier's only);
 - Figure 2 on n hidden test digits (the report's own inputs, seed 0): the means of the originals,
   their 90-degree rotations, averages of 4 and uniform noise, and the rotation gap that the
   seed's Figure 2 is about (seed: 3.5 / 3.8 / 5.32 / 9.12, gap 0.3);
@@ -183,24 +184,30 @@ def stage_training(run) -> dict:
             "run_digest": run.digest}
 
 
-def _samples(model, p, n: int, classifier) -> dict:
+def _samples(model, p, n: int, classifier, strict=None) -> dict:
+    """SDE samples' confident count by `classifier`, and by the `strict` ensemble when given
+    (engine.experiments.sample_quality.load_strict: the digits-only classifier is confident on
+    many non-digits)."""
     t0 = time.perf_counter()
     # the noise is drawn on the model's device (a GPU for --base gpu)
     x = sample(model, (n, 1, 28, 28), method="sde", n_steps=500, seed=0, sigma=p.sigma, eps=p.t_eps,
                device=str(next(model.parameters()).device)).cpu()
     r = sq.confident_share(classifier, x)
-    return {"confident": int(round(r["share"] * n)), "n": n, "histogram": r["histogram"],
-            "seconds": time.perf_counter() - t0}
+    out = {"confident": int(round(r["share"] * n)), "n": n, "histogram": r["histogram"]}
+    if strict is not None:
+        rs = sq.confident_share(strict, x)
+        out["strict"] = {"confident": int(round(rs["share"] * n)), "histogram": rs["histogram"]}
+    return {**out, "seconds": time.perf_counter() - t0}
 
 
-def stage_samples(run, n: int, classifier) -> dict:
-    out = _samples(run.model(), run.preset, n, classifier)
+def stage_samples(run, n: int, classifier, strict=None) -> dict:
+    out = _samples(run.model(), run.preset, n, classifier, strict)
     if run.preset.ema:
         # the same training's last iterate, unaveraged (the average never feeds back into
         # training), from the same noise: what the average alone changes
         from engine.bpd import model_for
         out["last_iterate"] = _samples(model_for(run.preset, run.seed, run.load_final().params), run.preset, n,
-                                       classifier)
+                                       classifier, strict)
     return out
 
 
@@ -241,6 +248,7 @@ def table(results: dict) -> str:
         cells = [name,
                  f"{t['train_seconds']:.0f}" if t else "…", f"{t['final_loss']:.1f}" if t else "…",
                  (f"{s['confident']}/{s['n']} ({' '.join(map(str, s['histogram']))})"
+                  + (f"; strict {s['strict']['confident']}/{s['n']}" if "strict" in s else "")
                   + (f"; last iterate {s['last_iterate']['confident']}/{s['n']}" if "last_iterate" in s else "")
                   if s else "…"),
                  " / ".join(f"{f[g]:.2f}" for g in GROUPS) if f else "…", f"{f['gap']:+.2f}" if f else "…",
@@ -310,8 +318,8 @@ def main() -> None:
                 if stage == "training":
                     r[stage] = stage_training(run)
                 elif stage == "samples":
-                    classifier = classifier or sq.load_classifier()
-                    r[stage] = stage_samples(run, a.samples, classifier)
+                    classifier = classifier or (sq.load_classifier(), sq.load_strict())
+                    r[stage] = stage_samples(run, a.samples, *classifier)
                 elif stage == "figure2":
                     r[stage] = stage_figure2(run, a.n)
                 elif stage == "rotation":

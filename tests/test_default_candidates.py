@@ -31,3 +31,14 @@ def test_the_base_is_not_the_current_default():
     # the screen's base is the 600-step `cpu`; the default it chose has moved on since
     assert dc.candidate_preset("600 steps (today)").to_dict() != presets.PRESETS["cpu"].to_dict()
     assert dc.candidate_preset("600 steps (today)").positional == 0.0
+
+
+def test_table_shows_the_strict_count_where_stored():
+    report = ROOT / "results/default_candidates"
+    results = json.loads((report / "candidates.json").read_text())["results"]
+    # the committed rows, measured before the strict count existed, render as committed
+    assert dc.table(results) + "\n" == (report / "candidates.md").read_text()
+    samples = {"confident": 12, "n": 64, "histogram": [1] * 10, "seconds": 1.0,
+               "strict": {"confident": 3, "histogram": [0] * 10}}
+    row = [line for line in dc.table({"3000 steps": {"samples": samples}}).splitlines() if line.startswith("| 3000")]
+    assert "12/64 (1 1 1 1 1 1 1 1 1 1); strict 3/64" in row[0]
