@@ -38,9 +38,20 @@ from engine.store import load_run  # noqa: E402
 
 
 def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str, strict: Optional[dict] = None) -> None:
-    """A grid of samples x (n, 1, 28, 28) titled by their labels and confidences; with `strict`
-    (a confident_share result on the same x) its label and confidence too, and its verdict sets
-    the colour (black: confident)."""
+    """Saves grid_figure(...) as the PNG `path` (atomically)."""
+    import matplotlib.pyplot as plt
+    fig = grid_figure(x, labels, conf, title, strict)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def grid_figure(x: np.ndarray, labels: list, conf: list, title: str, strict: Optional[dict] = None):
+    """A matplotlib figure: samples x (n, 1, 28, 28), 8 a row, each under its label and confidence;
+    with `strict` (a confident_share result on the same x) its label and confidence too, and its
+    verdict sets the colour (black: confident)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -62,13 +73,12 @@ def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str, stric
                 ok = strict["confidence"][i] >= 0.9
             ax.set_title(text, fontsize=7 if strict is None else 6, color="black" if ok else "red")
     fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
-    # tight_layout alone packs a tall grid up into the title (a 256-sample grid hid it)
-    fig.tight_layout(rect=(0, 0, 1, 1 - head / height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    # laid out by hand: tight_layout packed a tall grid up into the title (a 256-sample grid hid it)
+    # and, on two rows, the second row's labels over the first row's images; 0.2 in above each
+    # image row is its labels' (1.25 in a row in all)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 0.2) / height,
+                        wspace=0.1, hspace=0.2 / 1.05)
+    return fig
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The sample-quality classifier tells digits from non-digits (it can fail: accuracy and shares
 are measured on real test digits and on images that are not digits)."""
 
+import pytest
 import torch
 
 from engine import data
@@ -56,3 +57,35 @@ def test_ensemble_probability_is_the_members_mean():
     x = torch.rand(5, 1, 28, 28)
     mean = torch.stack([sq.probabilities(n, x) for n in nets]).mean(0)
     assert torch.allclose(sq.probabilities(sq.Ensemble(nets), x), mean, atol=1e-6)
+
+
+def _experiment():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "experiments/sample_quality.py"
+    spec = importlib.util.spec_from_file_location("sample_quality_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_grid_labels_sit_clear_of_the_images_and_the_title(n):
+    """Every sample's label lies above its own image, inside the figure, and overlaps no image
+    and not the title (two rows once put the second row's labels over the first row's images)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    x = np.random.default_rng(0).random((n, 1, 28, 28))
+    r = {"labels": [3] * n, "confidence": [0.5] * n}
+    fig = _experiment().grid_figure(x, r["labels"], r["confidence"], "a run\nsde sampler: 0% labelled", r)
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes[:n]
+    images = [ax.get_images()[0].get_window_extent(renderer) for ax in axes]
+    head = fig._suptitle.get_window_extent(renderer)
+    page = fig.bbox
+    for i, ax in enumerate(axes):
+        label = ax.title.get_window_extent(renderer)
+        assert page.x0 <= label.x0 and label.x1 <= page.x1 and label.y1 <= page.y1
+        assert label.y0 >= images[i].y1 - 1 and not label.overlaps(head)
+        assert not any(label.overlaps(im) for im in images)
+    plt.close(fig)
