@@ -106,7 +106,19 @@ def test_upload_a_png_then_garbage(app_run):
     assert not at.error
 
 
-def test_generate_a_sample(app_run):
+def _sample_quality_report(folder: Path, digest: str, confident: int, strict: int) -> None:
+    """A sample-quality report as experiments/sample_quality.py writes it, one run's ODE row."""
+    row = {"run_digest": digest, "sampler": "ode", "confident": confident, "share": confident / 64,
+           "strict": {"confident": strict, "share": strict / 64}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sample_quality.json").write_text(json.dumps(
+        {"n": 64, "test_digits": {"share": 0.922, "strict_share": 0.953}, "runs": [row]}))
+
+
+def test_generate_a_sample(app_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
+    _sample_quality_report(tmp_path / "sample_quality", "another run", 50, 40)
+    _sample_quality_report(tmp_path / "sample_quality_this", app_run.digest, 13, 3)
     at = _new()
     at.run()
     at.radio(key="source").set_value("Generate a sample").run()
@@ -115,6 +127,27 @@ def test_generate_a_sample(app_run):
     x = torch.from_numpy(at.session_state["sample"])
     assert x.shape == (1, 28, 28) and float(x.min()) >= 0 and float(x.max()) <= 1
     assert _bpd_shown(at) == pytest.approx(_engine_bpd(app_run, x), abs=1e-3)
+    # what the committed report measured on this very model's samples, not another's
+    said = [c.value for c in at.caption if "digit classifier" in c.value]
+    assert len(said) == 1 and "read 13 as digits" in said[0] and "; a stricter one" in said[0] and " 3 (95%)" in said[0]
+    assert "sample_quality_this" in said[0]
+
+
+def test_sample_quality_words_only_from_a_sound_report_on_this_run(app_run, tmp_path, monkeypatch):
+    from webapp import widgets as W
+    monkeypatch.setenv("APP_RESULTS", str(tmp_path))
+    assert W.sample_quality_words(app_run) is None  # no report
+    _sample_quality_report(tmp_path / "sample_quality", "another run", 50, 40)
+    assert W.sample_quality_words(app_run) is None  # none on this run
+    (tmp_path / "sample_quality_damaged").mkdir()
+    (tmp_path / "sample_quality_damaged" / "sample_quality.json").write_text('{"runs": [{"run_digest": 3}]')
+    (tmp_path / "sample_quality_old").mkdir()
+    (tmp_path / "sample_quality_old" / "sample_quality.json").write_text(
+        json.dumps({"n": 64, "runs": [{"run_digest": app_run.digest, "sampler": "ode"}]}))  # fields missing
+    assert W.sample_quality_words(app_run) is None
+    _sample_quality_report(tmp_path / "sample_quality_this", app_run.digest, 7, 1)
+    words = W.sample_quality_words(app_run)
+    assert "read 7 as digits" in words and "(of real test digits 92%)" in words and " 1 (95%)" in words
 
 
 def test_compare_page_four_variants(app_run, tiny_figure2, tmp_path, monkeypatch):

@@ -162,6 +162,32 @@ def figure2_means(run: Run) -> Optional[dict]:
     return None if r is None else {g: v["mean"] for g, v in r["groups"].items()}
 
 
+def sample_quality_words(run: Run, sampler: str = "ode") -> Optional[str]:
+    """How digit-like this very run's samples are, in words, from the committed sample-quality
+    reports (results/sample_quality*/sample_quality.json, experiments/sample_quality.py) made on
+    its digest with `sampler` (the app's "Generate" draws with the probability-flow ODE, as the
+    reports' "ode"); None when there is none, or only damaged ones."""
+    paths = [results_dir() / "sample_quality/sample_quality.json",
+             *sorted(results_dir().glob("sample_quality_*/sample_quality.json"))]
+    for path in paths:
+        r = report(path)
+        try:
+            rows = [row for row in r["runs"] if row["run_digest"] == run.digest and row["sampler"] == sampler]
+            if not rows:
+                continue
+            row, n, ceiling = rows[0], int(r["n"]), r["test_digits"]
+            words = (f"How digit-like are this model's samples? Of {n} drawn this way, a digit classifier read "
+                     f"{int(row['confident'])} as digits with confidence >= 0.9 (of real test digits "
+                     f"{float(ceiling['share']):.0%})")
+            if "strict" in row:
+                words += (f"; a stricter one, trained also on images that are no digit, "
+                          f"{int(row['strict']['confident'])} ({float(ceiling['strict_share']):.0%})")
+            return words + f": results/{path.parent.name}/sample_quality.md."
+        except (TypeError, KeyError, ValueError):
+            continue  # a damaged or older report says nothing rather than something wrong
+    return None
+
+
 def bpd_words(bpd: float, means: Optional[dict] = None) -> str:
     """What a BPD means; `means` ({group: mean}) from this model's Figure 2 report, if it has one."""
     ref = "" if not means else (f": on this model test digits average {means['original']:.2f} and uniform "
