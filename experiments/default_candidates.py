@@ -166,6 +166,8 @@ CANDIDATES: dict[str, dict] = {
     "5000 bundled images + ema 0.999": {"n_train": 5000, "source": "offline", "ema": 0.999},
 }
 DEFAULT = ["600 steps (today)", "3000 steps", "3000 steps + lr 1e-3", "3000 steps + 5000 images", "6000 steps"]
+
+
 def candidate_preset(name: str, base: str = "cpu", device: Optional[dict] = None):
     """The preset of candidate `name`: `base` as BASE fixes it, with the candidate's changes (and
     {"device": ...} when given; part of the preset, so of its runs' digest)."""
