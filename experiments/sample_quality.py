@@ -8,7 +8,7 @@ Two measures side by side: the issue's (one classifier, trained on digits only) 
 (engine.experiments.sample_quality.STRICT: an ensemble of five classifiers trained with outlier
 exposure), which is not fooled by noise; both are checked on real test digits (the ceiling) and
 on 256 images that are not digits, made from held-out test digits (`outliers`, 64 of each kind).
-Writes sample_quality.{json,md} and one labelled grid per run and sampler (<preset>_<sampler>.png;
+Writes sample_quality.{json,md} (each share with its 95% Wilson interval) and one labelled grid per run and sampler (<preset>_<sampler>.png;
 <preset>_<digest>_<sampler>.png when runs share a preset; each sample under the first
 classifier's label and confidence, then the strict ensemble's, black where the strict one is
 confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the
@@ -35,6 +35,19 @@ from engine.errors import UserError  # noqa: E402
 from engine.experiments import sample_quality as sq  # noqa: E402
 from engine.sampling import sample  # noqa: E402
 from engine.store import load_run  # noqa: E402
+
+
+def interval(k: int, n: int) -> list[float]:
+    """The 95% Wilson interval [lo, hi] of a share k / n: 64 samples leave about +-10 points of
+    chance, so a share is stated with it (scipy.stats.binomtest)."""
+    from scipy.stats import binomtest
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def _pct(k: int, n: int) -> str:
+    lo, hi = interval(k, n)
+    return f"{k / n:.1%}; {lo:.0%}-{hi:.0%}"
 
 
 def _grid(x: np.ndarray, labels: list, conf: list, path: Path, title: str, strict: Optional[dict] = None) -> None:
@@ -139,9 +152,11 @@ def main() -> None:
                   f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.1%} labelled with confidence >= 0.9, "
                   f"{rs['share']:.1%} by the strict ensemble (label confidence / strict label confidence)", rs)
             rows.append({"run": str(run.path), "preset": p.name, "preset_label": presets.label(p), "run_digest": run.digest, "sampler": how,
-                         "share": r["share"], "confident": int(round(r["share"] * a.n)), "histogram": r["histogram"],
+                         "share": r["share"], "confident": int(round(r["share"] * a.n)),
+                         "interval": interval(int(round(r["share"] * a.n)), a.n), "histogram": r["histogram"],
                          "labels": r["labels"], "confidence": r["confidence"],
                          "strict": {"share": rs["share"], "confident": int(round(rs["share"] * a.n)),
+                                    "interval": interval(int(round(rs["share"] * a.n)), a.n),
                                     "histogram": rs["histogram"], "labels": rs["labels"], "confidence": rs["confidence"]},
                          "sample_seconds": time.perf_counter() - t1})
             print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.1%}); "
@@ -168,11 +183,12 @@ def main() -> None:
           f"with outlier exposure (images that are no digit, target uniform, weight {sq.STRICT['outlier_weight']}); "
           f"test accuracy {acc_strict:.2%}; {ref_strict['share']:.1%} of the {a.n} test digits confident, "
           f"{floor['strict']['share']:.1%} of the {len(kinds)} non-digits.", "",
+          "Shares with their 95% Wilson interval (chance alone, over the samples drawn).", "",
           "| run | preset | digest | sampler | confident (>= 0.9) | confident per class 0-9 | strict | strict per class 0-9 | seconds |",
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['run']} | {r['preset_label']} | {r['run_digest'][:8]} | {r['sampler']} | {r['confident']}/{a.n} "
-           f"({r['share']:.1%}) | {' '.join(map(str, r['histogram']))} | {r['strict']['confident']}/{a.n} "
-           f"({r['strict']['share']:.1%}) | {' '.join(map(str, r['strict']['histogram']))} | {r['sample_seconds']:.0f} |"
+           f"({_pct(r['confident'], a.n)}) | {' '.join(map(str, r['histogram']))} | {r['strict']['confident']}/{a.n} "
+           f"({_pct(r['strict']['confident'], a.n)}) | {' '.join(map(str, r['strict']['histogram']))} | {r['sample_seconds']:.0f} |"
            for r in rows]
     atomic.save_text("\n".join(md) + "\n", Path(a.out) / "sample_quality.md")
     print(f"wrote {a.out}/sample_quality.md")

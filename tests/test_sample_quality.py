@@ -89,3 +89,13 @@ def test_grid_labels_sit_clear_of_the_images_and_the_title(n):
         assert label.y0 >= images[i].y1 - 1 and not label.overlaps(head)
         assert not any(label.overlaps(im) for im in images)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("k,n", [(0, 64), (3, 64), (48, 64), (202, 256), (64, 64)])
+def test_share_interval_is_the_95_percent_wilson_interval(k, n):
+    import math
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = _experiment().interval(k, n)
+    assert lo == pytest.approx(max(0.0, centre - half), abs=1e-9) and hi == pytest.approx(min(1.0, centre + half), abs=1e-9)
