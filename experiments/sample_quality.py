@@ -8,10 +8,10 @@ Two measures side by side: the issue's (one classifier, trained on digits only) 
 (engine.experiments.sample_quality.STRICT: an ensemble of five classifiers trained with outlier
 exposure), which is not fooled by noise; both are checked on real test digits (the ceiling) and
 on 256 images that are not digits, made from held-out test digits (`outliers`, 64 of each kind).
-Writes sample_quality.{json,md} (each share with its 95% Wilson interval) and one labelled grid per run and sampler (<preset>_<sampler>.png;
-<preset>_<digest>_<sampler>.png when runs share a preset; each sample under the first
-classifier's label and confidence, then the strict ensemble's, black where the strict one is
-confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the
+Writes sample_quality.{json,md} (each share with its 95% Wilson interval) and one labelled grid
+per run and sampler (<preset>_<sampler>.png; <preset>_<digest>_<sampler>.png when runs share a
+preset; each sample under the first classifier's label and confidence, then the strict
+ensemble's, black where the strict one is confident); each row carries its run's config digest. Samplers (engine.sampling): "sde" the
 reverse-diffusion predictor, "pc" the same with one Langevin corrector step per step (snr 0.16),
 both --steps steps from the same seed; "ode" the probability-flow ODE (32 RK4 steps, as the app's
 "Generate" used).
@@ -151,12 +151,11 @@ def main() -> None:
             _grid(x.numpy(), r["labels"], r["confidence"], Path(a.out) / f"{name}_{how}.png",
                   f"{run.path}: {presets.label(p)}\n{how} sampler: {r['share']:.1%} labelled with confidence >= 0.9, "
                   f"{rs['share']:.1%} by the strict ensemble (label confidence / strict label confidence)", rs)
+            k, ks = int(round(r["share"] * a.n)), int(round(rs["share"] * a.n))
             rows.append({"run": str(run.path), "preset": p.name, "preset_label": presets.label(p), "run_digest": run.digest, "sampler": how,
-                         "share": r["share"], "confident": int(round(r["share"] * a.n)),
-                         "interval": interval(int(round(r["share"] * a.n)), a.n), "histogram": r["histogram"],
+                         "share": r["share"], "confident": k, "interval": interval(k, a.n), "histogram": r["histogram"],
                          "labels": r["labels"], "confidence": r["confidence"],
-                         "strict": {"share": rs["share"], "confident": int(round(rs["share"] * a.n)),
-                                    "interval": interval(int(round(rs["share"] * a.n)), a.n),
+                         "strict": {"share": rs["share"], "confident": ks, "interval": interval(ks, a.n),
                                     "histogram": rs["histogram"], "labels": rs["labels"], "confidence": rs["confidence"]},
                          "sample_seconds": time.perf_counter() - t1})
             print(f"{run.path} {how}: {rows[-1]['confident']}/{a.n} confident ({r['share']:.1%}); "
