@@ -48,10 +48,14 @@ class ScoreNet(nn.Module):
             learning-rate factor (at the default lr of 2.5e-4 they would need ~10^4 steps to reach
             values of order 1). Ties the net to `image_size` x `image_size` inputs. A constant
             in x, so every tangent and Jacobian formula below is unchanged.
+        positional_from: the first encoder level with a map (0: all of them); the finer levels
+            before it have none. The finest level's map has a parameter per pixel and channel,
+            and a query's gradient on it follows that image's own strokes, which a query basis
+            spans worst (results/basis_coverage).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), embed_dim: int = 64, groups: int = 4, sigma: float = sde.SIGMA,
-                 positional: float = 0.0, image_size: int = 28):
+                 positional: float = 0.0, image_size: int = 28, positional_from: int = 0):
         super().__init__()
         self.sigma = sigma
         ch = list(channels)
@@ -78,18 +82,24 @@ class ScoreNet(nn.Module):
         self.pos, self.pos_scale = None, float(positional)
         if positional < 0:
             raise ValueError(f"positional must be >= 0, not {positional}")
+        if not 0 <= positional_from < len(ch):
+            raise ValueError(f"positional_from must be a level, 0 to {len(ch) - 1}, not {positional_from}")
+        self.pos_from = positional_from
         if positional:
             sizes = [image_size]
             for _ in ch[1:]:  # a 3x3 stride-2 conv with padding 1: n -> ceil(n / 2)
                 sizes.append((sizes[-1] + 1) // 2)
             # zeros: the net starts as the one without maps (the same initial function)
-            self.pos = nn.ParameterList([nn.Parameter(torch.zeros(c, n, n)) for c, n in zip(ch, sizes)])
+            self.pos = nn.ParameterList([nn.Parameter(torch.zeros(c, n, n))
+                                         for c, n in list(zip(ch, sizes))[positional_from:]])
 
     def _enc_bias(self, level: int, emb: torch.Tensor) -> torch.Tensor:
         """What encoder level `level` adds to its conv's output: the time embedding's (B, c, 1, 1),
-        plus the level's positional map (c, h, w) when the net has them."""
+        plus the level's positional map (c, h, w) when the net has one there."""
         b = self.enc_t[level](emb)[:, :, None, None]
-        return b if self.pos is None else b + self.pos_scale * self.pos[level]
+        if self.pos is None or level < self.pos_from:
+            return b
+        return b + self.pos_scale * self.pos[level - self.pos_from]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x (B, 1, 28, 28), t (B,) -> score (B, 1, 28, 28)."""
@@ -543,12 +553,12 @@ def _conv_tangent(layer: nn.Module, dh: torch.Tensor, output_size=None) -> torch
 
 
 def build_model(channels: Sequence[int], embed_dim: int, groups: int, seed: int, sigma: float = sde.SIGMA,
-                positional: float = 0.0) -> ScoreNet:
+                positional: float = 0.0, positional_from: int = 0) -> ScoreNet:
     """A ScoreNet whose initial parameters depend on `seed` alone (not on the global RNG state);
-    `positional` adds the encoder's positional maps (see ScoreNet)."""
+    `positional` adds the encoder's positional maps from level `positional_from` on (see ScoreNet)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ScoreNet(channels, embed_dim, groups, sigma, positional)
+        return ScoreNet(channels, embed_dim, groups, sigma, positional, positional_from=positional_from)
 
 
 def n_params(model: nn.Module) -> int:

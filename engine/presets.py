@@ -44,12 +44,16 @@ class Preset:
     # Learned positional maps on the encoder levels and their learning-rate factor (0: none;
     # engine.model.ScoreNet `positional`).
     positional: float = 0.0
+    # The first encoder level with a positional map (0: all; engine.model.ScoreNet `positional_from`).
+    positional_from: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"ema must be in [0, 1), got {self.ema}")
         if not self.positional >= 0:
             raise UserError(f"positional must be >= 0, got {self.positional}")
+        if not 0 <= self.positional_from < len(self.channels):
+            raise UserError(f"positional_from must be a level, 0 to {len(self.channels) - 1}, got {self.positional_from}")
 
     @property
     def ckpt_every(self) -> int:
@@ -66,10 +70,10 @@ class Preset:
         return {"sigma": self.sigma, "eps": self.t_eps, "n_steps": self.bpd_steps}
 
     def to_dict(self) -> dict:
-        """The config as JSON types. `ema` and `positional` appear only when used, so that runs
-        made before they existed keep their digest."""
+        """The config as JSON types. `ema`, `positional` and `positional_from` appear only when
+        used, so that runs made before they existed keep their digest."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        for late in ("ema", "positional"):
+        for late in ("ema", "positional", "positional_from"):
             if not d[late]:
                 del d[late]
         return d

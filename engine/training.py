@@ -176,7 +176,7 @@ def init_state(model: ScoreNet, ema: bool = False) -> TrainState:
 def make_model(preset: Preset, seed: int) -> ScoreNet:
     """The preset's network with initial parameters fixed by `seed`."""
     model = build_model(preset.channels, preset.embed_dim, preset.groups, derive_seed(seed, 2, 0), preset.sigma,
-                        preset.positional)
+                        preset.positional, preset.positional_from)
     return model.to(preset.torch_dtype)
 
 

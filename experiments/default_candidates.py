@@ -58,7 +58,7 @@ from engine.store import load_run  # noqa: E402
 # its stored runs stay what they were (every setting `cpu` has changed since is named here: the
 # positional maps were missing until a rerun of a candidate trained a different net; the test
 # tests/test_default_candidates.py checks every candidate against the preset its report stored).
-BASE: dict[str, dict] = {"cpu": {"steps": 600, "lr": 5e-4, "eps_root": 1e-6, "positional": 0.0}}
+BASE: dict[str, dict] = {"cpu": {"steps": 600, "lr": 5e-4, "eps_root": 1e-6, "positional": 0.0, "positional_from": 0}}
 
 CANDIDATES: dict[str, dict] = {
     # Names say the full difference from the base (BASE: 2,000 images, 600 steps, lr 5e-4).
@@ -155,6 +155,14 @@ CANDIDATES: dict[str, dict] = {
     # seed's 0.3 but costs about 0.25 bits/dim on the digits themselves. Between them:
     "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x5": {"steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2,
                                                           "positional": 5.0},
+    # x5 (the default since) costs the app's preview: its query basis leaves 0.48 of a test digit's
+    # gradient unfitted against 0.15 without maps (results/basis_coverage), 0.57 of that in the
+    # finest level's map (a parameter per pixel and channel, following each image's strokes).
+    # Orientation shows at coarse scale: maps on the coarser levels only (positional_from).
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x5 from level 1": {
+        "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 5.0, "positional_from": 1},
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x5 from level 2": {
+        "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 5.0, "positional_from": 2},
     # --base gpu (names say the difference from the `gpu` preset: 4 levels, 32-256 channels, batch
     # 256, lr 1e-3, 11,700 steps = 50 epochs of full MNIST), for a GPU machine with no network:
     # the same recipe on the 5,000 bundled images (600 epochs of them), and twice as long. Where do

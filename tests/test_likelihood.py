@@ -144,12 +144,18 @@ def test_jacobian_diagonal_matches_forward_with_tangents_with_its_parameter_grad
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("channels", [(8, 16), (8, 16, 16), (8, 8, 16, 16)])
-def test_positional_maps_keep_every_tangent_formula_exact(channels):
+@pytest.mark.parametrize("channels,start", [((8, 16), 0), ((8, 16, 16), 0), ((8, 8, 16, 16), 0),
+                                            ((8, 16, 16), 1), ((8, 8, 16, 16), 3)])
+def test_positional_maps_keep_every_tangent_formula_exact(channels, start):
     # the maps are constants in x added where the time embedding is: jacobian_diagonal's local
     # forms and forward_with_tangents must still match torch.func.jvp of the plain forward, and
-    # the maps' own gradients (the metagradient needs them) must match autograd's
-    net = build_model(channels, 16, 4, seed=0, positional=3.0).double()
+    # the maps' own gradients (the metagradient needs them) must match autograd's; with
+    # positional_from, only the levels from `start` on have a map, of their own size
+    net = build_model(channels, 16, 4, seed=0, positional=3.0, positional_from=start).double()
+    sizes = [28]
+    for _ in channels[1:]:
+        sizes.append((sizes[-1] + 1) // 2)
+    assert [tuple(p.shape) for p in net.pos] == [(c, n, n) for c, n in list(zip(channels, sizes))[start:]]
     with torch.no_grad():
         for p in net.pos:
             p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(p.numel())))

@@ -135,3 +135,14 @@ def test_a_variant_of_a_preset_is_labelled_with_what_differs():
     assert label(cpu) == "`cpu`"
     assert label(dataclasses.replace(cpu, steps=1234, lr=1e-3)) == "`cpu` with steps=1234, lr=0.001"
     assert label(dataclasses.replace(cpu, name="mine")) == "`mine` (not a named preset)"
+
+
+def test_positional_from_is_in_the_config_only_when_used():
+    # runs made before positional_from existed keep their digest; a later level is another config
+    from engine.presets import digest
+    cpu = PRESETS["cpu"]
+    assert "positional_from" not in cpu.to_dict()
+    coarse = dataclasses.replace(cpu, positional_from=2)
+    assert coarse.to_dict()["positional_from"] == 2 and digest(coarse.to_dict()) != digest(cpu.to_dict())
+    with pytest.raises(UserError, match="positional_from"):
+        dataclasses.replace(cpu, positional_from=3)  # cpu has 3 levels, 0 to 2
