@@ -163,6 +163,12 @@ CANDIDATES: dict[str, dict] = {
         "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 5.0, "positional_from": 1},
     "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x5 from level 2": {
         "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 5.0, "positional_from": 2},
+    # At x5 the coarse maps keep the basis's reach (unfitted 0.31 from level 1, 0.16 from level 2)
+    # but not the gap (+0.151, +0.122): stronger coarse maps.
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x15 from level 1": {
+        "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 15.0, "positional_from": 1},
+    "3000 steps + lr 2.5e-4 + eps 1e-2 + positional x20 from level 2": {
+        "steps": 3000, "lr": 2.5e-4, "eps_root": 1e-2, "positional": 20.0, "positional_from": 2},
     # --base gpu (names say the difference from the `gpu` preset: 4 levels, 32-256 channels, batch
     # 256, lr 1e-3, 11,700 steps = 50 epochs of full MNIST), for a GPU machine with no network:
     # the same recipe on the 5,000 bundled images (600 epochs of them), and twice as long. Where do
