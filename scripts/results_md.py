@@ -20,6 +20,12 @@ GPU_NET = "runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___e
 # the `cpu` default as screened (positional maps x5): the same config, bit for bit the same weights as runs/cpu
 X5 = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run"
 
+# the screened 3,000-step `cpu` variants (experiments/default_candidates.py): no maps (the previous default), then
+# maps x10 on every level and on the coarser levels only (Preset.positional_from)
+CANDIDATE = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2"
+COVERAGE_VARIANTS = ["", "___positional_x10", "___positional_x5_from_level_1", "___positional_x5_from_level_2",
+                     "___positional_x15_from_level_1", "___positional_x20_from_level_2"]
+
 # (title, the report's Markdown or text, its JSON (provenance), images, how to make it)
 SECTIONS = [
     ("Attribution methods against retraining (LDS)", "results/comparison.md", "results/comparison.json",
@@ -133,6 +139,16 @@ SECTIONS = [
     ("The `cpu` default: Figure 2 on its run as screened (`make report`'s is the Figure 2 section above)", "results/figure2_cpu_positional_x5/figure2.md",
      "results/figure2_cpu_positional_x5/figure2.json", ["results/figure2_cpu_positional_x5/figure2.png"],
      f"python -m engine figure2 --run {X5} --out results/figure2_cpu_positional_x5"),
+    ("Positional maps against the preview: how much of a query's gradient a 64-image basis spans, seven `cpu` variants",
+     "results/basis_coverage/coverage.md", "results/basis_coverage/coverage.json", [],
+     "python experiments/basis_coverage.py --runs runs/cpu," + ",".join(f"{CANDIDATE}{v}/run" for v in COVERAGE_VARIANTS)
+     + " --out results/basis_coverage"),
+    *[(f"Figure 2 with positional maps {v[len('___positional_'):].replace('_', ' ')}",
+       f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.md",
+       f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.json",
+       [f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.png"],
+       f"python -m engine figure2 --run {CANDIDATE}{v}/run --out results/figure2_cpu_positional_{v[len('___positional_'):]}")
+      for v in COVERAGE_VARIANTS[1:]],
     ("The `cpu` default: Figure 4 (on its run as screened)", "results/figure4_cpu_positional_x5/figure4.md",
      "results/figure4_cpu_positional_x5/figure4.json",
      ["results/figure4_cpu_positional_x5/figure4.png", "results/figure4_cpu_positional_x5/figure4_classes.png"],
