@@ -54,6 +54,8 @@ class Preset:
             raise UserError(f"positional must be >= 0, got {self.positional}")
         if not 0 <= self.positional_from < len(self.channels):
             raise UserError(f"positional_from must be a level, 0 to {len(self.channels) - 1}, got {self.positional_from}")
+        if self.positional_from and not self.positional:
+            raise UserError("positional_from needs positional maps (positional > 0)")
 
     @property
     def ckpt_every(self) -> int:

@@ -146,3 +146,5 @@ def test_positional_from_is_in_the_config_only_when_used():
     assert coarse.to_dict()["positional_from"] == 2 and digest(coarse.to_dict()) != digest(cpu.to_dict())
     with pytest.raises(UserError, match="positional_from"):
         dataclasses.replace(cpu, positional_from=3)  # cpu has 3 levels, 0 to 2
+    with pytest.raises(UserError, match="needs positional maps"):
+        dataclasses.replace(cpu, positional=0.0, positional_from=1)  # the same net as no maps, another digest
