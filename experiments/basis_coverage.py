@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from basis_fit import fit, group_masks  # noqa: E402
+from basis_fit import fit  # noqa: E402
 from engine import atomic, provenance  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.presets import digest, label  # noqa: E402
@@ -44,6 +44,19 @@ def unfitted(basis_g: np.ndarray, g: np.ndarray, masks: dict[str, np.ndarray]) -
                  "share_of_unfitted": float((residual[:, m] ** 2).sum() / (residual ** 2).sum())}
              for n, m in masks.items()}
     return share, where
+
+
+def masks_by_map(run, p: int) -> dict[str, np.ndarray]:
+    """(P,) bool masks of the parameter groups in a flat parameter vector: each positional map by its
+    size ("pos 28x28", ...: a map's index is not its level when the finer levels have none), every
+    other group by the first part of its name ("enc", "dec", ...)."""
+    params = run.load_final().model_params
+    sizes = [int(np.prod(t.shape)) for t in params.values()]
+    if sum(sizes) != p:
+        raise ValueError(f"the gradients have {p} entries, the run's parameters {sum(sizes)}")
+    names = [f"pos {t.shape[-2]}x{t.shape[-1]}" if n.startswith("pos.") else n.split(".")[0] for n, t in params.items()]
+    owner = np.repeat(names, sizes)
+    return {group: owner == group for group in dict.fromkeys(names)}
 
 
 def kind(name: str) -> str:
@@ -87,15 +100,15 @@ def table(report: dict) -> str:
              f"shipped ridge fit (0: the basis spans the query's gradient; 1: none of it), on the fidelity study's "
              f"{len(report['queries'])} queries; mean (lowest-highest) per kind. No replay: a basis's exact "
              "attributions are not needed for this.", "",
-             "| run | model | test digits | drawn digits | off-distribution | unfitted part in `pos` (of g) |",
+             "| run | model | test digits | drawn digits | off-distribution | share of the unfitted part (of g) in each positional map |",
              "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         cells = []
         for kd in ("test", "drawn", "off-dist."):
             v = np.array([s for s, q in zip(r["unfitted_share"], report["queries"]) if kind(q) == kd])
             cells.append(f"{v.mean():.2f} ({v.min():.2f}-{v.max():.2f})" if len(v) else "…")
-        pos = r["unfitted_by_group"].get("pos")
-        where = f"{pos['share_of_unfitted']:.2f} ({pos['share_of_g']:.2f})" if pos else "no positional maps"
+        maps = [(n, v) for n, v in r["unfitted_by_group"].items() if n.startswith("pos ")]
+        where = ", ".join(f"{n[4:]} {v['share_of_unfitted']:.2f} ({v['share_of_g']:.2f})" for n, v in maps) or "no positional maps"
         lines.append(f"| `{r['run']}` | {r['label']}, digest {r['run_digest'][:8]} | " + " | ".join(cells) + f" | {where} |")
     return "\n".join(lines)
 
@@ -121,7 +134,7 @@ def main() -> None:
     rows = []
     for run in runs:
         basis_g, g = gradients(run, a.k, q, callback=lambda e: print(f"{e['run']}: {e['done']} gradients", flush=True))
-        share, where = unfitted(basis_g, g, group_masks(run, g.shape[1]))
+        share, where = unfitted(basis_g, g, masks_by_map(run, g.shape[1]))
         rows.append({"run": str(run.path), "run_digest": run.digest, "label": label(run.preset),
                      "unfitted_share": share.tolist(), "unfitted_by_group": where})
     report = {**provenance.stamp(), "k": a.k, "queries": list(q), "runs": rows}

@@ -30,3 +30,18 @@ def test_unfitted_share_against_closed_form():
 def test_kinds():
     assert [basis_coverage.kind(n) for n in ("test:12", "drawn 7", "rotated test:3", "noise", "average of 4")] == \
         ["test", "drawn", "off-dist.", "off-dist.", "off-dist."]
+
+
+def test_positional_maps_are_told_apart_by_size():
+    # with the finer levels left without maps, pos.0 is the 14x14 map: the report names maps by size
+    from types import SimpleNamespace
+
+    from engine.model import build_model
+    net = build_model((8, 16, 16), 16, 4, seed=0, positional=1.0, positional_from=1)
+    params = dict(net.named_parameters())
+    run = SimpleNamespace(load_final=lambda: SimpleNamespace(model_params=params))
+    p = sum(t.numel() for t in params.values())
+    masks = basis_coverage.masks_by_map(run, p)
+    assert [n for n in masks if n.startswith("pos")] == ["pos 14x14", "pos 7x7"]
+    assert masks["pos 14x14"].sum() == 16 * 14 * 14 and masks["pos 7x7"].sum() == 16 * 7 * 7
+    assert (sum(m.astype(int) for m in masks.values()) == 1).all()  # every parameter in exactly one group
