@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from basis_fit import fit  # noqa: E402
+from basis_fit import fit, group_masks  # noqa: E402
 from engine import atomic, provenance  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.presets import digest, label  # noqa: E402
@@ -47,16 +47,9 @@ def unfitted(basis_g: np.ndarray, g: np.ndarray, masks: dict[str, np.ndarray]) -
 
 
 def masks_by_map(run, p: int) -> dict[str, np.ndarray]:
-    """(P,) bool masks of the parameter groups in a flat parameter vector: each positional map by its
-    size ("pos 28x28", ...: a map's index is not its level when the finer levels have none), every
-    other group by the first part of its name ("enc", "dec", ...)."""
-    params = run.load_final().model_params
-    sizes = [int(np.prod(t.shape)) for t in params.values()]
-    if sum(sizes) != p:
-        raise ValueError(f"the gradients have {p} entries, the run's parameters {sum(sizes)}")
-    names = [f"pos {t.shape[-2]}x{t.shape[-1]}" if n.startswith("pos.") else n.split(".")[0] for n, t in params.items()]
-    owner = np.repeat(names, sizes)
-    return {group: owner == group for group in dict.fromkeys(names)}
+    """(P,) bool masks of the parameter groups in a flat parameter vector, each positional map its
+    own group named by its size (basis_fit.group_masks with by_map)."""
+    return group_masks(run, p, by_map=True)
 
 
 def kind(name: str) -> str:

@@ -52,15 +52,19 @@ RELS = (1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0, 1e3)
 POS_WEIGHTS = (10.0, 3.0, 0.3, 0.1, 0.0)
 
 
-def group_masks(run, p: int) -> dict[str, np.ndarray]:
+def group_masks(run, p: int, by_map: bool = False) -> dict[str, np.ndarray]:
     """For each parameter group (the first part of a parameter's name: "enc", "pos", ...), in the
-    parameters' order, the (P,) bool mask of its entries in a flat parameter vector."""
+    parameters' order, the (P,) bool mask of its entries in a flat parameter vector; with `by_map`,
+    each positional map its own group, named by its size ("pos 28x28", ...: a map's index is not
+    its level when the finer levels have none)."""
     params = run.load_final().model_params
     sizes = [int(np.prod(t.shape)) for t in params.values()]
     if sum(sizes) != p:
         raise ValueError(f"the gradients have {p} entries, the run's parameters {sum(sizes)}")
-    owner = np.repeat([n.split(".")[0] for n in params], sizes)
-    return {group: owner == group for group in dict.fromkeys(owner)}
+    names = [f"pos {t.shape[-2]}x{t.shape[-1]}" if by_map and n.startswith("pos.") else n.split(".")[0]
+             for n, t in params.items()]
+    owner = np.repeat(names, sizes)
+    return {group: owner == group for group in dict.fromkeys(names)}
 
 
 def fit(gram: np.ndarray, gq: np.ndarray, rel: float = RIDGE_REL) -> np.ndarray:
