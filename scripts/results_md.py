@@ -143,6 +143,10 @@ SECTIONS = [
      "results/basis_coverage/coverage.md", "results/basis_coverage/coverage.json", [],
      "python experiments/basis_coverage.py --runs runs/cpu," + ",".join(f"{CANDIDATE}{v}/run" for v in COVERAGE_VARIANTS)
      + " --out results/basis_coverage"),
+    ("The `cpu` default: how much of a query's gradient larger bases span (more replays, or chosen vectors)",
+     "results/basis_coverage_size/coverage.md", "results/basis_coverage_size/coverage.json", [],
+     "python experiments/basis_coverage.py --runs runs/cpu --k 32 --sizes 64,128,256,320 --principal 64 "
+     "--out results/basis_coverage_size"),
     *[(f"Figure 2 with positional maps {v[len('___positional_'):].replace('_', ' ')}",
        f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.md",
        f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.json",
