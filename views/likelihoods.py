@@ -16,8 +16,10 @@ def show_report(r: dict, names: dict) -> None:
     df = pd.DataFrame([{"group": names[g], "bits/dim": v} for g in r["groups"] for v in r["bpd"][g]])
     writeup = pd.DataFrame([{"group": names[g], "bits/dim": v} for g, v in WRITEUP_VALUES.items()])
     order = [names[g] for g in WRITEUP_VALUES]
+    # Streamlit's theme cuts axis labels at 100 px ("MNIST training di…")
+    y = alt.Y("group:N", sort=order, title=None, axis=alt.Axis(labelLimit=220))
     dots = alt.Chart(df).mark_tick(opacity=0.6, thickness=2, size=30).encode(
-        x=alt.X("bits/dim:Q", scale=alt.Scale(zero=False)), y=alt.Y("group:N", sort=order, title=None),
+        x=alt.X("bits/dim:Q", scale=alt.Scale(zero=False)), y=y,
         color=alt.Color("group:N", sort=order, legend=None), tooltip=["group", alt.Tooltip("bits/dim:Q", format=".3f")])
     marks = alt.Chart(writeup).mark_point(shape="diamond", size=140, color="black", filled=True).encode(
         x="bits/dim:Q", y=alt.Y("group:N", sort=order), tooltip=["group", "bits/dim"])
@@ -52,9 +54,11 @@ angle = float(c[1].slider("Rotation (degrees)", 0, 180, 90, key="cmp_angle"))
 k_avg = int(c[2].slider("Digits in the average", 2, 8, 4, key="cmp_k"))
 x = torch.from_numpy(service.test_set()[0][i])
 cols = st.columns(4)
+captions = {"original": f"test digit {i}", "rotated": f"rotated {angle:.0f} deg",
+            "averaged": f"average of {k_avg} test digits", "noise": "uniform noise"}
 for col, (name, img) in zip(cols, experiments.variants(x, angle, k_avg, seed=i).items()):
     with col:
-        st.image(W.big(img), caption=NAMES[name], width=168)
+        st.image(W.big(img), caption=captions[name], width=168)
         # another index, angle or k releases this column's previous BPD (clicking through digits
         # waits for the last one's, not for every one passed on the way)
         res = W.wait_for(W.follow(f"cmp_{name}", service.bpd_job(run, img, owner=W.session_id())))
