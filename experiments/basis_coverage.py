@@ -15,8 +15,8 @@ unfitted part lies by parameter group. With --sizes, also the share for larger b
 images of engine.precompute.basis for each K: the bases are nested), what more replays would buy;
 with --principal K, for the K principal directions of the largest basis's gradients (the K rows
 that hold the most of its gradients' squared norm), what choosing the basis vectors instead of the
-images would buy (a precompute can replay any vectors; not images, they give the app no per-digit
-columns). Each run's gradients are kept in RUN/basis_coverage*.npz (keyed by the run, K and the
+images would buy (a precompute can replay any vectors, though vectors that are no image's gradient
+give the app no per-digit columns). Each run's gradients are kept in RUN/basis_coverage*.npz (keyed by the run, K and the
 queries; a larger K's file serves a smaller one), so an interrupted run resumes and a rerun
 recomputes nothing. Writes coverage.{json,md} under --out.
 """
