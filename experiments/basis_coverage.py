@@ -91,7 +91,8 @@ def gradients(run, k: int, queries: dict, callback=None) -> tuple[np.ndarray, np
     for path in sorted(run.path.glob("basis_coverage*.npz")):
         try:
             with np.load(path, allow_pickle=False) as f:
-                kf = len(f["basis_g"])
+                # the size from its own small entry: a non-matching file's gradients are never read
+                kf = int(f["k"]) if "k" in f.files else len(f["basis_g"])
                 if kf >= k and str(f["key"]) == _key(run, kf, names, qx):
                     return f["basis_g"][:k], f["g"]
         except (OSError, ValueError, KeyError):
@@ -104,7 +105,7 @@ def gradients(run, k: int, queries: dict, callback=None) -> tuple[np.ndarray, np
         if callback:
             callback({"run": str(run.path), "done": part})
     path = run.path / ("basis_coverage.npz" if k == 64 else f"basis_coverage_k{k}.npz")
-    atomic.save_npz(path, key=np.array(_key(run, k, names, qx)), basis_g=flat[0], g=flat[1])
+    atomic.save_npz(path, key=np.array(_key(run, k, names, qx)), k=np.array(k), basis_g=flat[0], g=flat[1])
     return flat[0], flat[1]
 
 
