@@ -17,11 +17,14 @@ States are needed in reverse order; two schemes recompute them:
 - "kary": needs only s_0. The range is cut into k parts, replayed keeping the k part starts,
   and each part is reversed recursively. Memory O(k log_k T) states, cost about
   log_k T extra passes of training: for long runs whose stored states would not fit.
-Replay is bit-exact (training is deterministic given the state), so the schemes linearize
-at the same states. One exception, in the last bits: "segment" with several queries takes a
-segment's states from the torch.func step, whose gradient rounds differently from training's
-(relative differences ~1e-7 in float32), so it agrees with "sqrt" to float precision, not
-bit for bit.
+Replay is bit-exact (training is deterministic given the state), so "sqrt" and "kary"
+linearize at training's own states. "segment" takes each next state from the step it built for
+differentiation (autograd with create_graph for one query, the torch.func step for several),
+whose gradient rounds differently from training's (relative differences ~1e-7 in float32), so
+it agrees with "sqrt" to float precision (1e-6 relative in tests/test_metagrad.py), not bit for
+bit, even for one query. That is why nothing uses it by default, although it is faster: for one
+query on the `cpu` default 265 s against 335 s, holding 7.1 GB of graphs
+(results/bench_metagrad_cpu.txt).
 
 Resume: with `resume=PATH` (schemes "sqrt" and "segment"), the sweep's state (the Q adjoints
 and the partial (Q, n) result, a few MB) is written atomically to PATH after every stored
