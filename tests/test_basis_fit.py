@@ -30,3 +30,19 @@ def test_leave_one_out_exact_when_spanned_and_not_otherwise():
     apart = rng.standard_normal((12, 500))      # 12 random directions in 500: the other 11 span ~2% of one
     loo = basis_fit.leave_one_out(apart @ apart.T, jt @ apart.T, rel=1e-12)
     assert np.abs(loo).mean() < 0.3             # expected correlation about sqrt(11 / 500) = 0.15
+
+
+def test_ceiling_recovers_a_spanned_answer_and_no_fit_comes_closer():
+    rng = np.random.default_rng(2)
+    jt = rng.standard_normal((300, 40))         # J^T (n, P)
+    g_basis = rng.standard_normal((8, 40))
+    a = jt @ g_basis.T                          # the basis's exact attributions (n, K)
+    spanned = rng.standard_normal((2, 8)) @ g_basis  # queries inside the basis's span
+    np.testing.assert_allclose(basis_fit.ceiling(a, spanned @ jt.T), spanned @ jt.T, rtol=1e-9, atol=1e-9)
+    g = rng.standard_normal((3, 40))            # queries outside it
+    exact = g @ jt.T
+    best = basis_fit.ceiling(a, exact)
+    for rel in (1e-8, basis.RIDGE_REL, 1.0):
+        ridge = basis_fit.fit(g_basis @ g_basis.T, g @ g_basis.T, rel) @ a.T
+        assert (np.linalg.norm(best - exact, axis=1) <= np.linalg.norm(ridge - exact, axis=1) + 1e-9).all()
+    assert (np.linalg.norm(best - exact, axis=1) > 0.1 * np.linalg.norm(exact, axis=1)).all()  # not spanned: not exact
