@@ -175,6 +175,8 @@ SECTIONS = [
      "python benchmarks/grid_error.py --run runs/cpu --out results/grid_error_cpu.txt"),
     ("The cost of MAGIC against training", "results/bench_metagrad.txt", None, [],
      "python benchmarks/bench_metagrad.py --preset small --steps 100 --queries 8 --out results/bench_metagrad.txt"),
+    ("The `cpu` default: one query's metagradient, stored states against a segment's graphs kept", "results/bench_metagrad_cpu.txt", None, [],
+     "python benchmarks/bench_metagrad.py --preset cpu --stages segment1,sqrt1 --out results/bench_metagrad_cpu.txt"),
     ("Where a metagradient step's time goes", "results/bench_pullback.txt", None, [],
      "python benchmarks/bench_pullback.py --out results/bench_pullback.txt"),
     ("The same on `cpu`, one thread (a replay chunk's setting)", "results/bench_pullback_cpu.txt", None, [],
