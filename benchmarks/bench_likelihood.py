@@ -1,6 +1,6 @@
 """Time of exact bits/dim per image, against the alternatives, as ratios measured in one process.
 
-    python benchmarks/bench_likelihood.py [--run RUN] [--batch 8] [--device cpu|cuda]
+    python benchmarks/bench_likelihood.py [--run RUN | --preset cpu] [--batch 8] [--device cpu|cuda]
 
 - exact, batched: engine.likelihood.bits_per_dim on a batch (the product's path: batched basis
   tangents through ScoreNet.jacobian_diagonal, checkpointed chunks);
@@ -69,11 +69,16 @@ class WholeImageTangents(torch.nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", help="a run directory (default: the cpu preset's architecture, untrained)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--run", help="a run directory (default: the --preset's architecture, untrained)")
+    which.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                       help="without --run: whose network, untrained (the cost does not depend on the weights)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
+    if a.batch < 1:
+        sys.exit("error: --batch must be at least 1")
     from engine import provenance
     provenance.start()  # the code that runs is the checkout now, not when the table is written
     if a.run:
@@ -81,7 +86,7 @@ def main() -> None:
         run = load_run(a.run)
         model, preset = run.model(a.device), run.preset
     else:
-        preset = PRESETS["cpu"]
+        preset = PRESETS[a.preset]
         model = make_model(preset, 0).to(a.device).eval()
     dev = a.device
     name = (torch.cuda.get_device_name() if dev.startswith("cuda")
