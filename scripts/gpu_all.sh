@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything GPU-related in one call, for a GPU machine held for a few minutes:
+# Everything GPU-related in one call:
 #   scripts/gpu_all.sh OUTDIR [--dry-run]
 # writes, each part under its own time limit (GPU_ALL_LIMIT seconds, 240) and a failed part not
 # stopping the next:
