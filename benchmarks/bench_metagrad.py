@@ -11,7 +11,10 @@ image). The query functionals are random directions in parameter space: the swee
 not depend on them.
 
 Memory: the peak resident set (CPU) or peak allocated GPU memory of each stage above what the
-process held when the stage began, sampled every 2 ms from /proc/self/statm.
+process held when the stage began, sampled every 2 ms from /proc/self/statm. Each metagradient
+and BPD stage runs in a fresh process of its own (spawned; it loads the run and makes the same
+queries), so that no stage reuses memory an earlier one left with the allocator and reads as
+needing none.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import atomic, data, training as train  # noqa: E402
+from engine import data, provenance, training as train  # noqa: E402
 from engine import device as devices  # noqa: E402
 from engine.bpd import run_bpd  # noqa: E402
 from engine.metagrad import metagradient  # noqa: E402
@@ -76,6 +79,32 @@ class Peak:
         self.mb = (self.peak - self.base) / 2**20
 
 
+class Timed:
+    """A stage's seconds and peak extra MB, as measured in its own process."""
+
+    def __init__(self, seconds: float, mb: float):
+        self.seconds, self.mb = seconds, mb
+
+
+def _stage(run_dir: str, name: str, queries: int, cuda: bool) -> tuple[float, float]:
+    """One stage in this (fresh) process: (seconds, peak extra MB). The queries are random
+    directions in parameter space (seed 0), the same in every process."""
+    run = load_run(Path(run_dir))
+    devices.setup(run.preset)
+    images, _ = data.load_train(run.preset.n_train, run.preset.source)
+    g = torch.Generator().manual_seed(0)
+    final = run.load_final().model_params
+    qs = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in final.items()} for _ in range(queries)]
+    kw = {"sqrt1": ({}, qs[:1]), "segment1": ({"scheme": "segment"}, qs[:1]), "sqrtQ": ({}, qs),
+          "segmentQ": ({"scheme": "segment"}, qs), "kary": ({"scheme": "kary", "k": 4}, qs[:1])}
+    with Peak(cuda) as m:
+        if name == "bpd":
+            run_bpd(run, data.load_test()[0][:1], grad=True)
+        else:
+            metagradient(run, images, kw[name][1], **kw[name][0])
+    return m.seconds, m.mb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -88,6 +117,11 @@ def main() -> None:
                     help="comma-separated subset of sqrt1,segment1,sqrtQ,segmentQ,kary,bpd (training always runs)")
     a = ap.parse_args()
     stages = set(a.stages.split(","))
+    known = {"sqrt1", "segment1", "sqrtQ", "segmentQ", "kary", "bpd"}
+    if not stages <= known or a.queries < 1 or (a.steps is not None and a.steps < 2):
+        sys.exit(f"error: --stages takes a comma-separated subset of {','.join(sorted(known))}; --queries must be >= 1 "
+                 "and --steps >= 2")
+    provenance.start()
     preset = get_preset(a.preset)
     if a.device:
         preset = dataclasses.replace(preset, device=a.device)
@@ -100,27 +134,20 @@ def main() -> None:
         with Peak(cuda) as m:
             train.train(preset, seed=0, out=Path(tmp) / "run", images=images)
         rows.append(("training (baseline)", m))
-        run = load_run(Path(tmp) / "run")
-        g = torch.Generator().manual_seed(0)
-        final = run.load_final().model_params
-        qs = [{n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in final.items()} for _ in range(a.queries)]
-        # segment1 first: RSS peaks miss memory the allocator kept from an earlier stage
-        for name, label, kw, q in (
-                ("segment1", "metagradient, 1 query, segment graphs kept", {"scheme": "segment"}, qs[:1]),
-                ("sqrt1", "metagradient, 1 query", {}, qs[:1]),
-                ("sqrtQ", f"metagradient, {a.queries} batched queries", {}, qs),
-                ("segmentQ", f"metagradient, {a.queries} queries, segment graphs kept", {"scheme": "segment"}, qs),
-                ("kary", "metagradient, 1 query, k-ary (k=4)", {"scheme": "kary", "k": 4}, qs[:1])):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        for name, label in (
+                ("sqrt1", "metagradient, 1 query"),
+                ("segment1", "metagradient, 1 query, segment graphs kept"),
+                ("sqrtQ", f"metagradient, {a.queries} batched queries"),
+                ("segmentQ", f"metagradient, {a.queries} queries, segment graphs kept"),
+                ("kary", "metagradient, 1 query, k-ary (k=4)"),
+                ("bpd", "exact BPD + its parameter gradient, 1 query")):
             if name not in stages:
                 continue
-            with Peak(cuda) as m:
-                metagradient(run, images, q, **kw)
-            rows.append((label, m))
-        if "bpd" in stages:
-            x = data.load_test()[0][:1]
-            with Peak(cuda) as m:
-                run_bpd(run, x, grad=True)
-            rows.append(("exact BPD + its parameter gradient, 1 query", m))
+            with ctx.Pool(1) as pool:
+                seconds, mb = pool.apply(_stage, (str(Path(tmp) / "run"), name, a.queries, cuda))
+            rows.append((label, Timed(seconds, mb)))
     dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     base = rows[0][1].seconds
     one = next((m.seconds for label, m in rows if label == "metagradient, 1 query"), rows[1][1].seconds)
@@ -129,7 +156,9 @@ def main() -> None:
              f"{'stage':48s} {'seconds':>9s} {'/ train':>8s} {'/ 1 query':>9s} {'peak MB':>8s}"]
     for label, m in rows:
         lines.append(f"{label:48s} {m.seconds:9.2f} {m.seconds / base:8.2f} {m.seconds / one:9.2f} {m.mb:8.1f}")
-    atomic.print_report(lines, a.out)
+    print("\n".join(lines))
+    if a.out:
+        provenance.save_table(lines, a.out)
 
 
 if __name__ == "__main__":
