@@ -23,7 +23,7 @@ differentiation (autograd with create_graph for one query, the torch.func step f
 whose gradient rounds differently from training's (relative differences ~1e-7 in float32), so
 it agrees with "sqrt" to float precision (1e-6 relative in tests/test_metagrad.py), not bit for
 bit, even for one query. That is why nothing uses it by default, although it is faster: for one
-query on the `cpu` default 275.6 s against 344.7 s, holding 7.1 GB of graphs
+query on the `cpu` default 271.4 s against 340.3 s, 7.1 GB at peak against 0.4 GB
 (results/bench_metagrad_cpu.txt).
 
 Resume: with `resume=PATH` (schemes "sqrt" and "segment"), the sweep's state (the Q adjoints
