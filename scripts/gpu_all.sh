@@ -13,7 +13,7 @@
 # (tests/test_gpu_check.py), so that the GPU call is not the script's first run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [ "${1#-}" != "$1" ]; then
   echo "error: usage: scripts/gpu_all.sh OUTDIR [--dry-run]" >&2
   exit 2
 fi

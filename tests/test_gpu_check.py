@@ -42,7 +42,7 @@ def test_gpu_all_dry_run_writes_every_part_and_says_how_each_ended(tmp_path):
                          ("bench_likelihood_gpu.txt", "bench_likelihood.py")):
         head = (out / name).read_text().splitlines()[0]
         assert head.startswith(f"# python benchmarks/{script} --preset tiny") and "(commit " in head  # command and commit
-    # the chunk sizes and methods give the same likelihood: the timings compare like with like
+    # every chunk size gives the same likelihood: the timings compare like with like
     assert "0.00e+00" in (out / "bench_tangent_batch_gpu.txt").read_text().splitlines()[3]
     # a part that fails is said, and the others still run: here the time limit is too short for any
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_all.sh"), str(tmp_path / "slow"), "--dry-run"],
@@ -50,6 +50,6 @@ def test_gpu_all_dry_run_writes_every_part_and_says_how_each_ended(tmp_path):
     assert r.returncode == 1
     log = (tmp_path / "slow" / "log.txt").read_text().splitlines()
     assert len(log) == 3 and all("exit 124 (over the time limit)" in line for line in log)
-    for bad in ([], ["--dry-run"], [str(tmp_path / "x"), "--fast"]):
+    for bad in ([], ["--dry-run"], [str(tmp_path / "x"), "--fast"], [str(tmp_path / "x"), "--dry-run", "extra"]):
         r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_all.sh"), *bad], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
