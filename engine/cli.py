@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     at = sub.add_parser("attribute", help="MAGIC scores d BPD / d w_i for every training image")
     at.add_argument("--run", required=True)
-    at.add_argument("inputs", nargs="+", metavar="INPUT")
+    at.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, .npy (28x28 in [0,1]) or test:I")
     at.add_argument("--out", required=True, help="SCORES.npz with grad_w (Q, n) and bpd (Q,)")
     at.add_argument("--top", type=int, default=0, help="also list the K strongest proponents and opponents")
     at.add_argument("--scheme", choices=["sqrt", "segment", "kary"], default="sqrt",
-                    help="how training states are recomputed: stored sqrt(T) checkpoints (segment: also keep a segment's step graphs, one pass of training less, more memory), or k-ary recursion from step 0")
+                    help="how training states are recomputed: stored sqrt(T) checkpoints; segment: the same, keeping a segment's "
+                         "step graphs (one pass of training less: 0.80x the time of one query on the cpu default, for 7 GB; "
+                         "equal to sqrt to ~1e-6, not bit for bit); or k-ary recursion from step 0")
     at.add_argument("--k", type=int, default=4, help="parts per level of the k-ary scheme")
     at.add_argument("--replay", action="store_true",
                     help="replay training even if the run has a precomputed representation (python -m engine precompute)")
@@ -66,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="precompute the run's metagradient replay once for every later query")
     pc.add_argument("--run", required=True)
-    pc.add_argument("--method", choices=["exact", "lowrank", "basis"], default="lowrank",
-                    help="exact: J itself, one forward tangent per training image; lowrank: a rank-K range finder; "
-                         "basis: the replayed BPD gradients of K fixed images, a query fitted in them")
-    pc.add_argument("--rank", type=int, default=32, help="lowrank, basis: K, the number of directions or images")
+    pc.add_argument("--method", choices=["basis", "exact", "lowrank"], default="basis",
+                    help="basis (default, what the app ships): the replayed BPD gradients of K fixed images, a query "
+                         "fitted in them; exact: J itself, one forward tangent per training image; lowrank: a rank-K "
+                         "range finder (far less faithful than a basis of the same K, results/precompute/fidelity.md)")
+    pc.add_argument("--rank", type=int, default=64, help="lowrank, basis: K, the number of directions or images")
     pc.add_argument("--init", choices=["random", "queries"], default="random",
                     help="lowrank: Gaussian directions, or the MAGIC attributions of fixed test digits")
     pc.add_argument("--chunk", type=int, default=8, help="directions per job (one resumable chunk each)")

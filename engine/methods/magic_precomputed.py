@@ -14,7 +14,7 @@ class MagicPrecomputed(Method):
 
     def prepare(self, run, callback=None) -> None:
         """Installs the repository's shipped representation of the run's config (the default's), as
-        the app does, then builds the default one (rank 32) if the run still has none."""
+        the app does, then builds the default one (a query basis of 64 images) if the run still has none."""
         from engine.precompute import build, representation, shipped
         shipped.install(run)  # else `compare` on a fresh runs/cpu would replay hours for what ships
         if representation.default(run) is None:

@@ -117,7 +117,7 @@ def _run_chunks(executor, job, parts: Path, prefix: str, blocks: list[np.ndarray
     return out
 
 
-def precompute(run: Run, *, method: str = "lowrank", rank: int = 32, init: str = "random", chunk: int = 8,
+def precompute(run: Run, *, method: str = "basis", rank: int = 64, init: str = "random", chunk: int = 8,
                executor=None, callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Make (or finish) the run's representation; returns its info (name, rank, seconds of
     compute summed over chunks, multiple of training time, bytes on disk).
