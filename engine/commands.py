@@ -97,8 +97,10 @@ def cmd_sample(a) -> dict:
     run = load_run(a.run)
     if not 1 <= a.n <= 1024:
         raise UserError("--n must be between 1 and 1024")
+    if a.steps is not None and a.steps < 1:
+        raise UserError("--steps must be at least 1")
     model = run.model()
-    steps = a.steps or (500 if a.method == "sde" else 32)
+    steps = a.steps or (32 if a.method == "ode" else 500)
     bar, cb = _progress(steps * (4 if a.method == "ode" else 1), "sample", a.json)
     x = sample(model, (a.n, 1, 28, 28), method=a.method, n_steps=steps, seed=a.seed,
                sigma=run.preset.sigma, eps=run.preset.t_eps, callback=cb)

@@ -115,6 +115,7 @@ def _bad_cases(tmp_path: Path, tiny_run: Path) -> dict:
         "corrupt config": ["bpd", "--run", str(tmp_path / "corrupt_run"), "test:0"],
         "corrupt checkpoint": ["bpd", "--run", str(broken), "test:0"],
         "sample from missing run": ["sample", "--run", str(tmp_path / "no_run"), "--out", str(tmp_path / "s.png")],
+        "sample with no steps": ["sample", "--run", r, "--out", str(tmp_path / "s.png"), "--steps", "-3"],
         "bad preset": ["train", "--preset", "huge", "--out", str(tmp_path / "new")],
         "bad weights": ["train", "--preset", "tiny", "--out", str(tmp_path / "new"), "--weights", str(tmp_path / "nan.npy")],
         "unknown flag": ["bpd", "--run", r, "--frobnicate"],
