@@ -146,6 +146,12 @@ def cmd_attribute(a) -> dict:
     x = load_inputs(a.inputs)
     if not a.out.endswith(".npz"):
         raise UserError("--out must end in .npz")
+    if a.top < 0:
+        raise UserError("--top must be 0 or more")
+    if a.scheme == "kary" and a.k < 2:
+        raise UserError("--k must be at least 2 for the k-ary scheme")
+    if a.chunk < 1:
+        raise UserError("--chunk must be at least 1")
     _check_executor_args(a)
     from engine.precompute import representation
     if (a.executor == "local" and a.jobs == 1) or (not a.replay and representation.default(run) is not None):
