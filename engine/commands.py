@@ -33,6 +33,8 @@ def cmd_train(a) -> dict:
     from engine import training as train
     from engine.presets import get_preset
     preset = get_preset(a.preset)
+    if a.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {a.seed}")
     images, _ = data.load_train(preset.n_train, preset.source)
     n = images.shape[0]
     weights = None
@@ -99,6 +101,8 @@ def cmd_sample(a) -> dict:
         raise UserError("--n must be between 1 and 1024")
     if a.steps is not None and a.steps < 1:
         raise UserError("--steps must be at least 1")
+    if Path(a.out).suffix.lower() not in (".png", ".npy"):
+        raise UserError(f"--out must end in .png (a grid) or .npy (the array), got {a.out}")
     model = run.model()
     steps = a.steps or (32 if a.method == "ode" else 500)
     bar, cb = _progress(steps * (4 if a.method == "ode" else 1), "sample", a.json)

@@ -62,6 +62,14 @@ def _setup(a):
     """What lds and compare share: (run, queries, method names, executor, callback, close)."""
     from engine.executor import make_executor
     from engine.store import load_run
+    # checked before anything is computed or written
+    for flag, value in (("--drop-sets", a.drop_sets), ("--subsets", getattr(a, "subsets", None))):
+        if value is not None and value < 2:
+            raise UserError(f"{flag} must be at least 2 (LDS ranks the predictions across them), got {value}")
+    if a.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {a.seeds}")
+    if a.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {a.seed}")
     run = load_run(a.run)
     queries = _lds_queries(a)
     methods = _methods(a.method)
