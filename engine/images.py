@@ -222,7 +222,7 @@ def load_input(spec: str) -> torch.Tensor:
         return _to_tensor(images[i: i + 1])[0]
     path = Path(spec)
     if not path.is_file():
-        raise UserError(f"{spec}: no such file")
+        raise UserError(f"{spec}: {'a folder, not an image file' if path.is_dir() else 'no such file'}")
     data = path.read_bytes()
     if path.suffix.lower() == ".npy":
         return load_npy(data, spec)

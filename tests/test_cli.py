@@ -111,6 +111,7 @@ def _bad_cases(tmp_path: Path, tiny_run: Path) -> dict:
         "black canvas": ["bpd", "--run", r, str(tmp_path / "black.png")],
         "nan array": ["bpd", "--run", r, str(tmp_path / "nan.npy")],
         "missing input": ["bpd", "--run", r, str(tmp_path / "nope.png")],
+        "a folder as input": ["bpd", "--run", r, str(tmp_path)],
         "missing run": ["bpd", "--run", str(tmp_path / "no_run"), "test:0"],
         "corrupt config": ["bpd", "--run", str(tmp_path / "corrupt_run"), "test:0"],
         "corrupt checkpoint": ["bpd", "--run", str(broken), "test:0"],

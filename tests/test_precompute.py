@@ -165,7 +165,8 @@ def test_foreign_stale_or_damaged_representations_are_refused(run, tmp_path, cap
     with pytest.raises(UserError, match="corrupt"):
         R.load(other, "exact")
     # bad arguments
-    for kw in ({"method": "nope"}, {"method": "lowrank", "rank": 0}, {"method": "lowrank", "rank": 10**6}):
+    for kw in ({"method": "nope"}, {"method": "lowrank", "rank": 0}, {"method": "lowrank", "rank": 10**6},
+               {"method": "basis", "rank": 2, "init": "queries"}):
         with pytest.raises(UserError):
             build.precompute(run, **kw)
 

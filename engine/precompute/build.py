@@ -127,6 +127,8 @@ def precompute(run: Run, *, method: str = "basis", rank: int = 64, init: str = "
         raise UserError(f"unknown precompute method {method!r}; choose one of {', '.join(METHODS)}")
     if init not in INITS:
         raise UserError(f"--init must be one of {', '.join(INITS)}")
+    if init != "random" and method != "lowrank":
+        raise UserError(f"--init is for --method lowrank (a {method} representation has no random directions to replace)")
     n = run.preset.n_train
     if method == "basis" and rank < 1:
         raise UserError("--rank must be at least 1")
