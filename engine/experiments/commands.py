@@ -109,6 +109,8 @@ def cmd_figure4(a) -> dict:
     from engine.experiments import figure4
     from engine.store import load_run
     run = load_run(a.run)
+    if not 1 <= a.k <= run.preset.n_train:
+        raise UserError(f"--k must be between 1 and {run.preset.n_train} (the training images), got {a.k}")
     try:
         with np.load(a.scores, allow_pickle=False) as f:
             grad_w = f["grad_w"] if "grad_w" in f.files else f["scores"]

@@ -14,6 +14,7 @@ an interrupted report resumes where it stopped.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,6 +74,10 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
     from engine.errors import UserError
     if n < 1 or k_avg < 2:
         raise UserError("figure2 needs --n >= 1 and --k-avg >= 2")
+    if seed < 0:
+        raise UserError(f"figure2 --seed must be 0 or more, got {seed}")
+    if not math.isfinite(angle):
+        raise UserError(f"figure2 --angle must be a finite number of degrees, got {angle}")
     if images not in IMAGES:
         raise UserError(f"figure2 --images is test or train, not {images!r}")
     inputs = figure2_inputs(n, angle, k_avg, seed, pool=training_pool(run) if images == "train" else None)
