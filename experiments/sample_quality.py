@@ -103,6 +103,12 @@ def main() -> None:
     ap.add_argument("--samplers", default="sde", help="comma-separated: sde, pc, ode")
     ap.add_argument("--out", default="results/sample_quality")
     a = ap.parse_args()
+    samplers = a.samplers.split(",")
+    # checked before the classifiers are trained or anything is written
+    if not set(samplers) <= {"sde", "pc", "ode"}:
+        sys.exit("error: --samplers takes sde, pc and ode")
+    if not 1 <= a.n <= 1024 or a.steps < 1 or a.seed < 0:
+        sys.exit("error: --n must be between 1 and 1024, --steps at least 1 and --seed 0 or more")
     provenance.start()
     try:
         runs = [load_run(r) for r in a.run]
@@ -132,9 +138,6 @@ def main() -> None:
                        "per_kind": {k: float(ok[kinds.numpy() == i].mean()) for i, k in enumerate(sq.OUTLIER_KINDS)}}
         print(f"{len(kinds)} non-digits: {r['share']:.1%} confident to the {name} classifier; per class {r['histogram']}",
               flush=True)
-    samplers = a.samplers.split(",")
-    if not set(samplers) <= {"sde", "pc", "ode"}:
-        sys.exit("error: --samplers takes sde, pc and ode")
     rows = []
     # grids are named by preset (cpu_sde.png), with the run's digest when two runs share one
     shared = len({r.preset.name for r in runs}) < len(runs)
