@@ -90,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_script
+    run_script(main)

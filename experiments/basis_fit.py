@@ -261,4 +261,5 @@ def _plot(r: dict) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_script
+    run_script(main)

@@ -221,6 +221,11 @@ def main() -> None:
     from engine.errors import UserError
     if a.n_test < 8:
         raise SystemExit("error: --n-test must be at least 8 (the LDS is measured on the bank's 8 test queries)")
+    try:
+        if min(int(k) for k in a.ranks.split(",")) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"error: --ranks takes comma-separated positive integers, got {a.ranks!r}") from None
     provenance.start()
     try:
         run = load_run(a.run)
@@ -376,4 +381,5 @@ def _plot(r: dict) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.errors import run_script
+    run_script(main)

@@ -96,12 +96,23 @@ def available(run: Run) -> list[str]:
     return sorted(p.stem for p in folder(run).glob("*.npz"))
 
 
+def _flags(name: str) -> str:
+    """The precompute options that make the representation `name` (basis64, lowrank32-queries, exact)."""
+    import re
+    m = re.fullmatch(r"(basis|lowrank)(\d+)(-queries)?", name)
+    if name == "exact":
+        return " --method exact"
+    if m is None:
+        return ""
+    return f" --method {m[1]} --rank {m[2]}" + (" --init queries" if m[3] else "")
+
+
 def load(run: Run, name: str) -> Representation:
     """The representation `name` of `run`, verified against the run; else a one-line UserError."""
     path = folder(run) / f"{name}.npz"
     if not path.is_file():
         raise UserError(f"run {run.path} has no precomputed representation {name!r} "
-                        f"(make it with: python -m engine precompute --run {run.path})")
+                        f"(make it with: python -m engine precompute --run {run.path}{_flags(name)})")
     try:
         with np.load(path, allow_pickle=False) as f:
             d = {k: f[k] for k in f.files}
