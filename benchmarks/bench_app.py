@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table here, with the command and commit that made it")
     a = ap.parse_args()
     from engine import provenance
+    from engine.errors import UserError
+    from engine.store import load_run
+    load_run(a.run)  # a missing or broken run: one line here, not the app training one under the benchmark
+    if not 0 <= a.index < 10000:
+        raise UserError(f"--index must be a test digit, 0..9999, got {a.index}")
     provenance.start()  # the code that runs is the checkout now, not when the table is written
     tmp = tempfile.mkdtemp()
     os.environ.update({"APP_RUN": a.run, "APP_CACHE": tmp, "APP_PRECOMPUTE": "0"})

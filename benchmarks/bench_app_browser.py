@@ -154,6 +154,15 @@ def main() -> None:
     from PIL import Image
     from playwright.sync_api import sync_playwright
     from engine import data, images, provenance
+    from engine.errors import UserError
+    from engine.presets import get_preset
+    from engine.store import load_run
+    # checked before a browser or server starts: one line for an unknown preset or a missing run
+    get_preset(a.preset)
+    if a.run:
+        load_run(a.run)
+    if min(a.strokes, a.uploads, a.picks) < 0:
+        raise UserError("--strokes, --uploads and --picks must be 0 or more")
     provenance.start()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     tmp = Path(tempfile.mkdtemp())

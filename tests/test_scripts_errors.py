@@ -26,6 +26,8 @@ def run(tmp_path_factory):
     # a representation the run lacks, with the options that make that one
     ("experiments/basis_fit.py", ["--run", "RUN", "--rep", "basis3"], "precompute --run RUN --method basis --rank 3)"),
     ("benchmarks/bench_metagrad.py", ["--stages", "nope"], "--stages"),
+    # a missing run: refused before the app starts (it would train one under the benchmark)
+    ("benchmarks/bench_app.py", ["--run", "/nonexistent/run"], "does not exist"),
 ])
 def test_a_script_s_bad_input_is_one_line(script, args, says, run, tmp_path):
     out = tmp_path / "out"
