@@ -98,7 +98,6 @@ def available(run: Run) -> list[str]:
 
 def _flags(name: str) -> str:
     """The precompute options that make the representation `name` (basis64, lowrank32-queries, exact)."""
-    import re
     m = re.fullmatch(r"(basis|lowrank)(\d+)(-queries)?", name)
     if name == "exact":
         return " --method exact"
