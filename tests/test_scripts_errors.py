@@ -21,19 +21,21 @@ def run(tmp_path_factory):
 
 @pytest.mark.parametrize("script, args, says", [
     ("experiments/grid_smoothness.py", ["--drop-sets", "0"], "--drop-sets"),  # a UserError raised inside main
-    ("experiments/precompute_fidelity.py", ["--ranks", "a,b"], "--ranks"),   # was an int() traceback later on
+    ("experiments/precompute_fidelity.py", ["--ranks", "a,b", "--bank", "TMP/bank"], "--ranks"),  # was an int() traceback later on
     ("experiments/sample_quality.py", ["--run", "RUN", "--n", "0"], "--n"),  # was a torch.cat traceback
     # a representation the run lacks, with the options that make that one
-    ("experiments/basis_fit.py", ["--run", "RUN", "--rep", "basis3"], "precompute --run RUN --method basis --rank 3)"),
+    ("experiments/basis_fit.py", ["--run", "RUN", "--rep", "basis3", "--bank", "TMP/bank"],
+     "precompute --run RUN --method basis --rank 3)"),
     ("benchmarks/bench_metagrad.py", ["--stages", "nope"], "--stages"),
     # a missing run: refused before the app starts (it would train one under the benchmark)
     ("benchmarks/bench_app.py", ["--run", "/nonexistent/run"], "does not exist"),
 ])
 def test_a_script_s_bad_input_is_one_line(script, args, says, run, tmp_path):
     out = tmp_path / "out"
-    argv = [str(run) if x == "RUN" else x for x in args] + ["--out", str(out)]
+    # every path a script could write to lies under tmp_path (a script's default bank is in results/)
+    argv = [str(run) if x == "RUN" else x.replace("TMP", str(tmp_path)) for x in args] + ["--out", str(out)]
     r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-1500:]
     assert says.replace("RUN", str(run)) in r.stderr
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "bank").exists()
