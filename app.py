@@ -18,6 +18,10 @@ page = st.navigation([
     st.Page("views/galleries.py", title="Galleries"),
     st.Page("views/verify.py", title="Verify"),
 ])
+problem = service.settings_problem()
+if problem:  # a mistyped environment variable: one line, before anything starts on the wrong setting
+    st.error(f"The app cannot start: {problem}. Fix it in the environment and restart.")
+    st.stop()
 service.warm_workers()
 retired = service.retire_outdated()  # an older version's default model: set aside, trained anew
 if retired:

@@ -447,3 +447,19 @@ def test_an_earlier_version_s_default_run_is_set_aside_and_a_user_s_own_is_not(t
     said = retire()
     assert said is not None and f"(steps {tiny.steps - 4}, now {tiny.steps})" in said and f"run.{old[:8]}" in said
     assert not out.exists() and load_run(tmp_path / f"run.{old[:8]}").digest == old
+
+
+@pytest.mark.parametrize("name, value", [("APP_GALLERY_QUERIES", "abc"), ("APP_WORKERS", "-1"),
+                                         ("APP_CACHE_GB", "nan"), ("APP_PRECOMPUTE_METHOD", "exact")])
+def test_a_mistyped_setting_is_one_line_and_nothing_starts(app_run, name, value, monkeypatch):
+    from webapp import service
+    started = []
+    monkeypatch.setattr(service, "warm_workers", lambda: started.append("workers"))
+    monkeypatch.setenv(name, value)
+    at = _new()
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and name in at.error[0].value and value in at.error[0].value
+    assert started == [] and not at.markdown  # stopped before the workers, the model and the page
+    monkeypatch.delenv(name)
+    assert service.settings_problem() is None  # the suite's own settings are sound

@@ -14,25 +14,22 @@ it has left.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import Optional
 
 from cache import make_key
 from engine.store import Run
-from webapp.service import Callback, jobs, precomputed
-
-DEFAULT_RANK = 64
+from webapp.service import Callback, jobs, precomputed, setting
 
 
 def rank() -> int:
-    return int(os.environ.get("APP_PRECOMPUTE_RANK", str(DEFAULT_RANK)))
+    """APP_PRECOMPUTE_RANK: the images (or directions) of the representation the app makes (64; 0: none)."""
+    return setting("APP_PRECOMPUTE_RANK")
 
 
 def method() -> str:
     """APP_PRECOMPUTE_METHOD: "basis" (a query basis of K images, the default) or "lowrank"."""
-    m = os.environ.get("APP_PRECOMPUTE_METHOD", "basis")
-    return m if m in ("basis", "lowrank") else "basis"
+    return setting("APP_PRECOMPUTE_METHOD")
 
 
 def _state(run: Run) -> list:

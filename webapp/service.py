@@ -32,6 +32,43 @@ from webapp.jobs import Jobs
 Callback = Callable[[dict], None]
 
 
+# the app's numeric settings: name -> (default, type, least value)
+NUMBERS = {"APP_CACHE_GB": (2.0, float, 0.01), "APP_WORKERS": (1, int, 0), "APP_GALLERY_QUERIES": (64, int, 1),
+           "APP_CHUNK": (2, int, 1), "APP_PRECOMPUTE_RANK": (64, int, 0)}
+CHOICES = {"APP_PRECOMPUTE_METHOD": ("basis", "lowrank"), "APP_EXECUTOR": ("local", "ray")}
+
+
+def setting(name: str):
+    """A setting from the environment (read when asked, so a test or a restart can change it), or
+    its default; a value that is not a number of the right kind and size, or not one of the
+    choices, raises a one-line UserError naming it, rather than a traceback on the page."""
+    raw = os.environ.get(name, "").strip()
+    if name in CHOICES:
+        if raw and raw not in CHOICES[name]:
+            raise UserError(f"the setting {name}={raw!r} must be {' or '.join(CHOICES[name])}")
+        return raw or CHOICES[name][0]
+    default, kind, least = NUMBERS[name]
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise UserError(f"the setting {name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not value >= least:  # also refuses nan
+        raise UserError(f"the setting {name}={raw} must be at least {least:g}")
+    return value
+
+
+def settings_problem() -> Optional[str]:
+    """The first bad setting of the app's environment, as one line; None when all are fine."""
+    try:
+        for name in (*NUMBERS, *CHOICES):
+            setting(name)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def run_dir() -> Path:
     return Path(os.environ.get("APP_RUN", "runs/cpu"))
 
@@ -43,9 +80,8 @@ def preset_name() -> str:
 @functools.lru_cache(maxsize=1)
 def jobs() -> Jobs:
     """One memo and job table per server process (shared by every browser session)."""
-    size = int(float(os.environ.get("APP_CACHE_GB", "2")) * 2**30)
-    return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size),
-                workers=int(os.environ.get("APP_WORKERS", "1")))
+    size = int(setting("APP_CACHE_GB") * 2**30)
+    return Jobs(Memo(Path(os.environ.get("APP_CACHE", "runs/cache")), size_limit=size), workers=setting("APP_WORKERS"))
 
 
 def _import_engine() -> None:
@@ -296,7 +332,7 @@ def replay_job(run: Run, x: torch.Tensor, owner: Optional[str] = None):
 def gallery_queries() -> list[int]:
     """The curated test queries whose attributions are precomputed (APP_GALLERY_QUERIES, read
     when asked, so that a test or a restart can change it)."""
-    return data.query_indices(int(os.environ.get("APP_GALLERY_QUERIES", "64")), seed=0)
+    return data.query_indices(setting("APP_GALLERY_QUERIES"), seed=0)
 
 
 def _galleries(run: Run, q: list[int], replay: bool, cb: Callback) -> dict:
@@ -315,14 +351,14 @@ def galleries_computed(run: Run, q: list[int], replay: bool, cb: Callback) -> di
         # progress in digits done (each is one BPD with its gradient), not ODE steps of the current one
         gw, bpd, method = attribute_auto(run, x, callback=lambda i: cb({"stage": "test digits done",
                                                                         "i": i.get("query", 0), "n": len(q)}))
-    elif os.environ.get("APP_EXECUTOR", "local") == "local":
+    elif setting("APP_EXECUTOR") == "local":
         gw, bpd = attribute(run, x, callback=cb)  # one batched sweep in this worker
         method = "replay"
     else:  # chunks of queries as jobs on a cluster; finished chunks survive a restart
         from engine.executor import make_executor
-        ex = make_executor(os.environ["APP_EXECUTOR"], address=os.environ.get("APP_RAY_ADDRESS"))
+        ex = make_executor(setting("APP_EXECUTOR"), address=os.environ.get("APP_RAY_ADDRESS"))
         parts = Path(os.environ.get("APP_CACHE", "runs/cache")) / "parts" / run.digest[:16]
-        gw, bpd = attribute_many(run, x, parts, ex, chunk=int(os.environ.get("APP_CHUNK", "2")), callback=cb)
+        gw, bpd = attribute_many(run, x, parts, ex, chunk=setting("APP_CHUNK"), callback=cb)
         method = "replay"
     return {"grad_w": gw, "bpd": bpd, "queries": q, "method": method}
 
