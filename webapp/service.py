@@ -5,7 +5,8 @@ train there if it is missing, default cpu), APP_CACHE (memo folder, default runs
 APP_CACHE_GB (memo size limit, default 2), APP_SHIPPED (the shipped representations, default shipped/), APP_GALLERY_QUERIES (curated test queries whose
 attributions are precomputed, default 64), APP_WORKERS (worker processes per lane of jobs, default 1:
 one for a page's short jobs, one for long ones, see webapp.jobs; 0 runs them in threads of the server), APP_EXECUTOR (where the gallery precompute runs: local,
-the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task).
+the default, or ray, with APP_RAY_ADDRESS and APP_CHUNK queries per Ray task). The numbers and
+choices among them are read through `setting`, which refuses a mistyped value in one line.
 
 Each job is a module-level function bound with functools.partial to picklable arguments, so
 that it can run in a worker process (see webapp.jobs).
