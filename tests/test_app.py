@@ -450,7 +450,8 @@ def test_an_earlier_version_s_default_run_is_set_aside_and_a_user_s_own_is_not(t
 
 
 @pytest.mark.parametrize("name, value", [("APP_GALLERY_QUERIES", "abc"), ("APP_WORKERS", "-1"),
-                                         ("APP_CACHE_GB", "nan"), ("APP_PRECOMPUTE_METHOD", "exact")])
+                                         ("APP_CACHE_GB", "nan"), ("APP_CACHE_GB", "inf"),
+                                         ("APP_PRECOMPUTE_METHOD", "exact")])
 def test_a_mistyped_setting_is_one_line_and_nothing_starts(app_run, name, value, monkeypatch):
     from webapp import service
     started = []

@@ -55,8 +55,8 @@ def setting(name: str):
         value = kind(raw)
     except ValueError:
         raise UserError(f"the setting {name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not value >= least:  # also refuses nan
-        raise UserError(f"the setting {name}={raw} must be at least {least:g}")
+    if not least <= value < float("inf"):  # also refuses nan and inf
+        raise UserError(f"the setting {name}={raw} must be a finite number, at least {least:g}")
     return value
 
 
