@@ -58,6 +58,20 @@ SECTIONS = [
      "results/figure2_k2/figure2.json", [], "python -m engine figure2 --run runs/cpu --k-avg 2 --out results/figure2_k2"),
     ("Figure 2 with averages of 8 digits", "results/figure2_k8/figure2.md",
      "results/figure2_k8/figure2.json", [], "python -m engine figure2 --run runs/cpu --k-avg 8 --out results/figure2_k8"),
+    ("Figure 2 on the 600-step `cpu` the issue started from (`runs/cpu600`, trained by `python -m engine train --preset cpu "
+     "--out runs/cpu600` at 2f7999d: config digest 168077b8)", "results/figure2_cpu600/figure2.md",
+     "results/figure2_cpu600/figure2.json", ["results/figure2_cpu600/figure2.png"],
+     "python -m engine figure2 --run runs/cpu600 --out results/figure2_cpu600"),
+    *[(f"The default's Figure 2 against the 600-step one's, image by image{t}", f"results/figure2_versus_cpu600{s}/versus.md",
+       f"results/figure2_versus_cpu600{s}/versus.json", [],
+       f"python -m engine figure2 --run runs/cpu600{k} --out results/figure2_cpu600{s} && python experiments/figure2_versus.py "
+       f"--base results/figure2_cpu600{s}/figure2.json --new results/figure2{s}/figure2.json --out results/figure2_versus_cpu600{s}")
+      for s, k, t in (("", "", " (averages of 4, the report's setting)"), ("_k2", " --k-avg 2", ", averages of 2"),
+                      ("_k8", " --k-avg 8", ", averages of 8"))],
+    ("The x10 positional-maps candidate's Figure 2 against the 600-step `cpu`'s, image by image",
+     "results/figure2_versus_cpu600_x10/versus.md", "results/figure2_versus_cpu600_x10/versus.json", [],
+     "python experiments/figure2_versus.py --base results/figure2_cpu600/figure2.json "
+     "--new results/figure2_cpu_positional_x10/figure2.json --out results/figure2_versus_cpu600_x10"),
     ("Uploads: synthetic phone photos of test digits, with the paper evened out and without",
      "results/photo_uploads/photo_uploads.md", "results/photo_uploads/photo_uploads.json", [],
      "python experiments/photo_uploads.py --out results/photo_uploads"),
@@ -136,6 +150,11 @@ SECTIONS = [
      "python -m engine compare --run runs/cpu --out results/lds_cpu_positional_x5 --protocols A "
      "--method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_positional_x5 --jobs 2"),
+    ("The x10 positional-maps candidate (its run as screened): methods against retraining, protocol A",
+     "results/comparison_cpu_positional_x10.md", "results/comparison_cpu_positional_x10.json",
+     ["results/comparison_cpu_positional_x10.png", "results/lds_cpu_positional_x10/reports/magic_A.png"],
+     f"python -m engine compare --run {CANDIDATE}___positional_x10/run --out results/lds_cpu_positional_x10 --protocols A "
+     "--method magic,trak,dtrak,ltrak,pixel,feature,random --report results/comparison_cpu_positional_x10 --jobs 2"),
     ("The `cpu` default: Figure 2 on its run as screened (`make report`'s is the Figure 2 section above)", "results/figure2_cpu_positional_x5/figure2.md",
      "results/figure2_cpu_positional_x5/figure2.json", ["results/figure2_cpu_positional_x5/figure2.png"],
      f"python -m engine figure2 --run {X5} --out results/figure2_cpu_positional_x5"),
