@@ -83,6 +83,9 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 2 --out results/figure2_k2
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 8 --out results/figure2_k8
+	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600/figure2.json --new results/figure2/figure2.json --out results/figure2_versus_cpu600
+	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600_k2/figure2.json --new results/figure2_k2/figure2.json --out results/figure2_versus_cpu600_k2
+	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600_k8/figure2.json --new results/figure2_k8/figure2.json --out results/figure2_versus_cpu600_k8
 	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --lds-images --jobs 2 --out results/precompute_cpu
 	$(BIN)/python experiments/basis_fit.py --run $(RUN) --out results/basis_fit_cpu
 	$(BIN)/python experiments/partial_replay.py --run $(RUN) --out results/partial_replay_cpu
