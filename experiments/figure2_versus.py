@@ -40,7 +40,7 @@ def versus(base: dict, new: dict) -> dict:
     "closer" (the new mean's distance to the seed's value is smaller). Raises UserError when the
     reports' inputs differ or a report lacks per-image values."""
     for name, r in (("base", base), ("new", new)):
-        if not isinstance(r.get("bpd"), dict) or any(g not in r["bpd"] for g in GROUPS):
+        if not isinstance(r, dict) or not isinstance(r.get("bpd"), dict) or any(g not in r["bpd"] for g in GROUPS):
             raise UserError(f"the {name} report has no per-image bits/dim for all four groups (not a figure2.json?)")
     a_in = {k: base.get(k, "test") if k == "images" else base.get(k) for k in SAME_INPUTS}
     b_in = {k: new.get(k, "test") if k == "images" else new.get(k) for k in SAME_INPUTS}

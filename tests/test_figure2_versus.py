@@ -64,6 +64,8 @@ def test_a_report_without_per_image_values_is_refused():
     del r["bpd"]["noise"]
     with pytest.raises(UserError, match="per-image"):
         versus(report(base_values()), r)
+    with pytest.raises(UserError, match="the base report has no per-image"):
+        versus([1, 2], report(base_values()))  # valid JSON, not a report
 
 
 def test_the_script_writes_both_files_and_refuses_a_missing_report_in_one_line(tmp_path):
