@@ -49,7 +49,10 @@ def versus(base: dict, new: dict) -> dict:
         raise UserError(f"the reports were made on different images ({diff}); rerun one with the other's settings")
     groups = {}
     for g in GROUPS:
-        a, b = np.asarray(base["bpd"][g], float), np.asarray(new["bpd"][g], float)
+        try:
+            a, b = np.asarray(base["bpd"][g], float).ravel(), np.asarray(new["bpd"][g], float).ravel()
+        except (TypeError, ValueError):
+            raise UserError(f"group {g}: a report's bits/dim are not a list of numbers") from None
         if len(a) != len(b) or len(a) == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise UserError(f"group {g}: the reports hold {len(a)} and {len(b)} values, or non-finite ones")
         d = b - a

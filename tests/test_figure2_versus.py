@@ -66,6 +66,10 @@ def test_a_report_without_per_image_values_is_refused():
         versus(report(base_values()), r)
     with pytest.raises(UserError, match="the base report has no per-image"):
         versus([1, 2], report(base_values()))  # valid JSON, not a report
+    r = report(base_values())
+    r["bpd"]["rotated"] = ["a"] * N
+    with pytest.raises(UserError, match="group rotated: a report's bits/dim are not a list of numbers"):
+        versus(report(base_values()), r)
 
 
 def test_the_script_writes_both_files_and_refuses_a_missing_report_in_one_line(tmp_path):
