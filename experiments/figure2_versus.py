@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import atomic, provenance  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.experiments.figure2 import GROUPS, WRITEUP_VALUES  # noqa: E402
+from engine.experiments.figure2 import GROUPS, WRITEUP_VALUES, mean_stderr  # noqa: E402
 
 # What fixes a report's inputs (engine.experiments.figure2.figure2_inputs); reports older than the
 # `images` field were all made on test digits.
@@ -55,20 +54,16 @@ def versus(base: dict, new: dict) -> dict:
             raise UserError(f"group {g}: a report's bits/dim are not a list of numbers") from None
         if len(a) != len(b) or len(a) == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise UserError(f"group {g}: the reports hold {len(a)} and {len(b)} values, or non-finite ones")
-        d = b - a
-        w = WRITEUP_VALUES[g]
+        d, w = mean_stderr(b - a), WRITEUP_VALUES[g]
         groups[g] = {"base": float(a.mean()), "new": float(b.mean()), "writeup": w,
                      "base_distance": abs(float(a.mean()) - w), "new_distance": abs(float(b.mean()) - w),
-                     "difference": float(d.mean()),
-                     "difference_stderr": float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0}
+                     "difference": d["mean"], "difference_stderr": d["stderr"]}
         groups[g]["closer"] = groups[g]["new_distance"] < groups[g]["base_distance"]
     means = [groups[g]["new"] for g in GROUPS]
-    gap = np.asarray(new["bpd"]["rotated"], float) - np.asarray(new["bpd"]["original"], float)
+    gap = mean_stderr(np.asarray(new["bpd"]["rotated"], float) - np.asarray(new["bpd"]["original"], float))
     return {"inputs": a_in, "groups": groups, "all_closer": all(groups[g]["closer"] for g in GROUPS),
             "new_ordering_holds": all(x < y for x, y in zip(means, means[1:])),
-            "new_rotation_gap": float(gap.mean()),
-            "new_rotation_gap_stderr": float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else 0.0,
-            "gap_goal": GAP_GOAL}
+            "new_rotation_gap": gap["mean"], "new_rotation_gap_stderr": gap["stderr"], "gap_goal": GAP_GOAL}
 
 
 def table(v: dict, base_name: str, new_name: str) -> str:

@@ -31,6 +31,11 @@ GROUPS = list(WRITEUP_VALUES)
 IMAGES = ("test", "train")
 
 
+def mean_stderr(d: np.ndarray) -> dict[str, float]:
+    """Mean of paired differences d (n,) and its standard error (0 for a single one)."""
+    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0}
+
+
 def training_pool(run) -> torch.Tensor:
     """The images `run` trained on (weight > 0), in training-set order: (m, 1, 28, 28)."""
     images, _ = data.load_train(run.preset.n_train, run.preset.source)
@@ -115,7 +120,7 @@ def run_figure2(run, out: Path, *, n: int = 50, angle: float = 90.0, k_avg: int 
     report = {
         **provenance.stamp(), "run": str(run.path), "run_digest": run.digest, "preset": p.name, "preset_label": label(p),
         "images": images, "n_per_group": n, "angle": angle, "k_avg": k_avg, "seed": seed,
-        "rotation_gap": {"mean": float(gap.mean()), "stderr": float(gap.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0},
+        "rotation_gap": mean_stderr(gap),
         "bpd_steps": p.bpd_steps, "groups": stats, "bpd": {g: done[g].tolist() for g in GROUPS},
         "ordering_holds": bool(all(a < b for a, b in zip(means, means[1:]))),
         "noise_above_8": bool(stats["noise"]["mean"] > 8),
