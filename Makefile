@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/cpu
+# the default's shipped basis against exact MAGIC and retraining (its LDS bank): in `report` and `results`
+FIDELITY_CPU = $(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 \
+	--bank results/lds_cpu_positional_x10 --exact-from results/lds_cpu_positional_x10/scores/magic.npz --lds-images --jobs 2 \
+	--out results/precompute_cpu
 
 .PHONY: setup app report test bench results ship clean
 
@@ -38,7 +42,7 @@ report: setup
 	$(BIN)/python -m engine train --preset cpu --out $(RUN) --replace-other
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --lds-images --jobs 2 --out results/precompute_cpu
+	$(FIDELITY_CPU)
 
 # The tests also install the Ray extra: both executors are tested.
 test: setup $(BIN)/.installed-ray
@@ -77,8 +81,8 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python -m engine precompute --run runs/small --method basis --rank 64 --jobs 2
 	$(BIN)/python -m engine precompute --run runs/small --method exact --jobs 2
 	$(BIN)/python experiments/precompute_fidelity.py --run runs/small --reps lowrank64,basis64,exact --lds-images --jobs 2 --out results/precompute
-	$(BIN)/python -m engine compare --run $(RUN) --out results/lds_cpu_positional_x5 --protocols A --method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random --report results/comparison_cpu_positional_x5 --jobs 2
-	$(BIN)/python -m engine figure4 --run $(RUN) --scores results/lds_cpu_positional_x5/scores/magic.npz --out results/figure4_cpu_positional_x5
+	$(BIN)/python -m engine compare --run $(RUN) --out results/lds_cpu_positional_x10 --protocols A --method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random --report results/comparison_cpu_positional_x10 --jobs 2
+	$(BIN)/python -m engine figure4 --run $(RUN) --scores results/lds_cpu_positional_x10/scores/magic.npz --out results/figure4_cpu_positional_x10
 	$(BIN)/python -m engine figure2 --run $(RUN) --out results/figure2
 	$(BIN)/python -m engine figure2 --run $(RUN) --images train --out results/figure2_train
 	$(BIN)/python -m engine figure2 --run $(RUN) --k-avg 2 --out results/figure2_k2
@@ -86,7 +90,7 @@ results: setup $(BIN)/.installed-ray
 	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600/figure2.json --new results/figure2/figure2.json --out results/figure2_versus_cpu600
 	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600_k2/figure2.json --new results/figure2_k2/figure2.json --out results/figure2_versus_cpu600_k2
 	$(BIN)/python experiments/figure2_versus.py --base results/figure2_cpu600_k8/figure2.json --new results/figure2_k8/figure2.json --out results/figure2_versus_cpu600_k8
-	$(BIN)/python experiments/precompute_fidelity.py --run $(RUN) --reps basis64 --ranks 4,8,16,32 --n-test 8 --bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz --lds-images --jobs 2 --out results/precompute_cpu
+	$(FIDELITY_CPU)
 	$(BIN)/python experiments/basis_fit.py --run $(RUN) --out results/basis_fit_cpu
 	$(BIN)/python experiments/partial_replay.py --run $(RUN) --out results/partial_replay_cpu
 	$(BIN)/python experiments/partial_replay.py --run $(RUN) --drawn --out results/partial_replay_cpu_drawn

@@ -4,7 +4,7 @@ representation's scores are from the precompute's own.
     python benchmarks/bench_ship_encoding.py --run RUN [--rep basis64] [--out results/bench_ship_encoding_cpu.txt]
 
 RUN is the run whose precompute made the basis (for the `cpu` default's shipped file,
-runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run): a run that installed the
+runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x10/run): a run that installed the
 shipped file holds it already rounded, and is refused.
 
 The run's representation (RUN/precomputed/<rep>.npz, as the precompute made it, or as installed

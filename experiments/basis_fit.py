@@ -1,8 +1,8 @@
 """How should a query basis fit a new query, and what limits it? A study on one run's stored basis,
 with no replay of training.
 
-    python experiments/basis_fit.py --run runs/cpu --rep basis64 --bank results/lds_cpu_positional_x5 \
-        --exact-from results/lds_cpu_positional_x5/scores/magic.npz --out results/basis_fit_cpu
+    python experiments/basis_fit.py --run runs/cpu --rep basis64 --bank results/lds_cpu_positional_x10 \
+        --exact-from results/lds_cpu_positional_x10/scores/magic.npz --out results/basis_fit_cpu
 
 A query basis (engine.precompute.basis) writes a query gradient g in its K images' gradients
 G (K, P) by ridge least squares, c = (G G^T + lam I)^-1 G g, lam = rel * trace(G G^T) / K, and
@@ -101,8 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/cpu")
     ap.add_argument("--rep", default="basis64")
-    ap.add_argument("--bank", default="results/lds_cpu_positional_x5")
-    ap.add_argument("--exact-from", default="results/lds_cpu_positional_x5/scores/magic.npz")
+    ap.add_argument("--bank", default="results/lds_cpu_positional_x10")
+    ap.add_argument("--exact-from", default="results/lds_cpu_positional_x10/scores/magic.npz")
     ap.add_argument("--out", default="results/basis_fit_cpu")
     ap.add_argument("--jobs", type=int, default=2, help="retrains in parallel, for queries the bank lacks")
     a = ap.parse_args()

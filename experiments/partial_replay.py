@@ -3,7 +3,7 @@
 preview (engine.attribution.progressive), against the finished replay and against retraining.
 
     python experiments/partial_replay.py --run runs/cpu [--queries 4] [--drawn] [--rep basis64]
-        [--bank results/lds_cpu_positional_x5] [--out results/partial_replay_cpu]
+        [--bank results/lds_cpu_positional_x10] [--out results/partial_replay_cpu]
 
 Queries: the first --queries test digits of the bank's LDS queries (their retrains are committed,
 so the LDS needs no training); with --drawn instead the drawn digits of the fidelity study (8), since
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--drawn", action="store_true", help="the fidelity study's drawn digits, not test digits")
     ap.add_argument("--rep", default="basis64")
-    ap.add_argument("--bank", default="results/lds_cpu_positional_x5")
+    ap.add_argument("--bank", default="results/lds_cpu_positional_x10")
     ap.add_argument("--out", default="results/partial_replay_cpu")
     a = ap.parse_args()
     provenance.start()

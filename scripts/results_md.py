@@ -17,7 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 # the best-sampling net screened (experiments/default_candidates.py), which several reports measure
 GPU_NET = "runs/candidates/cpu/gpu_net___5000_images___12000_steps___lr_1e-3___ema_0.999/run"
-# the `cpu` default as screened (positional maps x5): the same config, bit for bit the same weights as runs/cpu
+# the `cpu` default as screened (positional maps x10): the same config, bit for bit the same weights as runs/cpu
+X10 = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x10/run"
+# the default before it (positional maps x5, config d8d40f86), on which several reports were made
 X5 = "runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2___positional_x5/run"
 
 # the screened 3,000-step `cpu` variants (experiments/default_candidates.py): no maps (the previous default), then
@@ -44,7 +46,7 @@ SECTIONS = [
     ("The shipped representation on another kind of CPU", "results/cpu_rounding/cpu_rounding.md",
      "results/cpu_rounding/cpu_rounding.json", [],
      "python experiments/cpu_rounding.py --run runs/cpu --out results/cpu_rounding"),
-    ("The shipped query basis in float16: what the rounding does to scores", "results/bench_ship_encoding_cpu.txt", None, [],
+    ("The shipped query basis in float16: what the rounding does to scores (the x5 default's basis)", "results/bench_ship_encoding_cpu.txt", None, [],
      f"python benchmarks/bench_ship_encoding.py --run {X5} --out results/bench_ship_encoding_cpu.txt"),
     ("The shipped representation on an Intel Xeon (the file was made on an AMD EPYC)", "results/cpu_rounding_xeon/cpu_rounding.md",
      "results/cpu_rounding_xeon/cpu_rounding.json", [],
@@ -130,10 +132,10 @@ SECTIONS = [
      ["results/figure4_cpu_lr2.5e-4_eps1e-2/figure4.png", "results/figure4_cpu_lr2.5e-4_eps1e-2/figure4_classes.png"],
      "python -m engine figure4 --run runs/candidates/cpu/3000_steps___lr_2.5e-4___eps_1e-2/run "
      "--scores results/lds_cpu_lr2.5e-4_eps1e-2/scores/magic.npz --out results/figure4_cpu_lr2.5e-4_eps1e-2"),
-    ("The `cpu` default (positional maps x5): its shipped basis against exact MAGIC", "results/precompute_cpu/fidelity.md",
+    ("The `cpu` default: its shipped basis against exact MAGIC", "results/precompute_cpu/fidelity.md",
      "results/precompute_cpu/fidelity.json", ["results/precompute_cpu/fidelity.png"],
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
-     "--bank results/lds_cpu_positional_x5 --exact-from results/lds_cpu_positional_x5/scores/magic.npz "
+     "--bank results/lds_cpu_positional_x10 --exact-from results/lds_cpu_positional_x10/scores/magic.npz "
      "--lds-images --jobs 2 --out results/precompute_cpu"),
     ("The `cpu` default: how its basis fits a new query (ridge, leave-one-out, references)", "results/basis_fit_cpu/fit.md",
      "results/basis_fit_cpu/fit.json", ["results/basis_fit_cpu/fit.png"],
@@ -144,18 +146,18 @@ SECTIONS = [
     ("The `cpu` default: a partly finished exact replay on drawn digits", "results/partial_replay_cpu_drawn/partial_replay.md",
      "results/partial_replay_cpu_drawn/partial_replay.json", [],
      "python experiments/partial_replay.py --run runs/cpu --drawn --out results/partial_replay_cpu_drawn"),
-    ("The `cpu` default, with positional maps x5: methods against retraining, protocol A",
+    ("The x5 default (positional maps x5, config d8d40f86, the `cpu` default before x10): methods against retraining, protocol A",
      "results/comparison_cpu_positional_x5.md", "results/comparison_cpu_positional_x5.json",
      ["results/comparison_cpu_positional_x5.png", "results/lds_cpu_positional_x5/reports/magic_A.png"],
-     "python -m engine compare --run runs/cpu --out results/lds_cpu_positional_x5 --protocols A "
+     f"python -m engine compare --run {X5} --out results/lds_cpu_positional_x5 --protocols A "
      "--method magic,magic_precomputed,trak,dtrak,ltrak,trak_ens,dtrak_ens,pixel,feature,random "
      "--report results/comparison_cpu_positional_x5 --jobs 2"),
-    ("The x10 positional-maps candidate (its run as screened): methods against retraining, protocol A",
+    ("The `cpu` default (positional maps x10; its run as screened): methods against retraining, protocol A",
      "results/comparison_cpu_positional_x10.md", "results/comparison_cpu_positional_x10.json",
      ["results/comparison_cpu_positional_x10.png", "results/lds_cpu_positional_x10/reports/magic_A.png"],
-     f"python -m engine compare --run {CANDIDATE}___positional_x10/run --out results/lds_cpu_positional_x10 --protocols A "
+     f"python -m engine compare --run {X10} --out results/lds_cpu_positional_x10 --protocols A "
      "--method magic,trak,dtrak,ltrak,pixel,feature,random --report results/comparison_cpu_positional_x10 --jobs 2"),
-    ("The `cpu` default: Figure 2 on its run as screened (`make report`'s is the Figure 2 section above)", "results/figure2_cpu_positional_x5/figure2.md",
+    ("The x5 default: Figure 2 on its run as screened", "results/figure2_cpu_positional_x5/figure2.md",
      "results/figure2_cpu_positional_x5/figure2.json", ["results/figure2_cpu_positional_x5/figure2.png"],
      f"python -m engine figure2 --run {X5} --out results/figure2_cpu_positional_x5"),
     ("Positional maps against the preview: how much of a query's gradient a 64-image basis spans, seven `cpu` variants",
@@ -172,11 +174,30 @@ SECTIONS = [
        [f"results/figure2_cpu_positional_{v[len('___positional_'):]}/figure2.png"],
        f"python -m engine figure2 --run {CANDIDATE}{v}/run --out results/figure2_cpu_positional_{v[len('___positional_'):]}")
       for v in COVERAGE_VARIANTS[1:]],
-    ("The `cpu` default: Figure 4 (on its run as screened)", "results/figure4_cpu_positional_x5/figure4.md",
+    ("The x5 default: Figure 4 (on its run as screened)", "results/figure4_cpu_positional_x5/figure4.md",
      "results/figure4_cpu_positional_x5/figure4.json",
      ["results/figure4_cpu_positional_x5/figure4.png", "results/figure4_cpu_positional_x5/figure4_classes.png"],
      f"python -m engine figure4 --run {X5} --scores results/lds_cpu_positional_x5/scores/magic.npz "
      "--out results/figure4_cpu_positional_x5"),
+    ("The `cpu` default (x10): Figure 4 (on its run as screened)", "results/figure4_cpu_positional_x10/figure4.md",
+     "results/figure4_cpu_positional_x10/figure4.json",
+     ["results/figure4_cpu_positional_x10/figure4.png", "results/figure4_cpu_positional_x10/figure4_classes.png"],
+     f"python -m engine figure4 --run {X10} --scores results/lds_cpu_positional_x10/scores/magic.npz "
+     "--out results/figure4_cpu_positional_x10"),
+    ("The `cpu` default (x10): Figure 2 on its training digits (on its run as screened)",
+     "results/figure2_train_cpu_positional_x10/figure2.md", "results/figure2_train_cpu_positional_x10/figure2.json",
+     ["results/figure2_train_cpu_positional_x10/figure2.png"],
+     f"python -m engine figure2 --run {X10} --images train --out results/figure2_train_cpu_positional_x10"),
+    *[(f"The `cpu` default (x10): Figure 2 with averages of {k} digits (on its run as screened)",
+       f"results/figure2_cpu_positional_x10_k{k}/figure2.md", f"results/figure2_cpu_positional_x10_k{k}/figure2.json", [],
+       f"python -m engine figure2 --run {X10} --k-avg {k} --out results/figure2_cpu_positional_x10_k{k}") for k in (2, 8)],
+    ("The `cpu` default (x10): rotated digits by angle (on its run as screened)",
+     "results/rotation_angles_cpu_positional_x10/rotation_angles.md",
+     "results/rotation_angles_cpu_positional_x10/rotation_angles.json", [],
+     f"python experiments/rotation_angles.py --run {X10} --out results/rotation_angles_cpu_positional_x10"),
+    ("The same on its training digits", "results/rotation_angles_train_cpu_positional_x10/rotation_angles.md",
+     "results/rotation_angles_train_cpu_positional_x10/rotation_angles.json", [],
+     f"python experiments/rotation_angles.py --run {X10} --images train --out results/rotation_angles_train_cpu_positional_x10"),
     ("Training hyperparameters against metagradient smoothness", "results/grid_small/grid.md",
      "results/grid_small/grid.json", [], "python experiments/grid_smoothness.py --out results/grid_small"),
     ("Which training makes a default worth exploring: candidates around `cpu`",
@@ -286,8 +307,8 @@ def main() -> None:
              "`results/`; each section names the command that made its numbers. `make results` remakes those of the "
              "`cpu` and `small` presets' own runs; the others (made on candidate runs, the current default's own included, on another machine, or at a named earlier commit) "
              "are remade by the command their section names. Reports made on `runs/cpu` before the `cpu` preset got its "
-             "positional maps name run config 66ab7878 or a 66,161-parameter net (the previous default); today's `cpu` is "
-             "config d8d40f86, 88,113 parameters.", ""]
+             "positional maps name run config 66ab7878 or a 66,161-parameter net (the default before them); those made on it "
+             "with positional maps x5 name config d8d40f86; today's `cpu` (maps x10) is config 7f746953, 88,113 parameters.", ""]
     for s in SECTIONS:
         lines += section(*s)
     text = "\n".join(lines).rstrip() + "\n"
