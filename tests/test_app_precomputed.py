@@ -228,6 +228,40 @@ def test_shipped_galleries_are_in_the_memo_at_once_and_any_that_do_not_match_are
         (R.folder(app_run) / "basis4.npz").unlink(missing_ok=True)
 
 
+def test_shipped_galleries_are_made_from_the_representation_a_fresh_clone_installs(app_run, monkeypatch, tmp_path):
+    # the run that made the shipped basis holds the precompute's own file (float32), a fresh clone
+    # the shipped one decoded (its query gradients rounded to float16): galleries fingerprinted on
+    # the former match no fresh clone, so `ship` refuses it and the command installs the shipped
+    # form first; what it writes is then used by a fresh clone's run
+    from engine.errors import UserError
+    from engine.precompute import build, representation as R, shipped
+    from webapp import service, shipped_galleries as SG
+    root = tmp_path / "shipped"
+    monkeypatch.setenv("APP_SHIPPED", str(root))
+    monkeypatch.setenv("APP_GALLERY_QUERIES", "3")
+    build.precompute(app_run, method="basis", rank=4, chunk=4)
+    path = R.folder(app_run) / "basis4.npz"
+    try:
+        shipped.ship(app_run, "basis4", root)
+        own = SG.fingerprint(app_run, "basis4", service.gallery_queries())
+        with pytest.raises(UserError, match="precompute's own"):
+            SG.ship(app_run, root)
+        assert SG.install_as_a_fresh_clone(app_run, root) == [path.with_name("basis4.npz.own")]
+        assert R.available(app_run) == ["basis4"]
+        installed = SG.fingerprint(app_run, "basis4", service.gallery_queries())
+        assert installed["rep_sha256"] != own["rep_sha256"]  # the float16 rounding: other arrays
+        assert SG.install_as_a_fresh_clone(app_run, root) == []  # nothing more to move
+        SG.ship(app_run, root)
+        path.unlink()  # a fresh clone: the shipped file installed into a run without one
+        assert shipped.install(app_run, root) == ["basis4"]
+        res, why = SG.load(app_run, "basis4", service.gallery_queries(), root)
+        assert why is None and res["method"] == "precomputed:basis4"
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_name("basis4.npz.own").unlink(missing_ok=True)
+        path.with_suffix(".verified.json").unlink(missing_ok=True)
+
+
 def test_the_galleries_page_shows_the_basis_digits_while_its_own_are_computed(app_run, monkeypatch):
     # never an empty page: with a query basis, its plain test digits (exact attributions, shipped
     # with the representation) fill the galleries until the galleries' own digits are computed

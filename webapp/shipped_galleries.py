@@ -18,7 +18,11 @@ puts in the memo is what the app would compute there (up to the float rounding o
 gradient under another torch thread count); else (another kind of CPU decodes the shipped basis to other bits,
 another APP_GALLERY_QUERIES, a damaged file) the galleries are computed in the background as
 without it, and `load` says why in one line. Made by `python -m webapp.shipped_galleries`
-(`make ship`, after the representation).
+(`make ship`, after the representation), from the representation as a fresh clone installs it:
+where the run holds the precompute's own file (float32) and one of that name is shipped (its query
+gradients in float16), the command moves the run's own to <name>.npz.own and installs the shipped
+one first; `ship` refuses the precompute's own with one line, since galleries fingerprinted on it
+would match no fresh clone's representation.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def ship(run: Run, root: Optional[Path] = None, callback: Optional[Callable[[dic
     name, why = service.precomputed(run)
     if name is None:
         raise UserError(why or f"run {run.path} has no precomputed representation to make the galleries from")
+    _refuse_unshipped(run, name, root)
     q = service.gallery_queries()
     res = service.galleries_computed(run, q, False, callback or (lambda info: None))
     if res["method"] != f"precomputed:{name}":
@@ -82,6 +87,50 @@ def ship(run: Run, root: Optional[Path] = None, callback: Optional[Callable[[dic
     atomic.save_npz(dest, grad_w=np.asarray(res["grad_w"]), bpd=np.asarray(res["bpd"], dtype=np.float64),
                     **{k: np.array(v) for k, v in fingerprint(run, name, q).items()})
     return dest
+
+
+def _unshipped(run: Run, root: Optional[Path]) -> list[Path]:
+    """The run's representations that are the precompute's own where one of that name is shipped
+    for the run's config: a fresh clone installs the shipped file instead (its query gradients
+    rounded to float16), so galleries made from the run's own would match no fresh clone's."""
+    from engine.precompute import representation as R, shipped
+    out = []
+    for name in R.available(run):
+        src = shipped.folder(run.preset.name, root) / f"{name}.npz"
+        if not src.is_file() or shipped._digest(src) != run.digest:
+            continue
+        own = R.folder(run) / f"{name}.npz"
+        try:
+            with np.load(own, allow_pickle=False) as f:
+                if shipped.installed_from_shipped({k: None for k in f.files}):
+                    continue
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            pass
+        out.append(own)
+    return out
+
+
+def _refuse_unshipped(run: Run, name: str, root: Optional[Path]) -> None:
+    """A UserError when the run's representation `name` is not what a fresh clone installs (_unshipped)."""
+    own = [p for p in _unshipped(run, root) if p.stem == name]
+    if own:
+        raise UserError(f"{own[0]} is the precompute's own, but a fresh clone installs the shipped file of that "
+                        f"name: move {own[0]} away so that the shipped one is installed (as "
+                        "`python -m webapp.shipped_galleries` does), and make the galleries again")
+
+
+def install_as_a_fresh_clone(run: Run, root: Optional[Path] = None) -> list[Path]:
+    """Move each representation of the run that a fresh clone would replace by a shipped one
+    (_unshipped) to <name>.npz.own, and install the shipped files, so that the galleries are made
+    from what a fresh clone loads. Returns the files moved."""
+    from engine.precompute import shipped
+    moved = []
+    for own in _unshipped(run, root):
+        keep = own.with_name(own.name + ".own")
+        own.replace(keep)
+        moved.append(keep)
+    shipped.install(run, root)
+    return moved
 
 
 def load(run: Run, name: str, queries: list[int], root: Optional[Path] = None) -> tuple[Optional[dict], Optional[str]]:
@@ -123,8 +172,12 @@ def main() -> None:
     from webapp import service
     try:
         run = load_run(a.run)
+        root = Path(a.root) if a.root else None
+        for keep in install_as_a_fresh_clone(run, root):
+            print(f"moved the precompute's own representation to {keep}: the shipped one is installed, "
+                  "as on a fresh clone", flush=True)
         service.install_shipped(run)
-        dest = ship(run, Path(a.root) if a.root else None,
+        dest = ship(run, root,
                     callback=lambda i: print(f"  {i.get('i', 0)}/{i.get('n', '?')} test digits", flush=True))
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
