@@ -93,7 +93,7 @@ SECTIONS = [
      "--out runs/cpu600` at 2f7999d: config digest 168077b8)", "results/sample_quality_cpu600/sample_quality.md",
      "results/sample_quality_cpu600/sample_quality.json", ["results/sample_quality_cpu600/cpu_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu600 --samplers sde,pc,ode --out results/sample_quality_cpu600"),
-    ("The default with 4,000-step samplers (the steps that lift the gpu net)", "results/sample_quality_cpu_4000/sample_quality.md",
+    ("The x5 default with 4,000-step samplers (the steps that lift the gpu net)", "results/sample_quality_cpu_4000/sample_quality.md",
      "results/sample_quality_cpu_4000/sample_quality.json", ["results/sample_quality_cpu_4000/cpu_pc.png"],
      "python experiments/sample_quality.py --run runs/cpu --samplers sde,pc --steps 4000 --out results/sample_quality_cpu_4000"),
     ("Samplers on the best-sampling net screened (the `gpu` net, 5,000 images, EMA), 1,000 steps",
