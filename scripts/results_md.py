@@ -136,8 +136,7 @@ SECTIONS = [
      "results/precompute_cpu/fidelity.json", ["results/precompute_cpu/fidelity.png"],
      "python experiments/precompute_fidelity.py --run runs/cpu --reps basis64 --ranks 4,8,16,32 --n-test 8 "
      "--bank results/lds_cpu_positional_x10 --exact-from results/lds_cpu_positional_x10/scores/magic.npz "
-     "--jobs 2 --out results/precompute_cpu (with --lds-images, `make report`'s, also the drawn and "
-     "off-distribution images' LDS, once the bank is retrained for them)"),
+     "--lds-images --jobs 2 --out results/precompute_cpu"),
     ("The `cpu` default: how its basis fits a new query (ridge, leave-one-out, references)", "results/basis_fit_cpu/fit.md",
      "results/basis_fit_cpu/fit.json", ["results/basis_fit_cpu/fit.png"],
      "python experiments/basis_fit.py --out results/basis_fit_cpu"),
